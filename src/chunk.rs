@@ -1,0 +1,198 @@
+//! Cutting a byte stream into chunks, and zero detection.
+//!
+//! Content-defined chunking uses FastCDC (the 2020 variant, normalization
+//! level 1) from the `fastcdc` crate, whose version is pinned in `Cargo.toml`:
+//! both ends must cut identically, and the crate's cut points have changed
+//! between releases. `tests/golden.rs` pins the cut points we produce.
+//!
+//! A cut depends only on the bytes from the chunk's start to at most `max`
+//! bytes after it, so a scanner may feed any window of at least `max` bytes
+//! (or the rest of the file) and get the same chunks as a whole-file pass.
+
+use crate::error::{fail, Exit};
+
+/// Smallest average chunk size accepted by `--chunk-size`.
+pub const MIN_AVG: u32 = 4 * 1024;
+/// Largest average chunk size accepted by `--chunk-size`.
+pub const MAX_AVG: u32 = 1024 * 1024;
+/// Largest chunk any configuration produces (`MAX_AVG * 4`); the protocol
+/// refuses longer chunks before allocating for them.
+pub const MAX_CHUNK: u32 = MAX_AVG * 4;
+/// The default average chunk size.
+pub const DEFAULT_AVG: u32 = 64 * 1024;
+
+/// Validated chunk sizes: `min = avg / 4`, `max = avg * 4`, `avg` a power of two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkParams {
+    avg: u32,
+}
+
+impl Default for ChunkParams {
+    fn default() -> Self {
+        ChunkParams { avg: DEFAULT_AVG }
+    }
+}
+
+impl ChunkParams {
+    /// Accepts an average size that is a power of two from 4 KiB to 1 MiB.
+    ///
+    /// The crate only debug-asserts its limits, and a non-power-of-two average
+    /// is silently rounded to the nearest mask, so we refuse anything else.
+    pub fn new(avg: u64) -> anyhow::Result<ChunkParams> {
+        if !avg.is_power_of_two() || avg < u64::from(MIN_AVG) || avg > u64::from(MAX_AVG) {
+            return Err(fail(
+                Exit::Usage,
+                format!(
+                    "invalid chunk size {avg}: must be a power of two from {} to {} (e.g. 64K)",
+                    crate::units::bytes(MIN_AVG.into()),
+                    crate::units::bytes(MAX_AVG.into())
+                ),
+            ));
+        }
+        Ok(ChunkParams { avg: avg as u32 })
+    }
+    pub fn avg(&self) -> u32 {
+        self.avg
+    }
+    pub fn min(&self) -> u32 {
+        self.avg / 4
+    }
+    pub fn max(&self) -> u32 {
+        self.avg * 4
+    }
+}
+
+/// Finds cut points for one [`ChunkParams`].
+#[derive(Debug, Clone)]
+pub struct Cutter {
+    params: ChunkParams,
+    mask_s: u64,
+    mask_l: u64,
+    /// Length of a chunk that starts inside at least `max` zero bytes.
+    zero_run_len: u32,
+}
+
+impl Cutter {
+    pub fn new(params: ChunkParams) -> Cutter {
+        let (mask_s, mask_l) = fastcdc::v2020::select_masks(
+            params.avg as usize,
+            fastcdc::v2020::Normalization::Level1,
+        );
+        let mut c = Cutter {
+            params,
+            mask_s,
+            mask_l,
+            zero_run_len: 0,
+        };
+        let zeros = vec![0u8; params.max() as usize];
+        c.zero_run_len = c.cut(&zeros) as u32;
+        c
+    }
+
+    pub fn params(&self) -> ChunkParams {
+        self.params
+    }
+
+    /// Length of the first chunk of `data`.
+    ///
+    /// `data` must hold at least `max` bytes, or all that is left of the file.
+    pub fn cut(&self, data: &[u8]) -> usize {
+        let (_, n) = fastcdc::v2020::cut(
+            data,
+            self.params.min() as usize,
+            self.params.avg as usize,
+            self.params.max() as usize,
+            self.mask_s,
+            self.mask_l,
+            self.mask_s << 1,
+            self.mask_l << 1,
+        );
+        n
+    }
+
+    /// Length of the first chunk of `len` zero bytes (`len` ≤ `max` is cut
+    /// for real, longer runs use the precomputed length): lets a scanner step
+    /// over holes without reading or gear-hashing them, with the exact cut
+    /// points a byte-by-byte pass would find.
+    pub fn cut_zeros(&self, len: u64) -> usize {
+        if len >= u64::from(self.params.max()) {
+            self.zero_run_len as usize
+        } else {
+            let zeros = vec![0u8; len as usize];
+            self.cut(&zeros)
+        }
+    }
+}
+
+/// True when every byte of `buf` is zero.
+///
+/// Word-wise OR over blocks so the compiler vectorizes it, with an early exit
+/// per block because data chunks usually fail on the first bytes.
+pub fn is_zero(buf: &[u8]) -> bool {
+    const BLOCK: usize = 256;
+    let mut blocks = buf.chunks_exact(BLOCK);
+    for b in &mut blocks {
+        if b.iter().fold(0u8, |acc, &x| acc | x) != 0 {
+            return false;
+        }
+    }
+    blocks.remainder().iter().all(|&x| x == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_validated() {
+        assert!(ChunkParams::new(64 * 1024).is_ok());
+        assert!(ChunkParams::new(4096).is_ok());
+        assert!(ChunkParams::new(1 << 20).is_ok());
+        for bad in [0, 1, 2048, 3 * 1024, 2 << 20, 65535, u64::MAX] {
+            assert!(ChunkParams::new(bad).is_err(), "{bad}");
+        }
+        let p = ChunkParams::default();
+        assert_eq!((p.min(), p.avg(), p.max()), (16384, 65536, 262144));
+    }
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[]));
+        assert!(is_zero(&[0; 1000]));
+        let mut v = vec![0u8; 70000];
+        v[69999] = 1;
+        assert!(!is_zero(&v));
+        v[69999] = 0;
+        v[3] = 1;
+        assert!(!is_zero(&v));
+    }
+
+    #[test]
+    fn zero_shortcut_matches_real_cut() {
+        for avg in [4096u64, 65536] {
+            let c = Cutter::new(ChunkParams::new(avg).unwrap());
+            let big = vec![0u8; c.params().max() as usize * 3];
+            assert_eq!(c.cut_zeros(big.len() as u64), c.cut(&big));
+            for len in [0u64, 1, 100, 5000, u64::from(c.params().max()) - 1] {
+                assert_eq!(c.cut_zeros(len), c.cut(&big[..len as usize]), "len {len}");
+            }
+        }
+    }
+
+    #[test]
+    fn cut_never_exceeds_max_or_input() {
+        let c = Cutter::new(ChunkParams::new(4096).unwrap());
+        let data: Vec<u8> = (0..100_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let mut pos = 0;
+        while pos < data.len() {
+            let n = c.cut(&data[pos..]);
+            assert!(n > 0 && n <= c.params().max() as usize);
+            if pos + n < data.len() {
+                assert!(n >= c.params().min() as usize);
+            }
+            pos += n;
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Command-line definitions (clap). Nothing else in the crate touches clap
+//! types: [`crate::config`] turns a [`Cli`] into a validated configuration.
+
+use std::ffi::OsString;
+
+use clap::Parser;
+
+const ABOUT: &str =
+    "Keep a copy of a large disk image in sync over SSH, sending only what changed.";
+
+const LONG_ABOUT: &str = "\
+Keep a copy of a large disk image (raw, qcow2, any big file) in sync over SSH,
+sending only what changed.
+
+Both ends cut their file into content-defined chunks named by BLAKE3 hashes;
+the destination requests only the chunks it lacks, which travel zstd-compressed
+and are hash-checked before a byte is written. The new file is assembled in a
+temporary file beside the destination and renamed over it at the end, so the
+destination is always either the complete old version or the complete new one.
+
+A remote operand is [user@]host:path (a colon before any slash). The remote end
+runs the same binary: `ssh [user@]host vmsync --server`. Local-to-local syncs
+run the same protocol with a local child process.";
+
+const EXAMPLES_AND_EXIT: &str = "\
+Examples:
+  vmsync disk.img backup:/srv/images/disk.img        push over ssh
+  vmsync backup:/srv/images/disk.img restore.img     pull over ssh
+  vmsync disk.img /mnt/backup/disk.img               local to local
+  vmsync --check disk.img backup:/srv/images/        compare only (exit 0/1)
+  vmsync -e 'ssh -p 2222 -i key' disk.img host:/srv/  custom ssh command
+
+Exit status:
+  0    success, or --check found the files identical
+  1    --check found differences
+  2    usage error
+  3    file I/O error (source missing or unreadable, destination not writable, disk full)
+  4    connection error (ssh failed, remote vmsync missing, peer vanished)
+  5    protocol error (version mismatch, malformed data, chunk failed its hash)
+  6    --verify found the written file different from the source
+  7    the source changed while it was being read
+  130  interrupted by SIGINT (143: SIGTERM); the destination is left unchanged";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmsync",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_help = EXAMPLES_AND_EXIT,
+    max_term_width = 100
+)]
+pub struct Cli {
+    /// Source file: a local path or [user@]host:path.
+    #[arg(value_name = "SRC", required_unless_present = "server")]
+    pub src: Option<OsString>,
+
+    /// Destination file or directory: a local path or [user@]host:path.
+    #[arg(value_name = "DST", required_unless_present = "server")]
+    pub dst: Option<OsString>,
+
+    /// Compare only: change nothing; exit 0 if identical, 1 if not, listing differing byte ranges.
+    #[arg(long, conflicts_with_all = ["inplace", "verify"])]
+    pub check: bool,
+
+    /// After writing, re-read the destination from disk and compare it with the source before
+    /// committing it (exit 6 on mismatch).
+    #[arg(long)]
+    pub verify: bool,
+
+    /// Write into the existing destination instead of a temporary file renamed over it.
+    ///
+    /// For block-device-like targets and low free space. RISK: the destination is modified as
+    /// the sync runs, so an interrupted run (signal, dropped connection, full disk, crash)
+    /// leaves a file that is neither the old nor the new version until a later run completes.
+    /// Unchanged chunks are left where they are; moved chunks are copied only from regions not
+    /// yet overwritten, otherwise fetched from the source.
+    #[arg(long)]
+    pub inplace: bool,
+
+    /// Always compare contents: skip the quick check that treats a destination with the
+    /// source's size and modification time as up to date.
+    #[arg(short = 'c', long)]
+    pub checksum: bool,
+
+    /// zstd compression level for chunk data: 1 (fast) to 19 (small); 0 turns it off.
+    #[arg(short = 'z', long, value_name = "N", default_value_t = 3,
+          value_parser = clap::value_parser!(u8).range(0..=19))]
+    pub compress_level: u8,
+
+    /// Average chunk size: a power of two from 4K to 1M (minimum is a quarter of it, maximum
+    /// four times). Both ends use the sender's value.
+    #[arg(long, value_name = "SIZE", default_value = "64K")]
+    pub chunk_size: String,
+
+    /// Remote shell command used instead of `ssh` (split on white space; quotes group words).
+    #[arg(short = 'e', long, value_name = "CMD", default_value = "ssh")]
+    pub rsh: String,
+
+    /// Path of the vmsync binary on the remote host.
+    #[arg(long, value_name = "PATH", default_value = "vmsync")]
+    pub remote_path: String,
+
+    /// Print a summary: sizes, bytes reused, sent and on the wire, time, speed-up.
+    #[arg(long)]
+    pub stats: bool,
+
+    /// Print the result as one JSON object on stdout (implies no progress bar).
+    #[arg(long)]
+    pub json: bool,
+
+    /// No progress bar and no messages except errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+
+    /// Serve the protocol on stdin/stdout (started by the other end over ssh).
+    #[arg(long, hide = true)]
+    pub server: bool,
+}

@@ -1,0 +1,186 @@
+//! The invoking end of a run: open the local file, start the other end,
+//! shake hands, play the local role, collect the result.
+//!
+//! Which end sends follows the operands: a local source is scanned here and
+//! the other end receives; a remote source is scanned there and we receive.
+//! Local-to-local starts `vmsync --server` as a child and pushes to it, so
+//! every sync runs the same protocol code.
+
+use std::os::unix::ffi::OsStrExt;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use crate::config::Config;
+use crate::error::{exit_code_of, fail, Exit};
+use crate::progress::Progress;
+use crate::protocol::{flags, FrameReader, FrameWriter, Msg, Open, Role, Summary};
+use crate::receiver::{self, RecvOptions};
+use crate::sender::{self, SendOptions, Source};
+use crate::transport::{self, Launch, Operand, Peer, PeerReader, PeerWriter, Remote};
+
+/// The outcome of a run that completed.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub summary: Summary,
+    pub source_bytes: u64,
+    pub wire_bytes: u64,
+    pub duration: Duration,
+    pub check: bool,
+}
+
+impl Report {
+    pub fn exit(&self) -> Exit {
+        if self.check && !self.summary.identical {
+            Exit::Differ
+        } else {
+            Exit::Ok
+        }
+    }
+}
+
+/// Runs the sync (or check) that `cfg` describes.
+pub fn run(cfg: &Config, umask: u32) -> Result<Report> {
+    let start = Instant::now();
+    let launch = Launch {
+        rsh: &cfg.rsh,
+        remote_path: &cfg.remote_path,
+    };
+    let mut progress = Progress::new(!cfg.quiet && !cfg.json);
+    let mut open_flags = 0;
+    for (on, bit) in [
+        (cfg.check, flags::CHECK),
+        (cfg.inplace, flags::INPLACE),
+        (cfg.checksum, flags::CHECKSUM),
+        (cfg.verify, flags::VERIFY),
+    ] {
+        if on {
+            open_flags |= bit;
+        }
+    }
+    let (summary, source_bytes, wire_bytes) = match (&cfg.src, &cfg.dst) {
+        (Operand::Local(src), dst) => {
+            // Fail on a missing source before dialing anyone.
+            let source = Source::open(src)?;
+            let (remote, path) = match dst {
+                Operand::Local(p) => (None, transport::path_bytes(p.as_os_str())),
+                Operand::Remote(r) => (Some(r), r.path.clone()),
+            };
+            let open = Open {
+                role: Role::Receive,
+                flags: open_flags,
+                compress_level: cfg.compress_level,
+                chunk_avg: cfg.params.avg(),
+                path,
+                source_name: src
+                    .file_name()
+                    .map(|n| n.as_bytes().to_vec())
+                    .unwrap_or_default(),
+            };
+            let opts = SendOptions {
+                params: cfg.params,
+                compress_level: cfg.compress_level,
+            };
+            let size = source.info.size;
+            let s = session(
+                remote,
+                &launch,
+                open,
+                &mut progress,
+                |reader, writer, progress| sender::send(&source, reader, writer, &opts, progress),
+            )?;
+            (s.0, size, s.1)
+        }
+        (Operand::Remote(r), Operand::Local(dst)) => {
+            let name = r
+                .path
+                .rsplit(|&b| b == b'/')
+                .next()
+                .unwrap_or_default()
+                .to_vec();
+            let open = Open {
+                role: Role::Send,
+                flags: open_flags,
+                compress_level: cfg.compress_level,
+                chunk_avg: cfg.params.avg(),
+                path: r.path.clone(),
+                source_name: Vec::new(),
+            };
+            let opts = RecvOptions {
+                params: cfg.params,
+                check: cfg.check,
+                inplace: cfg.inplace,
+                checksum: cfg.checksum,
+                verify: cfg.verify,
+                umask,
+            };
+            let s = session(
+                Some(r),
+                &launch,
+                open,
+                &mut progress,
+                |reader, writer, progress| {
+                    receiver::receive(dst, &name, reader, writer, &opts, progress)
+                },
+            )?;
+            let size = s.0.source_bytes;
+            (s.0, size, s.1)
+        }
+        (Operand::Remote(_), Operand::Remote(_)) => {
+            return Err(fail(Exit::Usage, "remote to remote is not supported"))
+        }
+    };
+    progress.finish();
+    Ok(Report {
+        summary,
+        source_bytes,
+        wire_bytes,
+        duration: start.elapsed(),
+        check: cfg.check,
+    })
+}
+
+/// Starts the other end, shakes hands, sends `OPEN`, runs `role`, and
+/// reaps the child. Returns the summary and the wire byte count.
+fn session(
+    remote: Option<&Remote>,
+    launch: &Launch,
+    open: Open,
+    progress: &mut Progress,
+    role: impl FnOnce(
+        FrameReader<PeerReader>,
+        &mut FrameWriter<PeerWriter>,
+        &Progress,
+    ) -> Result<Summary>,
+) -> Result<(Summary, u64)> {
+    let (peer, r, w) = transport::spawn(remote, launch)?;
+    let mut reader = FrameReader::new(r, &peer.name);
+    let mut writer = FrameWriter::new(w, &peer.name);
+    progress.watch_wire(peer.counter.clone());
+    let result = writer
+        .write_hello()
+        .and_then(|_| reader.read_hello())
+        .and_then(|_| writer.send_now(&Msg::Open(open)))
+        .and_then(|_| role(reader, &mut writer, progress));
+    let wire = peer.counter.get();
+    drop(writer); // closes the child's stdin: a server still running sees the end
+    match result {
+        Ok(s) => {
+            peer.finish()?;
+            Ok((s, wire))
+        }
+        Err(e) => Err(explain(e, peer)),
+    }
+}
+
+/// Adds how the child ended to a connection error ("ssh could not
+/// connect", "remote vmsync not found"); reaps it in any case.
+fn explain(e: anyhow::Error, peer: Peer) -> anyhow::Error {
+    let why = peer.explain();
+    if exit_code_of(&e) == Exit::Connection {
+        let msg = crate::error::message_of(&e);
+        fail(Exit::Connection, format!("{msg}: {why}"))
+    } else {
+        e
+    }
+}

@@ -1,0 +1,82 @@
+//! Validated settings for one run, built from the command line.
+//!
+//! Everything a user can get wrong is caught here, before any file is opened
+//! or any connection made, as a usage error (exit 2).
+
+use anyhow::Result;
+
+use crate::chunk::ChunkParams;
+use crate::cli::Cli;
+use crate::error::{fail, Exit};
+use crate::transport::{parse_operand, split_command, Operand};
+
+/// One sync or check, ready to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub src: Operand,
+    pub dst: Operand,
+    pub params: ChunkParams,
+    /// zstd level, 0 = off.
+    pub compress_level: u8,
+    pub check: bool,
+    pub verify: bool,
+    pub inplace: bool,
+    pub checksum: bool,
+    /// The remote shell command, split into words.
+    pub rsh: Vec<String>,
+    pub remote_path: String,
+    pub stats: bool,
+    pub json: bool,
+    pub quiet: bool,
+}
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    fail(Exit::Usage, msg)
+}
+
+impl Config {
+    pub fn from_cli(cli: &Cli) -> Result<Config> {
+        let (Some(src), Some(dst)) = (&cli.src, &cli.dst) else {
+            return Err(usage("both SRC and DST are required"));
+        };
+        let src = parse_operand(src).map_err(|e| usage(format!("source: {e}")))?;
+        let dst = parse_operand(dst).map_err(|e| usage(format!("destination: {e}")))?;
+        if let (Operand::Remote(a), Operand::Remote(b)) = (&src, &dst) {
+            return Err(usage(format!(
+                "both operands are remote ({} and {}); vmsync syncs between a local file and a remote one, \
+                 so run it on one of the two hosts",
+                a.host, b.host
+            )));
+        }
+        let avg = crate::units::parse_size(&cli.chunk_size)
+            .map_err(|e| usage(format!("--chunk-size: {e}")))?;
+        let params = ChunkParams::new(avg)?;
+        let rsh = split_command(&cli.rsh).map_err(|e| usage(format!("--rsh: {e}")))?;
+        if cli.remote_path.trim().is_empty() {
+            return Err(usage("--remote-path is empty"));
+        }
+        Ok(Config {
+            src,
+            dst,
+            params,
+            compress_level: cli.compress_level,
+            check: cli.check,
+            verify: cli.verify,
+            inplace: cli.inplace,
+            checksum: cli.checksum,
+            rsh,
+            remote_path: cli.remote_path.clone(),
+            stats: cli.stats,
+            json: cli.json,
+            quiet: cli.quiet,
+        })
+    }
+
+    /// The operand that is remote, if any.
+    pub fn remote(&self) -> Option<&crate::transport::Remote> {
+        match (&self.src, &self.dst) {
+            (Operand::Remote(r), _) | (_, Operand::Remote(r)) => Some(r),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Exit codes and the one typed error that callers branch on.
+//!
+//! Every failure that reaches `main` is an [`anyhow::Error`]. Most carry a
+//! [`Failure`] somewhere in their chain, which says which exit code the
+//! process ends with; an error without one is classified by its cause
+//! (`std::io::Error` from a file → [`Exit::Io`]). `main` maps an error to an
+//! exit code exactly once, through [`exit_code_of`].
+
+use std::fmt;
+
+/// The process exit codes, documented in `--help`, the README and the man page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Exit {
+    /// Success, or `--check` found the files identical.
+    Ok = 0,
+    /// `--check` found differences.
+    Differ = 1,
+    /// Bad arguments.
+    Usage = 2,
+    /// File I/O: source missing or unreadable, destination not writable, disk full.
+    Io = 3,
+    /// Connection: ssh failed, remote vmsync missing, peer vanished.
+    Connection = 4,
+    /// Protocol: version mismatch, malformed frame, chunk failed its hash.
+    Protocol = 5,
+    /// `--verify` found the written destination different from the source.
+    Verify = 6,
+    /// The source changed while it was being read.
+    SourceChanged = 7,
+    /// Interrupted by SIGINT.
+    Interrupted = 130,
+    /// Terminated by SIGTERM.
+    Terminated = 143,
+}
+
+impl Exit {
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// The exit kind a peer sent in an error frame; unknown codes are protocol errors.
+    pub fn from_code(code: u8) -> Exit {
+        match code {
+            0 => Exit::Ok,
+            1 => Exit::Differ,
+            2 => Exit::Usage,
+            3 => Exit::Io,
+            4 => Exit::Connection,
+            6 => Exit::Verify,
+            7 => Exit::SourceChanged,
+            130 => Exit::Interrupted,
+            143 => Exit::Terminated,
+            _ => Exit::Protocol,
+        }
+    }
+}
+
+/// A failure with a known exit code and a message meant for the user.
+#[derive(Debug)]
+pub struct Failure {
+    pub exit: Exit,
+    pub message: String,
+    /// The message already spells out the causes below it in the chain.
+    whole: bool,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// Build an `anyhow::Error` carrying an exit code.
+pub fn fail(exit: Exit, message: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(Failure {
+        exit,
+        message: message.into(),
+        whole: false,
+    })
+}
+
+/// `bail!` with an exit code.
+#[macro_export]
+macro_rules! bail_with {
+    ($exit:expr, $($arg:tt)*) => {
+        return Err($crate::error::fail($exit, format!($($arg)*)))
+    };
+}
+
+/// Attach an exit code to any error, keeping its message chain.
+pub trait WithExit<T> {
+    fn exit_with(self, exit: Exit) -> anyhow::Result<T>;
+}
+
+impl<T, E> WithExit<T> for Result<T, E>
+where
+    E: Into<anyhow::Error>,
+{
+    fn exit_with(self, exit: Exit) -> anyhow::Result<T> {
+        self.map_err(|e| {
+            let e: anyhow::Error = e.into();
+            let message = format!("{e:#}");
+            e.context(Failure {
+                exit,
+                message,
+                whole: true,
+            })
+        })
+    }
+}
+
+/// The exit code an error ends the process with.
+///
+/// The outermost [`Failure`] wins; an error with none is an I/O error when
+/// an `std::io::Error` is in its chain (we only do file and pipe I/O), and a
+/// protocol error otherwise.
+pub fn exit_code_of(err: &anyhow::Error) -> Exit {
+    for cause in err.chain() {
+        if let Some(f) = cause.downcast_ref::<Failure>() {
+            return f.exit;
+        }
+    }
+    if err.chain().any(|c| c.is::<std::io::Error>()) {
+        Exit::Io
+    } else {
+        Exit::Protocol
+    }
+}
+
+/// The message to show for an error: its chain, outermost first, without
+/// repeating what a [`Failure`] already folded into its own message.
+pub fn message_of(err: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in err.chain() {
+        match cause.downcast_ref::<Failure>() {
+            Some(f) => {
+                parts.push(f.message.clone());
+                if f.whole {
+                    break;
+                }
+            }
+            None => parts.push(cause.to_string()),
+        }
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context;
+
+    #[test]
+    fn failure_sets_exit_code_through_context() {
+        let e: anyhow::Result<()> = Err(fail(Exit::Connection, "peer vanished"));
+        let e = e.context("while syncing").unwrap_err();
+        assert_eq!(exit_code_of(&e), Exit::Connection);
+    }
+
+    #[test]
+    fn bare_io_error_is_io() {
+        let e: anyhow::Result<()> =
+            Err(std::io::Error::from(std::io::ErrorKind::NotFound)).context("open x");
+        assert_eq!(exit_code_of(&e.unwrap_err()), Exit::Io);
+    }
+
+    #[test]
+    fn exit_with_keeps_message() {
+        let r: Result<(), std::io::Error> = Err(std::io::Error::other("disk on fire"));
+        let e = r.context("write /x").exit_with(Exit::Io).unwrap_err();
+        assert_eq!(exit_code_of(&e), Exit::Io);
+        assert!(message_of(&e).contains("disk on fire"));
+        assert!(message_of(&e).contains("write /x"));
+    }
+
+    #[test]
+    fn unknown_peer_code_is_protocol() {
+        assert_eq!(Exit::from_code(99), Exit::Protocol);
+        assert_eq!(Exit::from_code(3), Exit::Io);
+    }
+}

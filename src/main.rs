@@ -1,0 +1,29 @@
+//! The `vmsync` binary: parse, validate, run, map the outcome to an exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use vmsync::{cli::Cli, client, config::Config, report, server, signals};
+
+fn main() -> ExitCode {
+    let umask = vmsync::read_umask();
+    signals::install();
+    let cli = Cli::parse();
+    if cli.server {
+        return ExitCode::from(server::serve(umask).code());
+    }
+    signals::set_json(cli.json);
+    let outcome = Config::from_cli(&cli).and_then(|cfg| {
+        let r = client::run(&cfg, umask)?;
+        Ok((cfg, r))
+    });
+    let exit = match outcome {
+        Ok((cfg, r)) => {
+            report::print(&r, cfg.stats, cfg.json, cfg.quiet);
+            r.exit()
+        }
+        Err(e) => report::error(&e, cli.json),
+    };
+    ExitCode::from(exit.code())
+}

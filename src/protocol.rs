@@ -1,0 +1,729 @@
+//! The wire protocol between the two ends: handshake, frames and messages.
+//!
+//! Both ends speak it over any byte pipe: `ssh host vmsync --server` in
+//! production, a local child's pipes for local-to-local syncs. Nothing on
+//! this channel is trusted: every length is checked against a hard limit
+//! before anything is allocated for it, and every message must be consumed
+//! exactly, with no trailing bytes.
+//!
+//! # Handshake
+//!
+//! Each end writes its hello at once, then reads the peer's. The versions
+//! must be equal; a mismatch names both.
+//!
+//! | offset | size | field                                        |
+//! |--------|------|----------------------------------------------|
+//! | 0      | 8    | magic `VMSYNC\r\n` (catches line-ending mangling and shell noise) |
+//! | 8      | 4    | protocol version, u32 LE ([`PROTOCOL_VERSION`]) |
+//! | 12     | 4    | feature flags, u32 LE (none defined; must be ignored if unknown) |
+//!
+//! # Frames
+//!
+//! | offset | size  | field                                             |
+//! |--------|-------|---------------------------------------------------|
+//! | 0      | 4     | length L of type + payload, u32 LE, 1 ≤ L ≤ [`MAX_FRAME`] |
+//! | 4      | 1     | message type                                      |
+//! | 5      | L − 1 | payload                                           |
+//!
+//! # Messages (integers little-endian; `bytes` = u32 length + that many bytes)
+//!
+//! | type | name           | direction     | payload |
+//! |------|----------------|---------------|---------|
+//! | 1    | `OPEN`         | client→server | role u8 (0 server sends, 1 server receives), flags u32, compress level u8, chunk avg u32, path bytes, source name bytes |
+//! | 2    | `ERROR`        | either        | exit code u8, message bytes (UTF-8, ≤ 64 KiB) |
+//! | 3    | `FILE_INFO`    | sender→recv   | size u64, mtime seconds i64, mtime nanoseconds u32, mode u32 |
+//! | 4    | `START`        | recv→sender   | u8: 0 = send the manifest, 1 = up to date (quick check) |
+//! | 5    | `MANIFEST`     | sender→recv   | a manifest batch, see [`crate::manifest`] |
+//! | 6    | `MANIFEST_END` | sender→recv   | entry count u64, file digest [32] |
+//! | 7    | `REQUEST`      | recv→sender   | count u32 (1 ≤ n ≤ [`MAX_REQUEST`]), n entry indices u64 |
+//! | 8    | `CHUNK`        | sender→recv   | entry index u64, raw length u32, encoding u8 (0 raw, 1 zstd stream), payload |
+//! | 9    | `DONE`         | recv→sender   | see [`Summary`] |
+//!
+//! A run: hello both ways; `OPEN`; the sender sends `FILE_INFO`; the
+//! receiver answers `START`; the sender streams `MANIFEST`…`MANIFEST_END`
+//! while the receiver streams `REQUEST`s and the sender answers each index
+//! with a `CHUNK`; the receiver ends with `DONE`. `ERROR` may come at any
+//! point and ends the run with its exit code.
+
+use std::io::{self, BufReader, BufWriter, Read, Write};
+
+use anyhow::Result;
+
+use crate::error::{fail, Exit};
+use crate::hash::{ChunkHash, HASH_LEN};
+
+/// Version of this protocol; bump on any change to the tables above.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Magic at the start of a hello.
+pub const MAGIC: &[u8; 8] = b"VMSYNC\r\n";
+/// Largest frame (type + payload) either end accepts or sends.
+pub const MAX_FRAME: usize = 8 << 20;
+/// Most indices in one `REQUEST`.
+pub const MAX_REQUEST: usize = 65536;
+/// Longest path or source name in `OPEN`.
+pub const MAX_PATH: usize = 4096;
+/// Longest error message.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+/// Most difference ranges listed in `DONE` (the total is always exact).
+pub const MAX_RANGES: usize = 4096;
+
+const T_OPEN: u8 = 1;
+const T_ERROR: u8 = 2;
+const T_FILE_INFO: u8 = 3;
+const T_START: u8 = 4;
+const T_MANIFEST: u8 = 5;
+const T_MANIFEST_END: u8 = 6;
+const T_REQUEST: u8 = 7;
+const T_CHUNK: u8 = 8;
+const T_DONE: u8 = 9;
+
+/// Which end the server plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The server reads its file and sends it.
+    Send,
+    /// The server receives into its file.
+    Receive,
+}
+
+/// Option bits in `OPEN`.
+pub mod flags {
+    pub const CHECK: u32 = 1;
+    pub const INPLACE: u32 = 2;
+    pub const CHECKSUM: u32 = 4;
+    pub const VERIFY: u32 = 8;
+    pub const ALL: u32 = CHECK | INPLACE | CHECKSUM | VERIFY;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Open {
+    pub role: Role,
+    pub flags: u32,
+    pub compress_level: u8,
+    pub chunk_avg: u32,
+    /// The server's path, raw bytes (Unix paths are bytes).
+    pub path: Vec<u8>,
+    /// File name of the source, for a destination that is a directory.
+    pub source_name: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileInfo {
+    pub size: u64,
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+    pub mode: u32,
+}
+
+/// What the receiver reports at the end.
+///
+/// `DONE` payload: flags u8 (1 up to date, 2 identical, 4 verified),
+/// source size u64, reused u64, literal u64, zero u64, differing bytes u64, total range
+/// count u64, listed count u32 (≤ [`MAX_RANGES`]), listed × (offset u64, length u64).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub up_to_date: bool,
+    pub identical: bool,
+    pub verified: bool,
+    pub source_bytes: u64,
+    pub reused_bytes: u64,
+    pub literal_bytes: u64,
+    pub zero_bytes: u64,
+    pub differing_bytes: u64,
+    pub range_count: u64,
+    pub ranges: Vec<(u64, u64)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Msg {
+    Open(Open),
+    Error { exit: u8, message: String },
+    FileInfo(FileInfo),
+    Start { up_to_date: bool },
+    Manifest(Vec<u8>),
+    ManifestEnd { count: u64, digest: ChunkHash },
+    Request(Vec<u64>),
+    Chunk(ChunkMsg),
+    Done(Summary),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkMsg {
+    pub index: u64,
+    pub raw_len: u32,
+    pub compressed: bool,
+    pub payload: Vec<u8>,
+}
+
+impl Msg {
+    fn name(&self) -> &'static str {
+        match self {
+            Msg::Open(_) => "OPEN",
+            Msg::Error { .. } => "ERROR",
+            Msg::FileInfo(_) => "FILE_INFO",
+            Msg::Start { .. } => "START",
+            Msg::Manifest(_) => "MANIFEST",
+            Msg::ManifestEnd { .. } => "MANIFEST_END",
+            Msg::Request(_) => "REQUEST",
+            Msg::Chunk(_) => "CHUNK",
+            Msg::Done(_) => "DONE",
+        }
+    }
+
+    /// An error naming a message that came when another was due.
+    pub fn unexpected(&self, wanted: &str) -> anyhow::Error {
+        fail(
+            Exit::Protocol,
+            format!(
+                "protocol error: expected {wanted}, peer sent {}",
+                self.name()
+            ),
+        )
+    }
+
+    /// Encodes type + payload into `out` (cleared first).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.clear();
+        match self {
+            Msg::Open(o) => {
+                out.push(T_OPEN);
+                out.push(match o.role {
+                    Role::Send => 0,
+                    Role::Receive => 1,
+                });
+                out.extend_from_slice(&o.flags.to_le_bytes());
+                out.push(o.compress_level);
+                out.extend_from_slice(&o.chunk_avg.to_le_bytes());
+                put_bytes(out, &o.path);
+                put_bytes(out, &o.source_name);
+            }
+            Msg::Error { exit, message } => {
+                out.push(T_ERROR);
+                out.push(*exit);
+                let m = message.as_bytes();
+                put_bytes(out, &m[..m.len().min(MAX_MESSAGE)]);
+            }
+            Msg::FileInfo(f) => {
+                out.push(T_FILE_INFO);
+                out.extend_from_slice(&f.size.to_le_bytes());
+                out.extend_from_slice(&f.mtime_sec.to_le_bytes());
+                out.extend_from_slice(&f.mtime_nsec.to_le_bytes());
+                out.extend_from_slice(&f.mode.to_le_bytes());
+            }
+            Msg::Start { up_to_date } => {
+                out.push(T_START);
+                out.push(u8::from(*up_to_date));
+            }
+            Msg::Manifest(batch) => {
+                out.push(T_MANIFEST);
+                out.extend_from_slice(batch);
+            }
+            Msg::ManifestEnd { count, digest } => {
+                out.push(T_MANIFEST_END);
+                out.extend_from_slice(&count.to_le_bytes());
+                out.extend_from_slice(&digest.0);
+            }
+            Msg::Request(idx) => {
+                out.push(T_REQUEST);
+                out.extend_from_slice(&(idx.len() as u32).to_le_bytes());
+                for i in idx {
+                    out.extend_from_slice(&i.to_le_bytes());
+                }
+            }
+            Msg::Chunk(c) => {
+                out.push(T_CHUNK);
+                out.extend_from_slice(&c.index.to_le_bytes());
+                out.extend_from_slice(&c.raw_len.to_le_bytes());
+                out.push(u8::from(c.compressed));
+                out.extend_from_slice(&c.payload);
+            }
+            Msg::Done(s) => {
+                out.push(T_DONE);
+                let f =
+                    u8::from(s.up_to_date) | u8::from(s.identical) << 1 | u8::from(s.verified) << 2;
+                out.push(f);
+                for v in [
+                    s.source_bytes,
+                    s.reused_bytes,
+                    s.literal_bytes,
+                    s.zero_bytes,
+                    s.differing_bytes,
+                    s.range_count,
+                ] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+                let listed = &s.ranges[..s.ranges.len().min(MAX_RANGES)];
+                out.extend_from_slice(&(listed.len() as u32).to_le_bytes());
+                for (o, l) in listed {
+                    out.extend_from_slice(&o.to_le_bytes());
+                    out.extend_from_slice(&l.to_le_bytes());
+                }
+            }
+        }
+        debug_assert!(out.len() <= MAX_FRAME);
+    }
+
+    /// Decodes type + payload; anything malformed is a protocol error.
+    pub fn decode(frame: &[u8]) -> Result<Msg> {
+        let (&t, payload) = frame
+            .split_first()
+            .ok_or_else(|| malformed("empty frame"))?;
+        let mut r = Rd(payload);
+        let msg = match t {
+            T_OPEN => {
+                let role = match r.u8()? {
+                    0 => Role::Send,
+                    1 => Role::Receive,
+                    x => return Err(malformed(format!("OPEN with unknown role {x}"))),
+                };
+                let flags = r.u32()?;
+                if flags & !flags::ALL != 0 {
+                    return Err(malformed(format!("OPEN with unknown flags {flags:#x}")));
+                }
+                let compress_level = r.u8()?;
+                let chunk_avg = r.u32()?;
+                let path = r.bytes(MAX_PATH)?.to_vec();
+                let source_name = r.bytes(MAX_PATH)?.to_vec();
+                Msg::Open(Open {
+                    role,
+                    flags,
+                    compress_level,
+                    chunk_avg,
+                    path,
+                    source_name,
+                })
+            }
+            T_ERROR => {
+                let exit = r.u8()?;
+                let message = String::from_utf8_lossy(r.bytes(MAX_MESSAGE)?).into_owned();
+                Msg::Error { exit, message }
+            }
+            T_FILE_INFO => Msg::FileInfo(FileInfo {
+                size: r.u64()?,
+                mtime_sec: r.u64()? as i64,
+                mtime_nsec: r.u32()?,
+                mode: r.u32()?,
+            }),
+            T_START => Msg::Start {
+                up_to_date: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    x => return Err(malformed(format!("START with value {x}"))),
+                },
+            },
+            T_MANIFEST => Msg::Manifest(r.rest().to_vec()),
+            T_MANIFEST_END => {
+                let count = r.u64()?;
+                let mut h = [0u8; HASH_LEN];
+                h.copy_from_slice(r.take(HASH_LEN)?);
+                Msg::ManifestEnd {
+                    count,
+                    digest: ChunkHash(h),
+                }
+            }
+            T_REQUEST => {
+                let n = r.u32()? as usize;
+                if n == 0 || n > MAX_REQUEST {
+                    return Err(malformed(format!("REQUEST for {n} chunks")));
+                }
+                let raw = r.take(n.checked_mul(8).ok_or_else(|| malformed("REQUEST size"))?)?;
+                Msg::Request(
+                    raw.chunks_exact(8)
+                        .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+                        .collect(),
+                )
+            }
+            T_CHUNK => {
+                let index = r.u64()?;
+                let raw_len = r.u32()?;
+                let compressed = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    x => return Err(malformed(format!("CHUNK with unknown encoding {x}"))),
+                };
+                Msg::Chunk(ChunkMsg {
+                    index,
+                    raw_len,
+                    compressed,
+                    payload: r.rest().to_vec(),
+                })
+            }
+            T_DONE => {
+                let f = r.u8()?;
+                let mut s = Summary {
+                    up_to_date: f & 1 != 0,
+                    identical: f & 2 != 0,
+                    verified: f & 4 != 0,
+                    source_bytes: r.u64()?,
+                    reused_bytes: r.u64()?,
+                    literal_bytes: r.u64()?,
+                    zero_bytes: r.u64()?,
+                    differing_bytes: r.u64()?,
+                    range_count: r.u64()?,
+                    ranges: Vec::new(),
+                };
+                let n = r.u32()? as usize;
+                if n > MAX_RANGES || n as u64 > s.range_count {
+                    return Err(malformed(format!("DONE listing {n} ranges")));
+                }
+                for _ in 0..n {
+                    s.ranges.push((r.u64()?, r.u64()?));
+                }
+                Msg::Done(s)
+            }
+            t => {
+                return Err(fail(
+                    Exit::Protocol,
+                    format!(
+                        "protocol error: unknown message type {t} (this vmsync speaks protocol v{PROTOCOL_VERSION})"
+                    ),
+                ))
+            }
+        };
+        if !r.0.is_empty() {
+            return Err(malformed(format!(
+                "{} trailing bytes after {}",
+                r.0.len(),
+                msg.name()
+            )));
+        }
+        Ok(msg)
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+fn malformed(msg: impl std::fmt::Display) -> anyhow::Error {
+    fail(
+        Exit::Protocol,
+        format!("protocol error: malformed message: {msg}"),
+    )
+}
+
+struct Rd<'a>(&'a [u8]);
+
+impl<'a> Rd<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.0.len() < n {
+            return Err(malformed("message truncated"));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn bytes(&mut self, limit: usize) -> Result<&'a [u8]> {
+        let n = self.u32()? as usize;
+        if n > limit {
+            return Err(malformed(format!("field of {n} bytes (limit {limit})")));
+        }
+        self.take(n)
+    }
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.0)
+    }
+}
+
+/// Connection failures are exit code 4, whatever the io error was.
+fn conn_err(e: io::Error, peer: &str, doing: &str) -> anyhow::Error {
+    let what = match e.kind() {
+        io::ErrorKind::UnexpectedEof => "connection closed".to_string(),
+        io::ErrorKind::BrokenPipe => "connection closed (broken pipe)".to_string(),
+        _ => e.to_string(),
+    };
+    fail(Exit::Connection, format!("{peer}: {what} while {doing}"))
+}
+
+/// Reads frames, enforcing [`MAX_FRAME`] before allocating.
+pub struct FrameReader<R: Read> {
+    inner: BufReader<R>,
+    buf: Vec<u8>,
+    peer: String,
+}
+
+impl<R: Read> FrameReader<R> {
+    pub fn new(inner: R, peer: &str) -> Self {
+        FrameReader {
+            inner: BufReader::with_capacity(256 * 1024, inner),
+            buf: Vec::new(),
+            peer: peer.to_string(),
+        }
+    }
+
+    /// Reads and checks the peer's hello.
+    pub fn read_hello(&mut self) -> Result<u32> {
+        let mut h = [0u8; 16];
+        let mut got = 0;
+        while got < h.len() {
+            match self.inner.read(&mut h[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(conn_err(e, &self.peer, "waiting for the handshake")),
+            }
+        }
+        if got == 0 {
+            return Err(fail(
+                Exit::Connection,
+                format!("{}: connection closed before the handshake", self.peer),
+            ));
+        }
+        if got < 8 || &h[..8] != MAGIC {
+            let text: String = String::from_utf8_lossy(&h[..got])
+                .chars()
+                .map(|c| if c.is_control() { '.' } else { c })
+                .collect();
+            return Err(fail(
+                Exit::Protocol,
+                format!(
+                    "{}: peer does not speak the vmsync protocol (it sent {text:?}); \
+                     check that the remote command is vmsync and that the shell prints nothing",
+                    self.peer
+                ),
+            ));
+        }
+        if got < 16 {
+            return Err(fail(
+                Exit::Connection,
+                format!("{}: connection closed during the handshake", self.peer),
+            ));
+        }
+        let version = u32::from_le_bytes(h[8..12].try_into().unwrap());
+        if version != PROTOCOL_VERSION {
+            return Err(fail(
+                Exit::Protocol,
+                format!(
+                    "{}: protocol version mismatch: this vmsync speaks v{PROTOCOL_VERSION}, the peer speaks v{version}; \
+                     install the same vmsync version on both ends",
+                    self.peer
+                ),
+            ));
+        }
+        Ok(u32::from_le_bytes(h[12..16].try_into().unwrap()))
+    }
+
+    /// Reads one message. End of stream is a connection error: every run
+    /// ends with an explicit message, so a silent close means the peer died.
+    pub fn read_msg(&mut self) -> Result<Msg> {
+        let mut len = [0u8; 4];
+        self.inner
+            .read_exact(&mut len)
+            .map_err(|e| conn_err(e, &self.peer, "reading"))?;
+        let len = u32::from_le_bytes(len) as usize;
+        if len == 0 || len > MAX_FRAME {
+            return Err(fail(
+                Exit::Protocol,
+                format!(
+                    "{}: protocol error: frame of {len} bytes (limit {MAX_FRAME})",
+                    self.peer
+                ),
+            ));
+        }
+        self.buf.resize(len, 0);
+        self.inner
+            .read_exact(&mut self.buf)
+            .map_err(|e| conn_err(e, &self.peer, "reading a frame"))?;
+        match Msg::decode(&self.buf)? {
+            // The peer's failure becomes ours, with its exit code and its words.
+            Msg::Error { exit, message } => {
+                let exit = match exit {
+                    0 | 1 => Exit::Protocol,
+                    c => Exit::from_code(c),
+                };
+                Err(fail(exit, format!("{}: {message}", self.peer)))
+            }
+            m => Ok(m),
+        }
+    }
+}
+
+/// Writes frames.
+pub struct FrameWriter<W: Write> {
+    inner: BufWriter<W>,
+    buf: Vec<u8>,
+    peer: String,
+}
+
+impl<W: Write> FrameWriter<W> {
+    pub fn new(inner: W, peer: &str) -> Self {
+        FrameWriter {
+            inner: BufWriter::with_capacity(256 * 1024, inner),
+            buf: Vec::new(),
+            peer: peer.to_string(),
+        }
+    }
+
+    pub fn write_hello(&mut self) -> Result<()> {
+        let mut h = Vec::with_capacity(16);
+        h.extend_from_slice(MAGIC);
+        h.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        h.extend_from_slice(&0u32.to_le_bytes());
+        self.inner
+            .write_all(&h)
+            .and_then(|_| self.inner.flush())
+            .map_err(|e| conn_err(e, &self.peer, "sending the handshake"))
+    }
+
+    /// Queues one message (buffered; see [`FrameWriter::flush`]).
+    pub fn send(&mut self, msg: &Msg) -> Result<()> {
+        let mut buf = std::mem::take(&mut self.buf);
+        msg.encode(&mut buf);
+        let r = self.write_frame(&buf);
+        self.buf = buf;
+        r
+    }
+
+    fn write_frame(&mut self, frame: &[u8]) -> Result<()> {
+        self.inner
+            .write_all(&(frame.len() as u32).to_le_bytes())
+            .and_then(|_| self.inner.write_all(frame))
+            .map_err(|e| conn_err(e, &self.peer, "sending"))
+    }
+
+    pub fn flush(&mut self) -> Result<()> {
+        self.inner
+            .flush()
+            .map_err(|e| conn_err(e, &self.peer, "sending"))
+    }
+
+    /// Sends and flushes.
+    pub fn send_now(&mut self, msg: &Msg) -> Result<()> {
+        self.send(msg)?;
+        self.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::exit_code_of;
+
+    fn round_trip(m: Msg) {
+        let mut buf = Vec::new();
+        m.encode(&mut buf);
+        assert_eq!(Msg::decode(&buf).unwrap(), m);
+        // Every strict prefix is rejected, never a panic.
+        for cut in 0..buf.len() {
+            let _ = Msg::decode(&buf[..cut]);
+        }
+        // Trailing garbage is rejected.
+        buf.push(0);
+        assert!(Msg::decode(&buf).is_err() || matches!(m, Msg::Manifest(_) | Msg::Chunk(_)));
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        round_trip(Msg::Open(Open {
+            role: Role::Receive,
+            flags: flags::CHECK | flags::VERIFY,
+            compress_level: 3,
+            chunk_avg: 65536,
+            path: b"/srv/a b/disk.img".to_vec(),
+            source_name: b"disk.img".to_vec(),
+        }));
+        round_trip(Msg::Error {
+            exit: 3,
+            message: "no space left".into(),
+        });
+        round_trip(Msg::FileInfo(FileInfo {
+            size: u64::MAX,
+            mtime_sec: -5,
+            mtime_nsec: 999_999_999,
+            mode: 0o100644,
+        }));
+        round_trip(Msg::Start { up_to_date: true });
+        round_trip(Msg::Manifest(vec![1, 2, 3]));
+        round_trip(Msg::ManifestEnd {
+            count: 7,
+            digest: ChunkHash([9; 32]),
+        });
+        round_trip(Msg::Request(vec![0, 5, u64::MAX]));
+        round_trip(Msg::Chunk(ChunkMsg {
+            index: 3,
+            raw_len: 100,
+            compressed: true,
+            payload: vec![7; 10],
+        }));
+        round_trip(Msg::Done(Summary {
+            up_to_date: false,
+            identical: true,
+            verified: true,
+            source_bytes: 10,
+            reused_bytes: 1,
+            literal_bytes: 2,
+            zero_bytes: 3,
+            differing_bytes: 4,
+            range_count: 9,
+            ranges: vec![(1, 2), (3, 4)],
+        }));
+    }
+
+    #[test]
+    fn unknown_type_and_bad_fields_are_protocol_errors() {
+        for frame in [
+            vec![200u8],
+            vec![T_START, 7],
+            vec![T_REQUEST, 0, 0, 0, 0],
+            vec![T_REQUEST, 255, 255, 255, 255],
+            vec![T_OPEN, 9],
+        ] {
+            let e = Msg::decode(&frame).unwrap_err();
+            assert_eq!(exit_code_of(&e), Exit::Protocol, "{frame:?}");
+        }
+    }
+
+    #[test]
+    fn oversized_frame_rejected_before_allocation() {
+        for len in [0u32, (MAX_FRAME + 1) as u32, u32::MAX] {
+            let mut bytes = len.to_le_bytes().to_vec();
+            bytes.extend_from_slice(&[T_START, 0]);
+            let mut r = FrameReader::new(&bytes[..], "peer");
+            let e = r.read_msg().unwrap_err();
+            assert_eq!(exit_code_of(&e), Exit::Protocol);
+        }
+    }
+
+    #[test]
+    fn truncated_stream_is_connection_error() {
+        let mut w = FrameWriter::new(Vec::new(), "peer");
+        w.send_now(&Msg::Start { up_to_date: false }).unwrap();
+        let bytes = w.inner.into_inner().unwrap();
+        for cut in 0..bytes.len() {
+            let mut r = FrameReader::new(&bytes[..cut], "peer");
+            let e = r.read_msg().unwrap_err();
+            assert_eq!(exit_code_of(&e), Exit::Connection);
+        }
+        let mut r = FrameReader::new(&bytes[..], "peer");
+        assert_eq!(r.read_msg().unwrap(), Msg::Start { up_to_date: false });
+    }
+
+    #[test]
+    fn handshake_checks_magic_and_version() {
+        let mut w = FrameWriter::new(Vec::new(), "peer");
+        w.write_hello().unwrap();
+        let good = w.inner.into_inner().unwrap();
+        assert!(FrameReader::new(&good[..], "p").read_hello().is_ok());
+        let mut newer = good.clone();
+        newer[8] = 2;
+        let e = FrameReader::new(&newer[..], "p").read_hello().unwrap_err();
+        assert_eq!(exit_code_of(&e), Exit::Protocol);
+        assert!(e.to_string().contains("v1") && e.to_string().contains("v2"));
+        let e = FrameReader::new(&b"Welcome to host\n"[..], "p")
+            .read_hello()
+            .unwrap_err();
+        assert_eq!(exit_code_of(&e), Exit::Protocol);
+        let e = FrameReader::new(&b""[..], "p").read_hello().unwrap_err();
+        assert_eq!(exit_code_of(&e), Exit::Connection);
+    }
+}

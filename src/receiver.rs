@@ -1,0 +1,632 @@
+//! The receiving end: index what the destination already holds, request the
+//! rest, write only verified chunks, commit atomically.
+//!
+//! The basis (the current destination) is cut with the same parameters as
+//! the source, so unchanged content yields the same chunk hashes wherever it
+//! now sits. A chunk found in the basis is copied from it and re-hashed on
+//! the way, so a basis that changed under us is caught and the chunk is
+//! fetched instead. Requests are windowed ([`WINDOW`] bytes outstanding),
+//! which bounds the memory that chunks in flight can take.
+//!
+//! A reader thread drains the connection into a channel, so the sender is
+//! never blocked writing while we write requests: the two ends cannot
+//! deadlock on full pipes.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use anyhow::{Context, Result};
+use rayon::prelude::*;
+
+use crate::chunk::{ChunkParams, Cutter};
+use crate::compress::StreamDecoder;
+use crate::error::{fail, Exit, WithExit};
+use crate::hash::{ChunkHash, ChunkHashMap};
+use crate::manifest::{Entry, Kind, Validator};
+use crate::progress::Progress;
+use crate::protocol::{FileInfo, FrameReader, FrameWriter, Msg, Summary, MAX_RANGES, MAX_REQUEST};
+use crate::scan::{self, read_full, Content, Extents};
+use crate::verify::Comparer;
+use crate::writer::{self, Output};
+
+/// Most bytes of requested chunks in flight at once.
+pub const WINDOW: u64 = 64 << 20;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RecvOptions {
+    pub params: ChunkParams,
+    /// Compare only; write nothing.
+    pub check: bool,
+    pub inplace: bool,
+    /// Skip the quick check (size + mtime).
+    pub checksum: bool,
+    /// Re-read the written file before committing it.
+    pub verify: bool,
+    /// The process umask, for the mode of a new file.
+    pub umask: u32,
+}
+
+/// Runs the receiving end into `dest` until done; returns the summary that
+/// was also sent to the peer.
+pub fn receive<R, W>(
+    dest: &Path,
+    source_name: &[u8],
+    mut reader: FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    opts: &RecvOptions,
+    progress: &Progress,
+) -> Result<Summary>
+where
+    R: Read + Send + 'static,
+    W: Write,
+{
+    let info = match reader.read_msg()? {
+        Msg::FileInfo(i) => i,
+        m => return Err(m.unexpected("FILE_INFO")),
+    };
+    if info.size > i64::MAX as u64 || info.mtime_nsec > 999_999_999 {
+        return Err(fail(
+            Exit::Protocol,
+            format!("protocol error: implausible file info from peer: {info:?}"),
+        ));
+    }
+    let dest = resolve_dest(dest, source_name)?;
+    let existing = match std::fs::symlink_metadata(&dest) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot stat destination {}", dest.display()))
+                .exit_with(Exit::Io)
+        }
+    };
+    if let Some(m) = &existing {
+        let t = m.file_type();
+        if !(t.is_file() || t.is_symlink()) {
+            let what = if t.is_block_device() {
+                "a block device (not supported yet)"
+            } else {
+                "not a regular file"
+            };
+            return Err(fail(
+                Exit::Io,
+                format!("destination {} is {what}", dest.display()),
+            ));
+        }
+    }
+    // A symlink is never followed: its target is not the basis, and the
+    // atomic rename replaces the link itself.
+    let regular = existing.as_ref().filter(|m| m.file_type().is_file());
+
+    if opts.check {
+        writer.send_now(&Msg::Start { up_to_date: false })?;
+        let summary = check(&dest, regular, &info, &mut reader, opts, progress)?;
+        writer.send_now(&Msg::Done(summary.clone()))?;
+        return Ok(summary);
+    }
+
+    if !opts.checksum {
+        if let Some(m) = regular {
+            if m.len() == info.size
+                && m.mtime() == info.mtime_sec
+                && m.mtime_nsec() == i64::from(info.mtime_nsec)
+            {
+                let s = Summary {
+                    up_to_date: true,
+                    identical: true,
+                    source_bytes: info.size,
+                    ..Summary::default()
+                };
+                writer.send_now(&Msg::Start { up_to_date: true })?;
+                writer.send_now(&Msg::Done(s.clone()))?;
+                return Ok(s);
+            }
+        }
+    }
+    check_parent(&dest)?;
+    if opts.inplace
+        && existing
+            .as_ref()
+            .is_some_and(|m| m.file_type().is_symlink())
+    {
+        return Err(fail(
+            Exit::Io,
+            format!(
+                "{} is a symlink; --inplace will not write through it",
+                dest.display()
+            ),
+        ));
+    }
+    writer.send_now(&Msg::Start { up_to_date: false })?;
+    progress.set_total(info.size);
+
+    // Drain the connection from here on (see the module doc).
+    let (tx, rx) = mpsc::channel::<Result<Msg>>();
+    std::thread::Builder::new()
+        .name("receive".into())
+        .spawn(move || loop {
+            let m = reader.read_msg();
+            let stop = m.is_err();
+            if tx.send(m).is_err() || stop {
+                return;
+            }
+        })
+        .context("cannot start a thread")?;
+
+    let basis = match regular {
+        Some(_) => Basis::index(&dest, opts)?,
+        None => None,
+    };
+    let out = if opts.inplace {
+        Output::in_place(&dest, info.size, info.mode, opts.umask)?
+    } else {
+        Output::atomic(&dest, info.size, regular, info.mode, opts.umask)?
+    };
+    let mut run = Run {
+        validator: Validator::new(info.size, opts.params),
+        entries: Vec::new(),
+        state: Vec::new(),
+        next: 0,
+        outstanding: 0,
+        requests: Vec::new(),
+        out,
+        basis,
+        decoder: None,
+        summary: Summary::default(),
+        progress,
+        buf: Vec::new(),
+    };
+    let mut manifest_done = false;
+    loop {
+        let msg = rx
+            .recv()
+            .map_err(|_| fail(Exit::Connection, "the connection ended unexpectedly"))??;
+        match msg {
+            Msg::Manifest(payload) => {
+                if manifest_done {
+                    return Err(fail(
+                        Exit::Protocol,
+                        "protocol error: manifest data after its end",
+                    ));
+                }
+                let before = run.entries.len();
+                run.validator.decode_batch(&payload, &mut run.entries)?;
+                run.state.resize(run.entries.len(), State::Pending);
+                debug_assert!(run.entries.len() > before);
+                run.advance()?;
+            }
+            Msg::ManifestEnd { count, digest } => {
+                run.validator.finish(count, &digest)?;
+                manifest_done = true;
+            }
+            Msg::Chunk(c) => {
+                run.accept(c)?;
+                run.advance()?;
+            }
+            m => return Err(m.unexpected("MANIFEST, MANIFEST_END or CHUNK")),
+        }
+        run.send_requests(writer)?;
+        if manifest_done && run.next == run.entries.len() && run.outstanding == 0 {
+            break;
+        }
+    }
+
+    let Run {
+        out,
+        entries,
+        mut summary,
+        ..
+    } = run;
+    let size = info.size;
+    out.commit(&info, |file| {
+        if !opts.verify {
+            return Ok(());
+        }
+        drop_cache(file);
+        let mut cmp = Comparer::new(file, size);
+        for part in entries.chunks(4096) {
+            cmp.compare(part)?;
+        }
+        let diffs = cmp.finish(size);
+        if !diffs.is_empty() {
+            let (s, e) = diffs.iter().next().unwrap_or_default();
+            return Err(fail(
+                Exit::Verify,
+                format!(
+                    "verification failed: {} differs from the source in {} bytes (first at offset {s}..{e}); the destination was not replaced",
+                    dest.display(),
+                    diffs.total()
+                ),
+            ));
+        }
+        Ok(())
+    })?;
+    summary.verified = opts.verify;
+    summary.source_bytes = info.size;
+    progress.finish();
+    writer.send_now(&Msg::Done(summary.clone()))?;
+    Ok(summary)
+}
+
+/// A destination that is a directory (or ends in `/`) gets the source's name.
+fn resolve_dest(dest: &Path, source_name: &[u8]) -> Result<PathBuf> {
+    let is_dir = dest.as_os_str().as_bytes().ends_with(b"/") || dest.is_dir();
+    if !is_dir {
+        return Ok(dest.to_path_buf());
+    }
+    if source_name.is_empty()
+        || source_name == b"."
+        || source_name == b".."
+        || source_name.contains(&b'/')
+        || source_name.contains(&0)
+    {
+        return Err(fail(
+            Exit::Protocol,
+            format!(
+                "destination {} is a directory and the source name {:?} cannot be used in it",
+                dest.display(),
+                String::from_utf8_lossy(source_name)
+            ),
+        ));
+    }
+    Ok(dest.join(OsStr::from_bytes(source_name)))
+}
+
+fn check_parent(dest: &Path) -> Result<()> {
+    let dir = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => return Ok(()),
+    };
+    if !dir.is_dir() {
+        return Err(fail(
+            Exit::Io,
+            format!("destination directory {} does not exist", dir.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// Asks the kernel to forget cached pages, so `--verify` reads the disk.
+fn drop_cache(file: &File) {
+    // SAFETY: advisory call on a valid fd.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+    }
+}
+
+/// `--check`: compare the destination with the manifest as it streams in.
+fn check<R: Read>(
+    dest: &Path,
+    regular: Option<&std::fs::Metadata>,
+    info: &FileInfo,
+    reader: &mut FrameReader<R>,
+    opts: &RecvOptions,
+    progress: &Progress,
+) -> Result<Summary> {
+    progress.set_total(info.size);
+    let file = match regular {
+        Some(_) => Some(
+            open_nofollow(dest)
+                .with_context(|| format!("cannot open destination {}", dest.display()))
+                .exit_with(Exit::Io)?,
+        ),
+        None => None,
+    };
+    let dest_size = regular.map_or(0, |m| m.len());
+    let mut cmp = file.as_ref().map(|f| Comparer::new(f, dest_size));
+    let mut validator = Validator::new(info.size, opts.params);
+    let mut batch = Vec::new();
+    loop {
+        match reader.read_msg()? {
+            Msg::Manifest(p) => {
+                batch.clear();
+                validator.decode_batch(&p, &mut batch)?;
+                let n = match &mut cmp {
+                    Some(c) => c.compare(&batch)?,
+                    None => batch.iter().map(Entry::len).sum(),
+                };
+                progress.advance(n);
+            }
+            Msg::ManifestEnd { count, digest } => {
+                validator.finish(count, &digest)?;
+                break;
+            }
+            m => return Err(m.unexpected("MANIFEST or MANIFEST_END")),
+        }
+    }
+    progress.finish();
+    let diffs = match cmp {
+        Some(c) => c.finish(info.size),
+        None => {
+            let mut r = writer::RangeSet::default();
+            r.insert(0, info.size);
+            r
+        }
+    };
+    Ok(Summary {
+        source_bytes: info.size,
+        identical: regular.is_some() && diffs.is_empty(),
+        differing_bytes: diffs.total(),
+        range_count: diffs.len() as u64,
+        ranges: diffs
+            .iter()
+            .take(MAX_RANGES)
+            .map(|(s, e)| (s, e - s))
+            .collect(),
+        ..Summary::default()
+    })
+}
+
+fn open_nofollow(p: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(p)
+}
+
+/// The existing destination and where each of its chunks sits.
+struct Basis {
+    file: File,
+    /// Chunk hash → (offset, length) of its first occurrence.
+    index: ChunkHashMap<(u64, u32)>,
+    /// In place only: offset → hash, to leave unchanged chunks where they are.
+    at: HashMap<u64, ChunkHash>,
+}
+
+impl Basis {
+    fn index(dest: &Path, opts: &RecvOptions) -> Result<Option<Basis>> {
+        let file = match open_nofollow(dest) {
+            Ok(f) => f,
+            // Unreadable old contents only cost bandwidth.
+            Err(_) => return Ok(None),
+        };
+        let size = file
+            .metadata()
+            .with_context(|| format!("cannot stat {}", dest.display()))
+            .exit_with(Exit::Io)?
+            .len();
+        let cutter = Cutter::new(opts.params);
+        let mut extents = Extents::of(&file, size);
+        let mut index = ChunkHashMap::default();
+        let mut at = HashMap::new();
+        scan::scan(&file, size, &mut extents, &cutter, |recs| {
+            for r in recs {
+                if let Content::Data(h) = r.content {
+                    index.entry(h).or_insert((r.offset, r.len));
+                    if opts.inplace {
+                        at.insert(r.offset, h);
+                    }
+                }
+            }
+            Ok(())
+        })
+        .with_context(|| format!("reading destination {}", dest.display()))?;
+        Ok(Some(Basis { file, index, at }))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Pending,
+    Requested,
+    Done,
+}
+
+struct Run<'a> {
+    validator: Validator,
+    entries: Vec<Entry>,
+    state: Vec<State>,
+    /// First entry not yet handled.
+    next: usize,
+    /// Bytes requested and not yet received.
+    outstanding: u64,
+    requests: Vec<u64>,
+    out: Output,
+    basis: Option<Basis>,
+    decoder: Option<StreamDecoder>,
+    summary: Summary,
+    progress: &'a Progress,
+    buf: Vec<u8>,
+}
+
+impl Run<'_> {
+    /// Handles entries in order while the request window has room.
+    fn advance(&mut self) -> Result<()> {
+        let mut copies: Vec<(usize, u64)> = Vec::new();
+        while self.next < self.entries.len() && self.outstanding < WINDOW {
+            let i = self.next;
+            self.next += 1;
+            let e = self.entries[i];
+            match e.kind {
+                Kind::Zero { len } => {
+                    self.out.zero(e.offset, len)?;
+                    self.summary.zero_bytes += len;
+                    self.state[i] = State::Done;
+                    self.progress.advance(len);
+                }
+                Kind::Data { len, hash } => {
+                    if self.out.is_in_place() {
+                        if !self.copy_in_place(i, e.offset, len, &hash)? {
+                            self.request(i, len);
+                        }
+                        continue;
+                    }
+                    match self.basis.as_ref().and_then(|b| b.index.get(&hash)) {
+                        Some(&(src, _)) => copies.push((i, src)),
+                        None => self.request(i, len),
+                    }
+                }
+            }
+        }
+        self.copy_parallel(copies)
+    }
+
+    fn request(&mut self, i: usize, len: u32) {
+        self.state[i] = State::Requested;
+        self.outstanding += u64::from(len);
+        self.requests.push(i as u64);
+    }
+
+    /// Atomic mode: copies from the basis in parallel (read, hash, write).
+    fn copy_parallel(&mut self, copies: Vec<(usize, u64)>) -> Result<()> {
+        if copies.is_empty() {
+            return Ok(());
+        }
+        let basis = self.basis.as_ref().expect("copies come from a basis");
+        let entries = &self.entries;
+        let out = &self.out;
+        let results: Vec<Result<bool>> = copies
+            .par_iter()
+            .map(|&(i, src)| {
+                let e = entries[i];
+                let Kind::Data { len, hash } = e.kind else {
+                    unreachable!("only data entries are copied")
+                };
+                let mut buf = vec![0u8; len as usize];
+                if read_full(&basis.file, &mut buf, src).is_err() {
+                    return Ok(false);
+                }
+                match writer::verify(&buf, &hash) {
+                    Some(v) => out.write(e.offset, v).map(|_| true),
+                    None => Ok(false),
+                }
+            })
+            .collect();
+        for ((i, _), r) in copies.into_iter().zip(results) {
+            let len = self.entries[i].len();
+            if r? {
+                self.state[i] = State::Done;
+                self.summary.reused_bytes += len;
+                self.progress.advance(len);
+            } else {
+                // The basis changed since it was indexed: fetch instead.
+                self.request(i, len as u32);
+            }
+        }
+        Ok(())
+    }
+
+    /// In place: leaves an unchanged chunk where it is, or copies it from a
+    /// basis range not yet overwritten. False when it must be fetched.
+    fn copy_in_place(&mut self, i: usize, offset: u64, len: u32, hash: &ChunkHash) -> Result<bool> {
+        let Some(basis) = &self.basis else {
+            return Ok(false);
+        };
+        let end = offset + u64::from(len);
+        let mut candidates = Vec::with_capacity(2);
+        if basis.at.get(&offset) == Some(hash) {
+            candidates.push(offset);
+        }
+        if let Some(&(src, _)) = basis.index.get(hash) {
+            if src != offset {
+                candidates.push(src);
+            }
+        }
+        for src in candidates {
+            if self.out.is_dirty(src, src + u64::from(len)) {
+                continue;
+            }
+            self.buf.resize(len as usize, 0);
+            if read_full(&basis.file, &mut self.buf, src).is_err() {
+                continue;
+            }
+            let Some(v) = writer::verify(&self.buf, hash) else {
+                continue;
+            };
+            if src != offset {
+                self.out.write(offset, v)?;
+                self.out.mark_dirty(offset, end);
+            }
+            self.state[i] = State::Done;
+            self.summary.reused_bytes += u64::from(len);
+            self.progress.advance(u64::from(len));
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// A chunk from the sender: decode into a bounded buffer, verify, write.
+    fn accept(&mut self, c: crate::protocol::ChunkMsg) -> Result<()> {
+        let i = usize::try_from(c.index).unwrap_or(usize::MAX);
+        let (e, state) = match (self.entries.get(i), self.state.get(i)) {
+            (Some(e), Some(s)) => (*e, *s),
+            _ => {
+                return Err(fail(
+                    Exit::Protocol,
+                    format!(
+                        "protocol error: peer sent chunk {} that is not in the manifest",
+                        c.index
+                    ),
+                ))
+            }
+        };
+        let Kind::Data { len, hash } = e.kind else {
+            return Err(fail(
+                Exit::Protocol,
+                format!("protocol error: peer sent data for zero run {i}"),
+            ));
+        };
+        if state != State::Requested || c.raw_len != len {
+            return Err(fail(
+                Exit::Protocol,
+                format!("protocol error: unexpected chunk {i} ({} bytes; expected a requested chunk of {len})", c.raw_len),
+            ));
+        }
+        let data: &[u8] = if c.compressed {
+            if self.decoder.is_none() {
+                self.decoder = Some(StreamDecoder::new()?);
+            }
+            self.buf.resize(len as usize, 0);
+            self.decoder
+                .as_mut()
+                .expect("just set")
+                .decode(&c.payload, &mut self.buf)?;
+            &self.buf
+        } else {
+            if c.payload.len() != len as usize {
+                return Err(fail(
+                    Exit::Protocol,
+                    format!(
+                        "protocol error: chunk {i} carries {} bytes, expected {len}",
+                        c.payload.len()
+                    ),
+                ));
+            }
+            &c.payload
+        };
+        let Some(v) = writer::verify(data, &hash) else {
+            return Err(fail(
+                Exit::Protocol,
+                format!(
+                    "chunk {i} at offset {} failed its BLAKE3 check (corrupted in transit?); nothing of it was written",
+                    e.offset
+                ),
+            ));
+        };
+        self.out.write(e.offset, v)?;
+        self.out.mark_dirty(e.offset, e.end());
+        self.state[i] = State::Done;
+        self.outstanding -= u64::from(len);
+        self.summary.literal_bytes += u64::from(len);
+        self.progress.advance(u64::from(len));
+        Ok(())
+    }
+
+    fn send_requests<W: Write>(&mut self, writer: &mut FrameWriter<W>) -> Result<()> {
+        if self.requests.is_empty() {
+            return Ok(());
+        }
+        for part in self.requests.chunks(MAX_REQUEST) {
+            writer.send(&Msg::Request(part.to_vec()))?;
+        }
+        self.requests.clear();
+        writer.flush()
+    }
+}

@@ -1,0 +1,292 @@
+//! The sending end: scan the source, stream its manifest, answer requests
+//! with compressed chunks.
+//!
+//! Three threads: the scanner cuts and hashes the file and hands manifest
+//! batches over; the request reader drains the peer's `REQUEST`s (so the
+//! peer never blocks writing them); the main thread does all the writing,
+//! interleaving manifest batches with requested chunks. Every chunk is
+//! re-hashed when it is read for sending, so a source that changed since the
+//! scan is caught here (exit 7) and never sent under a stale hash.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use anyhow::{Context, Result};
+
+use crate::chunk::{ChunkParams, Cutter};
+use crate::compress::StreamEncoder;
+use crate::error::{fail, Exit, WithExit};
+use crate::hash::ChunkHash;
+use crate::manifest::{self, Builder, Entry, Kind};
+use crate::progress::Progress;
+use crate::protocol::{ChunkMsg, FileInfo, FrameReader, FrameWriter, Msg, Summary};
+use crate::scan::{self, read_full, Extents};
+
+/// The file being sent, opened once.
+pub struct Source {
+    pub file: File,
+    pub path: PathBuf,
+    pub info: FileInfo,
+    stamp: Stamp,
+}
+
+/// What must not change while we read: size, mtime, ctime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            size: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+}
+
+impl Source {
+    pub fn open(path: &Path) -> Result<Source> {
+        let file = File::open(path)
+            .with_context(|| format!("cannot open source {}", path.display()))
+            .exit_with(Exit::Io)?;
+        let meta = file
+            .metadata()
+            .with_context(|| format!("cannot stat source {}", path.display()))
+            .exit_with(Exit::Io)?;
+        if meta.is_dir() {
+            return Err(fail(
+                Exit::Io,
+                format!(
+                    "source {} is a directory; vmsync copies one file",
+                    path.display()
+                ),
+            ));
+        }
+        if !meta.is_file() {
+            return Err(fail(
+                Exit::Io,
+                format!("source {} is not a regular file", path.display()),
+            ));
+        }
+        Ok(Source {
+            info: FileInfo {
+                size: meta.len(),
+                mtime_sec: meta.mtime(),
+                mtime_nsec: meta.mtime_nsec().clamp(0, 999_999_999) as u32,
+                mode: meta.mode(),
+            },
+            stamp: Stamp::of(&meta),
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Fails with exit 7 if size, mtime or ctime moved since `open`.
+    fn check_unchanged(&self) -> Result<()> {
+        let now = self
+            .file
+            .metadata()
+            .with_context(|| format!("cannot stat source {}", self.path.display()))
+            .exit_with(Exit::Io)?;
+        if Stamp::of(&now) != self.stamp {
+            return Err(changed(&self.path));
+        }
+        Ok(())
+    }
+}
+
+fn changed(path: &Path) -> anyhow::Error {
+    fail(
+        Exit::SourceChanged,
+        format!(
+            "source {} changed while it was being read; sync from a snapshot (or stop the VM) and try again",
+            path.display()
+        ),
+    )
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SendOptions {
+    pub params: ChunkParams,
+    /// zstd level; 0 sends chunks uncompressed.
+    pub compress_level: u8,
+}
+
+enum Event {
+    Batch(Vec<Entry>),
+    ScanDone(u64, ChunkHash),
+    Requests(Vec<u64>),
+    PeerDone(Summary),
+    Failed(anyhow::Error),
+}
+
+/// Runs the sending end until the receiver's `DONE`.
+pub fn send<R, W>(
+    src: &Source,
+    mut reader: FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    opts: &SendOptions,
+    progress: &Progress,
+) -> Result<Summary>
+where
+    R: Read + Send + 'static,
+    W: Write,
+{
+    writer.send_now(&Msg::FileInfo(src.info))?;
+    match reader.read_msg()? {
+        Msg::Start { up_to_date: true } => {
+            return match reader.read_msg()? {
+                Msg::Done(s) => Ok(s),
+                m => Err(m.unexpected("DONE")),
+            }
+        }
+        Msg::Start { up_to_date: false } => {}
+        m => return Err(m.unexpected("START")),
+    }
+    progress.set_total(src.info.size);
+
+    let (tx, rx) = mpsc::sync_channel::<Event>(16);
+    spawn_scanner(src, opts.params, tx.clone(), progress.clone())?;
+    let peer_tx = tx;
+    std::thread::Builder::new()
+        .name("requests".into())
+        .spawn(move || loop {
+            let ev = match reader.read_msg() {
+                Ok(Msg::Request(v)) => Event::Requests(v),
+                Ok(Msg::Done(s)) => Event::PeerDone(s),
+                Ok(m) => Event::Failed(m.unexpected("REQUEST or DONE")),
+                Err(e) => Event::Failed(e),
+            };
+            let last = !matches!(ev, Event::Requests(_));
+            if peer_tx.send(ev).is_err() || last {
+                return;
+            }
+        })
+        .context("cannot start a thread")?;
+
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut encoder = match opts.compress_level {
+        0 => None,
+        l => Some(StreamEncoder::new(l)?),
+    };
+    let mut batch = Vec::new();
+    let mut raw = Vec::new();
+    loop {
+        let ev = rx
+            .recv()
+            .map_err(|_| fail(Exit::Connection, "the connection ended without a result"))?;
+        match ev {
+            Event::Batch(v) => {
+                for part in v.chunks(manifest::MAX_BATCH) {
+                    batch.clear();
+                    manifest::encode_batch(part, &mut batch);
+                    writer.send(&Msg::Manifest(std::mem::take(&mut batch)))?;
+                }
+                entries.extend(v);
+                writer.flush()?;
+            }
+            Event::ScanDone(count, digest) => {
+                src.check_unchanged()?;
+                writer.send_now(&Msg::ManifestEnd { count, digest })?;
+            }
+            Event::Requests(idx) => {
+                for i in idx {
+                    let (offset, len, hash) = match entries.get(i as usize) {
+                        Some(Entry {
+                            offset,
+                            kind: Kind::Data { len, hash },
+                        }) => (*offset, *len, *hash),
+                        _ => {
+                            return Err(fail(
+                                Exit::Protocol,
+                                format!("protocol error: peer requested chunk {i}, which is not a data chunk of the manifest"),
+                            ))
+                        }
+                    };
+                    raw.resize(len as usize, 0);
+                    read_full(&src.file, &mut raw, offset)
+                        .with_context(|| format!("reading source {}", src.path.display()))?;
+                    if ChunkHash::of(&raw) != hash {
+                        return Err(changed(&src.path));
+                    }
+                    let (compressed, payload) = match &mut encoder {
+                        Some(enc) => {
+                            let mut out = Vec::new();
+                            enc.encode(&raw, &mut out)?;
+                            (true, out)
+                        }
+                        None => (false, raw.clone()),
+                    };
+                    writer.send(&Msg::Chunk(ChunkMsg {
+                        index: i,
+                        raw_len: len,
+                        compressed,
+                        payload,
+                    }))?;
+                }
+                writer.flush()?;
+            }
+            Event::PeerDone(s) => {
+                src.check_unchanged()?;
+                return Ok(s);
+            }
+            Event::Failed(e) => return Err(e),
+        }
+    }
+}
+
+fn spawn_scanner(
+    src: &Source,
+    params: ChunkParams,
+    tx: mpsc::SyncSender<Event>,
+    progress: Progress,
+) -> Result<()> {
+    let file = src
+        .file
+        .try_clone()
+        .context("cannot duplicate the source file handle")?;
+    let size = src.info.size;
+    let path = src.path.clone();
+    std::thread::Builder::new()
+        .name("scan".into())
+        .spawn(move || {
+            let cutter = Cutter::new(params);
+            let mut extents = Extents::of(&file, size);
+            let mut builder = Builder::default();
+            let r = scan::scan(&file, size, &mut extents, &cutter, |recs| {
+                let mut out = Vec::with_capacity(recs.len());
+                let mut covered = 0;
+                for r in &recs {
+                    builder.push(r, &mut out);
+                    covered += u64::from(r.len);
+                }
+                progress.advance(covered);
+                if out.is_empty() {
+                    return Ok(());
+                }
+                tx.send(Event::Batch(out))
+                    .map_err(|_| anyhow::anyhow!("sender stopped"))
+            });
+            let ev = match r {
+                Ok(()) => {
+                    let mut tail = Vec::new();
+                    let (count, digest) = builder.finish(&mut tail);
+                    if !tail.is_empty() && tx.send(Event::Batch(tail)).is_err() {
+                        return;
+                    }
+                    Event::ScanDone(count, digest)
+                }
+                Err(e) => Event::Failed(e.context(format!("reading source {}", path.display()))),
+            };
+            let _ = tx.send(ev);
+        })
+        .context("cannot start a thread")?;
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! `vmsync --server`: the far end, speaking the protocol on stdin/stdout.
+//!
+//! Started by the client through ssh (or directly, for local syncs). It
+//! takes every instruction from the client's `OPEN` (role, path, options), so
+//! nothing of the user's reaches a remote shell. Its own failures go back to
+//! the client in an `ERROR` message, which the client prints with the host
+//! name; the server itself prints nothing.
+
+use std::path::Path;
+
+use anyhow::Result;
+
+use crate::chunk::ChunkParams;
+use crate::compress::MAX_LEVEL;
+use crate::error::{exit_code_of, fail, message_of, Exit};
+use crate::progress::Progress;
+use crate::protocol::{flags, FrameReader, FrameWriter, Msg, Role};
+use crate::receiver::{self, RecvOptions};
+use crate::sender::{self, SendOptions, Source};
+use crate::transport::bytes_path;
+
+/// Serves one run on stdin/stdout; returns the exit code.
+pub fn serve(umask: u32) -> Exit {
+    let reader = FrameReader::new(std::io::stdin(), "client");
+    let mut writer = FrameWriter::new(std::io::stdout(), "client");
+    match serve_on(reader, &mut writer, umask) {
+        Ok(()) => Exit::Ok,
+        Err(e) => {
+            let exit = exit_code_of(&e);
+            if exit != Exit::Connection {
+                let _ = writer.send_now(&Msg::Error {
+                    exit: exit.code(),
+                    message: message_of(&e),
+                });
+            }
+            exit
+        }
+    }
+}
+
+fn serve_on(
+    mut reader: FrameReader<std::io::Stdin>,
+    writer: &mut FrameWriter<std::io::Stdout>,
+    umask: u32,
+) -> Result<()> {
+    writer.write_hello()?;
+    reader.read_hello()?;
+    let open = match reader.read_msg()? {
+        Msg::Open(o) => o,
+        m => return Err(m.unexpected("OPEN")),
+    };
+    if open.path.is_empty() || open.path.contains(&0) {
+        return Err(fail(Exit::Usage, "empty path or a path with a NUL byte"));
+    }
+    if open.compress_level > MAX_LEVEL {
+        return Err(fail(
+            Exit::Protocol,
+            format!("compression level {} out of range", open.compress_level),
+        ));
+    }
+    let params = ChunkParams::new(u64::from(open.chunk_avg))
+        .map_err(|e| fail(Exit::Protocol, format!("protocol error: {e}")))?;
+    let path = bytes_path(&open.path);
+    let quiet = Progress::hidden();
+    match open.role {
+        Role::Send => {
+            let src = Source::open(&path)?;
+            let opts = SendOptions {
+                params,
+                compress_level: open.compress_level,
+            };
+            sender::send(&src, reader, writer, &opts, &quiet)?;
+        }
+        Role::Receive => {
+            let opts = RecvOptions {
+                params,
+                check: open.flags & flags::CHECK != 0,
+                inplace: open.flags & flags::INPLACE != 0,
+                checksum: open.flags & flags::CHECKSUM != 0,
+                verify: open.flags & flags::VERIFY != 0,
+                umask,
+            };
+            receiver::receive(
+                Path::new(&path),
+                &open.source_name,
+                reader,
+                writer,
+                &opts,
+                &quiet,
+            )?;
+        }
+    }
+    Ok(())
+}

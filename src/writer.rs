@@ -1,0 +1,448 @@
+//! Writing the destination: atomically (temp file + rename) or in place.
+//!
+//! Only [`Verified`] data reaches the disk, and a `Verified` can only be made
+//! by hashing the bytes and comparing with the manifest ([`verify`]); so the
+//! writer cannot be handed an unchecked chunk by mistake.
+//!
+//! **Atomic** (default): a hidden temporary file in the destination's
+//! directory, sized up front so untouched ranges stay holes, written with
+//! all-zero 4 KiB blocks skipped, fsync'd, given the source's mtime, renamed
+//! over the destination, and the directory fsync'd. Until the rename the old
+//! destination is untouched; a failure or signal removes the temp file.
+//!
+//! **In place**: writes into the existing file. Zero ranges are punched
+//! (hole) rather than written. The receiver asks [`Output::is_dirty`] before
+//! copying from the old contents, since a range already overwritten no longer
+//! holds what the basis index says. An interrupted in-place run leaves a mix
+//! of old and new data; the next run repairs it.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+
+use crate::chunk::is_zero;
+use crate::error::{fail, Exit, WithExit};
+use crate::hash::ChunkHash;
+use crate::protocol::FileInfo;
+use crate::signals::TempGuard;
+
+/// Granularity of holes left in written data.
+const BLOCK: usize = 4096;
+
+/// Bytes whose BLAKE3 matched the manifest.
+pub struct Verified<'a>(&'a [u8]);
+
+impl<'a> Verified<'a> {
+    pub fn bytes(&self) -> &'a [u8] {
+        self.0
+    }
+}
+
+/// Hash-checks `data`; the only way to get a [`Verified`].
+pub fn verify<'a>(data: &'a [u8], expected: &ChunkHash) -> Option<Verified<'a>> {
+    (ChunkHash::of(data) == *expected).then_some(Verified(data))
+}
+
+enum Mode {
+    Atomic {
+        tmp: tempfile::NamedTempFile,
+        _guard: TempGuard,
+    },
+    InPlace {
+        file: File,
+        dirty: RangeSet,
+    },
+}
+
+/// The file being written.
+pub struct Output {
+    mode: Mode,
+    dest: PathBuf,
+    size: u64,
+}
+
+impl Output {
+    /// A new temporary file next to `dest`, `size` bytes of holes.
+    ///
+    /// It takes over the permissions (and, as root, the owner) of the file it
+    /// replaces, or the source's mode less the umask for a new file.
+    pub fn atomic(
+        dest: &Path,
+        size: u64,
+        existing: Option<&std::fs::Metadata>,
+        mode: u32,
+        umask: u32,
+    ) -> Result<Output> {
+        let dir = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = dest.file_name().unwrap_or(OsStr::new("vmsync"));
+        let mut prefix = std::ffi::OsString::from(".");
+        prefix.push(name);
+        prefix.push(".");
+        let tmp = tempfile::Builder::new()
+            .prefix(&prefix)
+            .suffix(".vmsync-tmp")
+            .tempfile_in(&dir)
+            .with_context(|| format!("cannot create a temporary file in {}", dir.display()))
+            .exit_with(Exit::Io)?;
+        let guard = TempGuard::new(tmp.path());
+        let file = tmp.as_file();
+        let perm = match existing {
+            Some(m) => m.mode() & 0o7777,
+            None => mode & 0o777 & !umask,
+        };
+        file.set_permissions(std::fs::Permissions::from_mode(perm))
+            .with_context(|| format!("set permissions on {}", tmp.path().display()))
+            .exit_with(Exit::Io)?;
+        if let Some(m) = existing {
+            // Only root can give a file away; for others this is a no-op
+            // when the owner is already us, and a harmless EPERM otherwise.
+            let _ = std::os::unix::fs::fchown(file, Some(m.uid()), Some(m.gid()));
+        }
+        file.set_len(size)
+            .with_context(|| format!("cannot size {} to {size} bytes", tmp.path().display()))
+            .exit_with(Exit::Io)?;
+        Ok(Output {
+            mode: Mode::Atomic { tmp, _guard: guard },
+            dest: dest.to_path_buf(),
+            size,
+        })
+    }
+
+    /// The existing destination, opened for writing in place. A symlink is
+    /// refused: writing through it would change a file elsewhere.
+    pub fn in_place(dest: &Path, size: u64, mode: u32, umask: u32) -> Result<Output> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .mode(mode & 0o777 & !umask)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(dest)
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::ELOOP) {
+                    fail(
+                        Exit::Io,
+                        format!(
+                            "{} is a symlink; --inplace will not write through it",
+                            dest.display()
+                        ),
+                    )
+                } else {
+                    anyhow::Error::new(e)
+                        .context(format!("cannot open {} for writing", dest.display()))
+                }
+            })
+            .exit_with(Exit::Io)?;
+        Ok(Output {
+            mode: Mode::InPlace {
+                file,
+                dirty: RangeSet::default(),
+            },
+            dest: dest.to_path_buf(),
+            size,
+        })
+    }
+
+    pub fn file(&self) -> &File {
+        match &self.mode {
+            Mode::Atomic { tmp, .. } => tmp.as_file(),
+            Mode::InPlace { file, .. } => file,
+        }
+    }
+
+    pub fn is_in_place(&self) -> bool {
+        matches!(self.mode, Mode::InPlace { .. })
+    }
+
+    /// In place: whether `[start, end)` was already overwritten this run.
+    pub fn is_dirty(&self, start: u64, end: u64) -> bool {
+        match &self.mode {
+            Mode::InPlace { dirty, .. } => dirty.overlaps(start, end),
+            Mode::Atomic { .. } => false,
+        }
+    }
+
+    /// Writes a verified chunk at `offset`. Safe to call from several
+    /// threads at once in atomic mode (positioned writes, no shared cursor).
+    pub fn write(&self, offset: u64, data: Verified<'_>) -> Result<()> {
+        let data = data.bytes();
+        let file = self.file();
+        match self.mode {
+            // The temp file is all holes: skip zero blocks to keep them holes.
+            Mode::Atomic { .. } => write_skipping_zero_blocks(file, offset, data),
+            Mode::InPlace { .. } => file.write_all_at(data, offset),
+        }
+        .with_context(|| {
+            format!(
+                "cannot write {} bytes at offset {offset} of {}",
+                data.len(),
+                self.dest.display()
+            )
+        })
+        .exit_with(Exit::Io)
+    }
+
+    /// Marks `[start, end)` overwritten (in place).
+    pub fn mark_dirty(&mut self, start: u64, end: u64) {
+        if let Mode::InPlace { dirty, .. } = &mut self.mode {
+            dirty.insert(start, end);
+        }
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros. Atomic: already holes.
+    /// In place: punched, or written as zeros where punching is unsupported.
+    pub fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
+        let Mode::InPlace { file, dirty } = &mut self.mode else {
+            return Ok(());
+        };
+        dirty.insert(offset, offset + len);
+        punch_or_write_zeros(file, offset, len)
+            .with_context(|| {
+                format!(
+                    "cannot zero {len} bytes at offset {offset} of {}",
+                    self.dest.display()
+                )
+            })
+            .exit_with(Exit::Io)
+    }
+
+    /// Makes the written file the destination: size, fsync, mtime, then
+    /// `check` (e.g. `--verify`) and, in atomic mode, the rename and the
+    /// directory fsync. On error in atomic mode the temp file is removed
+    /// and the destination keeps its old contents.
+    pub fn commit(self, info: &FileInfo, check: impl FnOnce(&File) -> Result<()>) -> Result<()> {
+        let dest = self.dest.clone();
+        let file = self.file();
+        if self.is_in_place() {
+            file.set_len(self.size)
+                .with_context(|| format!("cannot set the size of {}", dest.display()))
+                .exit_with(Exit::Io)?;
+        }
+        file.sync_all()
+            .with_context(|| {
+                format!(
+                    "fsync of {} failed; the data may not be on disk",
+                    dest.display()
+                )
+            })
+            .exit_with(Exit::Io)?;
+        file.set_modified(mtime(info))
+            .with_context(|| format!("cannot set the modification time of {}", dest.display()))
+            .exit_with(Exit::Io)?;
+        check(file)?;
+        match self.mode {
+            Mode::Atomic { tmp, _guard } => {
+                tmp.persist(&dest)
+                    .map_err(|e| e.error)
+                    .with_context(|| {
+                        format!("cannot rename the temporary file onto {}", dest.display())
+                    })
+                    .exit_with(Exit::Io)?;
+                drop(_guard);
+                sync_dir(&dest)
+            }
+            Mode::InPlace { file, .. } => file
+                .sync_all()
+                .with_context(|| format!("fsync of {} failed", dest.display()))
+                .exit_with(Exit::Io),
+        }
+    }
+}
+
+fn sync_dir(dest: &Path) -> Result<()> {
+    let dir = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("fsync of directory {} failed", dir.display()))
+        .exit_with(Exit::Io)
+}
+
+/// The source's mtime as a `SystemTime` (negative seconds are before 1970).
+pub fn mtime(info: &FileInfo) -> SystemTime {
+    let nanos = Duration::from_nanos(u64::from(info.mtime_nsec.min(999_999_999)));
+    if info.mtime_sec >= 0 {
+        UNIX_EPOCH + Duration::from_secs(info.mtime_sec as u64) + nanos
+    } else {
+        UNIX_EPOCH - Duration::from_secs(info.mtime_sec.unsigned_abs()) + nanos
+    }
+}
+
+fn write_skipping_zero_blocks(file: &File, offset: u64, data: &[u8]) -> std::io::Result<()> {
+    let mut pos = 0usize;
+    while pos < data.len() {
+        // Blocks follow absolute 4 KiB file offsets so holes align with the filesystem's.
+        let abs = offset + pos as u64;
+        let next = ((abs / BLOCK as u64 + 1) * BLOCK as u64 - abs) as usize;
+        let end = (pos + next).min(data.len());
+        // Extend the run of non-zero blocks as far as it goes, one write per run.
+        if is_zero(&data[pos..end]) {
+            pos = end;
+            continue;
+        }
+        let mut run_end = end;
+        while run_end < data.len() {
+            let e = (run_end + BLOCK).min(data.len());
+            if is_zero(&data[run_end..e]) {
+                break;
+            }
+            run_end = e;
+        }
+        file.write_all_at(&data[pos..run_end], offset + pos as u64)?;
+        pos = run_end;
+    }
+    Ok(())
+}
+
+fn punch_or_write_zeros(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: fallocate on a valid fd with plain integer arguments.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if !matches!(
+        err.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
+    ) {
+        return Err(err);
+    }
+    let zeros = vec![0u8; 1 << 20];
+    let mut pos = 0;
+    while pos < len {
+        let n = (len - pos).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], offset + pos)?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+/// A set of byte ranges, merged on insert.
+#[derive(Default, Debug)]
+pub struct RangeSet {
+    /// start → end, disjoint and non-adjacent.
+    map: BTreeMap<u64, u64>,
+}
+
+impl RangeSet {
+    pub fn insert(&mut self, mut start: u64, mut end: u64) {
+        if start >= end {
+            return;
+        }
+        // Merge with a range that starts before and reaches start.
+        if let Some((&s, &e)) = self.map.range(..=start).next_back() {
+            if e >= start {
+                start = s;
+                end = end.max(e);
+                self.map.remove(&s);
+            }
+        }
+        // Swallow ranges starting inside [start, end].
+        while let Some((&s, &e)) = self.map.range(start..=end).next() {
+            end = end.max(e);
+            self.map.remove(&s);
+        }
+        self.map.insert(start, end);
+    }
+
+    pub fn overlaps(&self, start: u64, end: u64) -> bool {
+        if start >= end {
+            return false;
+        }
+        if let Some((_, &e)) = self.map.range(..=start).next_back() {
+            if e > start {
+                return true;
+            }
+        }
+        self.map.range(start..end).next().is_some()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.map.iter().map(|(&s, &e)| (s, e))
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn total(&self) -> u64 {
+        self.map.iter().map(|(s, e)| e - s).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_set_merges_and_overlaps() {
+        let mut r = RangeSet::default();
+        r.insert(10, 20);
+        r.insert(30, 40);
+        assert!(!r.overlaps(20, 30));
+        assert!(r.overlaps(19, 21));
+        assert!(r.overlaps(0, 11));
+        assert!(!r.overlaps(0, 10));
+        r.insert(20, 30);
+        assert_eq!(r.iter().collect::<Vec<_>>(), [(10, 40)]);
+        r.insert(5, 100);
+        assert_eq!(r.iter().collect::<Vec<_>>(), [(5, 100)]);
+        r.insert(200, 300);
+        r.insert(150, 160);
+        assert_eq!(r.len(), 3);
+        assert_eq!(r.total(), 95 + 100 + 10);
+    }
+
+    #[test]
+    fn only_matching_bytes_verify() {
+        let h = ChunkHash::of(b"hello");
+        assert!(verify(b"hello", &h).is_some());
+        assert!(verify(b"hellp", &h).is_none());
+    }
+
+    #[test]
+    fn zero_blocks_stay_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        f.set_len(1 << 20).unwrap();
+        let mut data = vec![0u8; 256 * 1024];
+        data[0] = 1;
+        data[200 * 1024] = 2;
+        write_skipping_zero_blocks(&f, 4096, &data).unwrap();
+        f.sync_all().unwrap();
+        let mut back = vec![0u8; data.len()];
+        f.read_exact_at(&mut back, 4096).unwrap();
+        assert_eq!(back, data);
+        // Two 4 KiB blocks of data, not 256 KiB.
+        assert!(f.metadata().unwrap().blocks() * 512 <= 16 * 1024);
+    }
+}
