@@ -22,24 +22,46 @@ A remote operand is [user@]host:path (a colon before any slash). The remote end
 runs the same binary: `ssh [user@]host vmsync --server`. Local-to-local syncs
 run the same protocol with a local child process.";
 
-const EXAMPLES_AND_EXIT: &str = "\
-Examples:
-  vmsync disk.img backup:/srv/images/disk.img        push over ssh
-  vmsync backup:/srv/images/disk.img restore.img     pull over ssh
-  vmsync disk.img /mnt/backup/disk.img               local to local
-  vmsync --check disk.img backup:/srv/images/        compare only (exit 0/1)
-  vmsync -e 'ssh -p 2222 -i key' disk.img host:/srv/  custom ssh command
+/// Usage examples: `--help` and the man page are written from this list.
+pub const EXAMPLES: &[(&str, &str)] = &[
+    (
+        "vmsync disk.img backup:/srv/images/disk.img",
+        "push a disk image over ssh",
+    ),
+    (
+        "vmsync backup:/srv/images/disk.img restore.img",
+        "pull it back",
+    ),
+    (
+        "vmsync disk.img /mnt/backup/",
+        "local to local, into a directory",
+    ),
+    (
+        "vmsync --check disk.img backup:/srv/images/disk.img",
+        "compare only; exit 0 if identical, 1 if not",
+    ),
+    (
+        "vmsync --stats --verify disk.img backup:/srv/images/",
+        "sync, re-read the result, print a summary",
+    ),
+    (
+        "vmsync -e 'ssh -p 2222 -i ~/.ssh/backup' disk.img backup:/srv/",
+        "use another ssh port and key",
+    ),
+];
 
-Exit status:
-  0    success, or --check found the files identical
-  1    --check found differences
-  2    usage error
-  3    file I/O error (source missing or unreadable, destination not writable, disk full)
-  4    connection error (ssh failed, remote vmsync missing, peer vanished)
-  5    protocol error (version mismatch, malformed data, chunk failed its hash)
-  6    --verify found the written file different from the source
-  7    the source changed while it was being read
-  130  interrupted by SIGINT (143: SIGTERM); the destination is left unchanged";
+/// The text after the options in `--help`: examples and exit codes.
+pub fn after_help() -> String {
+    let mut s = String::from("Examples:\n");
+    for (cmd, what) in EXAMPLES {
+        s.push_str(&format!("  {cmd}\n      {what}\n"));
+    }
+    s.push_str("\nExit status:\n");
+    for (code, what) in crate::error::EXIT_CODES {
+        s.push_str(&format!("  {code:<4} {what}\n"));
+    }
+    s
+}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -47,7 +69,8 @@ Exit status:
     version,
     about = ABOUT,
     long_about = LONG_ABOUT,
-    after_help = EXAMPLES_AND_EXIT,
+    override_usage = "vmsync [OPTIONS] SRC DST",
+    after_help = after_help(),
     max_term_width = 100
 )]
 pub struct Cli {

@@ -34,6 +34,38 @@ pub enum Exit {
     Terminated = 143,
 }
 
+/// Every exit code with its meaning: the one table `--help`, the man page
+/// and the README are written from.
+pub const EXIT_CODES: &[(u8, &str)] = &[
+    (0, "success, or --check found the files identical"),
+    (1, "--check found differences"),
+    (2, "usage error (bad arguments)"),
+    (
+        3,
+        "file I/O error: source missing or unreadable, destination not writable, disk full",
+    ),
+    (
+        4,
+        "connection error: ssh failed, remote vmsync missing, peer vanished",
+    ),
+    (
+        5,
+        "protocol error: version mismatch, malformed data, a chunk failed its hash",
+    ),
+    (
+        6,
+        "--verify found the written file different from the source (destination not replaced)",
+    ),
+    (
+        7,
+        "the source changed while it was being read (use a snapshot)",
+    ),
+    (
+        130,
+        "interrupted by SIGINT (143: SIGTERM, 129: SIGHUP); destination left unchanged",
+    ),
+];
+
 impl Exit {
     pub fn code(self) -> u8 {
         self as u8
@@ -100,12 +132,14 @@ where
     E: Into<anyhow::Error>,
 {
     fn exit_with(self, exit: Exit) -> anyhow::Result<T> {
+        // A fresh error whose message spells out the whole chain: anyhow's
+        // chain cannot downcast to a context type, so the Failure must be
+        // an error object of its own to be found by `exit_code_of`.
         self.map_err(|e| {
             let e: anyhow::Error = e.into();
-            let message = format!("{e:#}");
-            e.context(Failure {
+            anyhow::Error::new(Failure {
                 exit,
-                message,
+                message: format!("{e:#}"),
                 whole: true,
             })
         })
@@ -174,6 +208,17 @@ mod tests {
         assert_eq!(exit_code_of(&e), Exit::Io);
         assert!(message_of(&e).contains("disk on fire"));
         assert!(message_of(&e).contains("write /x"));
+    }
+
+    #[test]
+    fn exit_with_wins_over_io_and_survives_context() {
+        let r: Result<(), std::io::Error> = Err(std::io::Error::other("pipe"));
+        let e = r
+            .exit_with(Exit::Connection)
+            .context("talking to host")
+            .unwrap_err();
+        assert_eq!(exit_code_of(&e), Exit::Connection);
+        assert_eq!(message_of(&e), "talking to host: pipe");
     }
 
     #[test]

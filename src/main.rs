@@ -11,6 +11,7 @@ fn main() -> ExitCode {
     signals::install();
     let cli = Cli::parse();
     if cli.server {
+        signals::set_quiet(true);
         return ExitCode::from(server::serve(umask).code());
     }
     signals::set_json(cli.json);

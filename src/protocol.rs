@@ -541,7 +541,12 @@ impl<R: Read> FrameReader<R> {
                     0 | 1 => Exit::Protocol,
                     c => Exit::from_code(c),
                 };
-                Err(fail(exit, format!("{}: {message}", self.peer)))
+                // A local server's errors are about local files: no prefix.
+                if self.peer == crate::transport::LOCAL_PEER {
+                    Err(fail(exit, message))
+                } else {
+                    Err(fail(exit, format!("{}: {message}", self.peer)))
+                }
             }
             m => Ok(m),
         }

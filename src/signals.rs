@@ -16,6 +16,7 @@ use std::sync::Mutex;
 static TEMP_FILES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 static JSON: AtomicBool = AtomicBool::new(false);
+static QUIET: AtomicBool = AtomicBool::new(false);
 
 fn signal_set() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset initializes it.
@@ -48,6 +49,11 @@ pub fn install() {
             on_signal(sig);
         })
         .expect("spawn signal thread");
+}
+
+/// The server leaves messages to the client, which knows what happened.
+pub fn set_quiet(on: bool) {
+    QUIET.store(on, Ordering::Relaxed);
 }
 
 /// When `--json` is on, an interrupted run still prints one JSON object.
@@ -83,7 +89,9 @@ fn on_signal(sig: libc::c_int) -> ! {
             serde_json::json!({"exit_code": code, "error": format!("interrupted by {name}")})
         );
     }
-    eprintln!("vmsync: interrupted by {name}; the destination was left as it was");
+    if !QUIET.load(Ordering::Relaxed) {
+        eprintln!("vmsync: interrupted by {name}; the destination was left as it was");
+    }
     std::process::exit(code);
 }
 

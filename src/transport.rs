@@ -20,6 +20,9 @@ use anyhow::Result;
 use crate::error::{fail, Exit};
 use crate::signals;
 
+/// Name of the peer in a local-to-local sync, for messages.
+pub const LOCAL_PEER: &str = "local server";
+
 /// A command-line operand: a local path or `[user@]host:path`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Operand {
@@ -179,7 +182,7 @@ impl<T: Write> Write for Counted<T> {
 /// The running child that is the other end.
 pub struct Peer {
     child: Child,
-    /// Host name, or `local` for the local server, for messages.
+    /// Host name, or [`LOCAL_PEER`], for messages.
     pub name: String,
     program: String,
     stderr: Option<JoinHandle<()>>,
@@ -216,7 +219,7 @@ pub fn spawn(remote: Option<&Remote>, launch: &Launch) -> Result<(Peer, PeerRead
             })?;
             let mut cmd = Command::new(&exe);
             cmd.arg("--server");
-            (cmd, "local".to_string(), exe.display().to_string())
+            (cmd, LOCAL_PEER.to_string(), exe.display().to_string())
         }
     };
     cmd.stdin(Stdio::piped())
@@ -328,6 +331,10 @@ impl Peer {
             .lock()
             .map(|l| l.clone())
             .unwrap_or_default();
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(sig) = status.and_then(|s| s.signal()) {
+            return format!("'{}' was killed by signal {sig}", self.program);
+        }
         match status.and_then(|s| s.code()) {
             Some(127) => format!(
                 "the remote shell on {} could not run the vmsync command; install vmsync there or give its path with --remote-path",
@@ -343,7 +350,7 @@ impl Peer {
                 lines.last().map(|l| format!(" ({l})")).unwrap_or_default()
             ),
             Some(c) => format!("'{}' exited with status {c}", self.program),
-            None => format!("'{}' was stopped", self.program),
+            None => format!("'{}' did not exit", self.program),
         }
     }
 }

@@ -1,0 +1,110 @@
+//! `man/vmsync.1` is generated from the clap definitions plus the shared
+//! exit-code and example tables, and this test fails when the checked-in
+//! page is stale. Regenerate with:
+//!
+//! ```sh
+//! VMSYNC_UPDATE_MAN=1 cargo test --release --test man
+//! ```
+
+use std::path::Path;
+
+use clap::CommandFactory;
+
+fn roff_escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('-', "\\-")
+        .replace('\'', "\\(aq")
+}
+
+fn section(out: &mut Vec<u8>, title: &str, body: &str) {
+    out.extend_from_slice(format!(".SH {title}\n{body}").as_bytes());
+}
+
+fn render() -> String {
+    let cmd = vmsync::cli::Cli::command();
+    let man = clap_mangen::Man::new(cmd).date("2026-11");
+    let mut out = Vec::new();
+    man.render_title(&mut out).unwrap();
+    man.render_name_section(&mut out).unwrap();
+    man.render_synopsis_section(&mut out).unwrap();
+    man.render_description_section(&mut out).unwrap();
+    man.render_options_section(&mut out).unwrap();
+
+    let mut exit = String::new();
+    for (code, what) in vmsync::error::EXIT_CODES {
+        exit.push_str(&format!(".TP\n.B {code}\n{}\n", roff_escape(what)));
+    }
+    section(&mut out, "EXIT STATUS", &exit);
+
+    let mut ex = String::new();
+    for (cmdline, what) in vmsync::cli::EXAMPLES {
+        ex.push_str(&format!(
+            ".TP\n.B {}\n{}\n",
+            roff_escape(cmdline),
+            roff_escape(what)
+        ));
+    }
+    ex.push_str(&roff_escape(
+        ".PP\nA nightly cron job that syncs, then checks, and alerts on failure:\n.PP\n.nf\n\
+         0 2 * * * vmsync -q --verify /var/lib/libvirt/images/db.img backup:/srv/images/ || logger -t vmsync failed\n.fi\n",
+    ));
+    section(&mut out, "EXAMPLES", &ex);
+
+    section(
+        &mut out,
+        "SAFETY",
+        &roff_escape(
+            "By default the new file is written to a hidden temporary file in the destination's \
+             directory, fsync'd, renamed over the destination, and the directory fsync'd: the \
+             destination is at every moment either the complete old version or the complete new \
+             one. Every chunk is checked against its BLAKE3 hash before it is written, whether it \
+             came over the wire or from the old destination. With --inplace the destination is \
+             modified as the sync runs; an interrupted in-place run leaves a mixed file that the \
+             next run repairs.\n",
+        ),
+    );
+    section(
+        &mut out,
+        "SECURITY",
+        &roff_escape(
+            "The remote end is started as `ssh [user@]host vmsync --server`; file paths travel \
+             inside the protocol and never through a remote shell, so they need no quoting. \
+             Host names starting with '-' are refused so they cannot be taken as ssh options. \
+             Every length, count and offset received from the peer is checked against a hard \
+             limit before memory is allocated for it, decompression is bounded, and a chunk whose \
+             hash does not match is never written. The receiver does not follow a symlink at the \
+             destination path: it replaces the link (or refuses, with --inplace).\n",
+        ),
+    );
+    section(
+        &mut out,
+        "SEE ALSO",
+        ".BR rsync (1),\n.BR ssh (1),\n.BR b3sum (1)\n",
+    );
+    man.render_version_section(&mut out).unwrap();
+    String::from_utf8(out).unwrap()
+}
+
+#[test]
+fn man_page_is_current() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("man/vmsync.1");
+    let fresh = render();
+    if std::env::var_os("VMSYNC_UPDATE_MAN").is_some() {
+        std::fs::write(&path, &fresh).unwrap();
+        return;
+    }
+    let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        checked_in == fresh,
+        "man/vmsync.1 is stale; regenerate it with: VMSYNC_UPDATE_MAN=1 cargo test --release --test man"
+    );
+    for needle in [
+        "EXIT STATUS",
+        "EXAMPLES",
+        "SECURITY",
+        "\\-\\-check",
+        "\\-\\-inplace",
+    ] {
+        assert!(fresh.contains(needle), "man page lacks {needle}");
+    }
+}
