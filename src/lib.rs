@@ -26,6 +26,7 @@ pub mod manifest;
 pub mod progress;
 pub mod protocol;
 pub mod receiver;
+pub mod refine;
 pub mod report;
 pub mod scan;
 pub mod sender;

@@ -36,13 +36,19 @@
 //! | 5    | `MANIFEST`     | sender→recv   | a manifest batch, see [`crate::manifest`] |
 //! | 6    | `MANIFEST_END` | sender→recv   | entry count u64, file digest [32] |
 //! | 7    | `REQUEST`      | recv→sender   | count u32 (1 ≤ n ≤ [`MAX_REQUEST`]), n entry indices u64 |
-//! | 8    | `CHUNK`        | sender→recv   | entry index u64, raw length u32, encoding u8 (0 raw, 1 zstd stream), payload |
+//! | 8    | `CHUNK`        | sender→recv   | entry index u64, raw length u32, encoding u8 (bit 0: zstd stream; bit 1: only the pieces asked for, concatenated), payload |
 //! | 9    | `DONE`         | recv→sender   | see [`Summary`] |
+//! | 10   | `BLOCK_REQUEST`| recv→sender   | count u32 (1 ≤ n ≤ [`MAX_REQUEST`]), n entry indices u64: send piece hashes |
+//! | 11   | `BLOCK_HASHES` | sender→recv   | entry index u64, count u32 (≤ [`MAX_PIECES`]), count × 8-byte piece hash |
+//! | 12   | `PIECE_REQUEST`| recv→sender   | entry index u64, piece count u32 (≤ [`MAX_PIECES`]), bitmap of ⌈count/8⌉ bytes: pieces to send |
 //!
 //! A run: hello both ways; `OPEN`; the sender sends `FILE_INFO`; the
 //! receiver answers `START`; the sender streams `MANIFEST`…`MANIFEST_END`
 //! while the receiver streams `REQUEST`s and the sender answers each index
-//! with a `CHUNK`; the receiver ends with `DONE`. `ERROR` may come at any
+//! with a `CHUNK`; for a chunk it lacks but may partly hold (see
+//! [`crate::refine`]) it asks `BLOCK_REQUEST`, gets `BLOCK_HASHES`, and
+//! answers `PIECE_REQUEST` for the pieces it did not find, which come back
+//! as a `CHUNK` carrying only those pieces; the receiver ends with `DONE`. `ERROR` may come at any
 //! point and ends the run with its exit code.
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -51,6 +57,7 @@ use anyhow::Result;
 
 use crate::error::{fail, Exit};
 use crate::hash::{ChunkHash, HASH_LEN};
+use crate::refine::{PieceHash, MAX_PIECES, PIECE_HASH_LEN};
 
 /// Version of this protocol; bump on any change to the tables above.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -76,6 +83,13 @@ const T_MANIFEST_END: u8 = 6;
 const T_REQUEST: u8 = 7;
 const T_CHUNK: u8 = 8;
 const T_DONE: u8 = 9;
+const T_BLOCK_REQUEST: u8 = 10;
+const T_BLOCK_HASHES: u8 = 11;
+const T_PIECE_REQUEST: u8 = 12;
+
+/// `CHUNK` encoding bits.
+const ENC_ZSTD: u8 = 1;
+const ENC_PIECES: u8 = 2;
 
 /// Which end the server plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,14 +151,32 @@ pub struct Summary {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg {
     Open(Open),
-    Error { exit: u8, message: String },
+    Error {
+        exit: u8,
+        message: String,
+    },
     FileInfo(FileInfo),
-    Start { up_to_date: bool },
+    Start {
+        up_to_date: bool,
+    },
     Manifest(Vec<u8>),
-    ManifestEnd { count: u64, digest: ChunkHash },
+    ManifestEnd {
+        count: u64,
+        digest: ChunkHash,
+    },
     Request(Vec<u64>),
     Chunk(ChunkMsg),
     Done(Summary),
+    BlockRequest(Vec<u64>),
+    BlockHashes {
+        index: u64,
+        hashes: Vec<PieceHash>,
+    },
+    PieceRequest {
+        index: u64,
+        count: u32,
+        bitmap: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +184,8 @@ pub struct ChunkMsg {
     pub index: u64,
     pub raw_len: u32,
     pub compressed: bool,
+    /// Only the requested pieces, concatenated, not the whole chunk.
+    pub pieces: bool,
     pub payload: Vec<u8>,
 }
 
@@ -167,6 +201,9 @@ impl Msg {
             Msg::Request(_) => "REQUEST",
             Msg::Chunk(_) => "CHUNK",
             Msg::Done(_) => "DONE",
+            Msg::BlockRequest(_) => "BLOCK_REQUEST",
+            Msg::BlockHashes { .. } => "BLOCK_HASHES",
+            Msg::PieceRequest { .. } => "PIECE_REQUEST",
         }
     }
 
@@ -223,18 +260,42 @@ impl Msg {
                 out.extend_from_slice(&count.to_le_bytes());
                 out.extend_from_slice(&digest.0);
             }
-            Msg::Request(idx) => {
-                out.push(T_REQUEST);
+            Msg::Request(idx) | Msg::BlockRequest(idx) => {
+                out.push(if matches!(self, Msg::Request(_)) {
+                    T_REQUEST
+                } else {
+                    T_BLOCK_REQUEST
+                });
                 out.extend_from_slice(&(idx.len() as u32).to_le_bytes());
                 for i in idx {
                     out.extend_from_slice(&i.to_le_bytes());
                 }
             }
+            Msg::BlockHashes { index, hashes } => {
+                out.push(T_BLOCK_HASHES);
+                out.extend_from_slice(&index.to_le_bytes());
+                out.extend_from_slice(&(hashes.len() as u32).to_le_bytes());
+                for h in hashes {
+                    out.extend_from_slice(h);
+                }
+            }
+            Msg::PieceRequest {
+                index,
+                count,
+                bitmap,
+            } => {
+                out.push(T_PIECE_REQUEST);
+                out.extend_from_slice(&index.to_le_bytes());
+                out.extend_from_slice(&count.to_le_bytes());
+                out.extend_from_slice(bitmap);
+            }
             Msg::Chunk(c) => {
                 out.push(T_CHUNK);
                 out.extend_from_slice(&c.index.to_le_bytes());
                 out.extend_from_slice(&c.raw_len.to_le_bytes());
-                out.push(u8::from(c.compressed));
+                out.push(
+                    if c.compressed { ENC_ZSTD } else { 0 } | if c.pieces { ENC_PIECES } else { 0 },
+                );
                 out.extend_from_slice(&c.payload);
             }
             Msg::Done(s) => {
@@ -321,30 +382,62 @@ impl Msg {
                     digest: ChunkHash(h),
                 }
             }
-            T_REQUEST => {
+            T_REQUEST | T_BLOCK_REQUEST => {
                 let n = r.u32()? as usize;
                 if n == 0 || n > MAX_REQUEST {
                     return Err(malformed(format!("REQUEST for {n} chunks")));
                 }
-                let raw = r.take(n.checked_mul(8).ok_or_else(|| malformed("REQUEST size"))?)?;
-                Msg::Request(
-                    raw.chunks_exact(8)
-                        .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+                let raw = r.take(n * 8)?;
+                let idx = raw
+                    .chunks_exact(8)
+                    .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+                    .collect();
+                if t == T_REQUEST {
+                    Msg::Request(idx)
+                } else {
+                    Msg::BlockRequest(idx)
+                }
+            }
+            T_BLOCK_HASHES => {
+                let index = r.u64()?;
+                let n = r.u32()? as usize;
+                if n == 0 || n > MAX_PIECES {
+                    return Err(malformed(format!("BLOCK_HASHES with {n} pieces")));
+                }
+                let raw = r.take(n * PIECE_HASH_LEN)?;
+                Msg::BlockHashes {
+                    index,
+                    hashes: raw
+                        .chunks_exact(PIECE_HASH_LEN)
+                        .map(|b| b.try_into().unwrap())
                         .collect(),
-                )
+                }
+            }
+            T_PIECE_REQUEST => {
+                let index = r.u64()?;
+                let count = r.u32()?;
+                if count == 0 || count as usize > MAX_PIECES {
+                    return Err(malformed(format!("PIECE_REQUEST with {count} pieces")));
+                }
+                let bitmap = r.take((count as usize).div_ceil(8))?.to_vec();
+                Msg::PieceRequest {
+                    index,
+                    count,
+                    bitmap,
+                }
             }
             T_CHUNK => {
                 let index = r.u64()?;
                 let raw_len = r.u32()?;
-                let compressed = match r.u8()? {
-                    0 => false,
-                    1 => true,
-                    x => return Err(malformed(format!("CHUNK with unknown encoding {x}"))),
-                };
+                let enc = r.u8()?;
+                if enc & !(ENC_ZSTD | ENC_PIECES) != 0 {
+                    return Err(malformed(format!("CHUNK with unknown encoding {enc}")));
+                }
                 Msg::Chunk(ChunkMsg {
                     index,
                     raw_len,
-                    compressed,
+                    compressed: enc & ENC_ZSTD != 0,
+                    pieces: enc & ENC_PIECES != 0,
                     payload: r.rest().to_vec(),
                 })
             }
@@ -658,8 +751,19 @@ mod tests {
             index: 3,
             raw_len: 100,
             compressed: true,
+            pieces: true,
             payload: vec![7; 10],
         }));
+        round_trip(Msg::BlockRequest(vec![1, 2]));
+        round_trip(Msg::BlockHashes {
+            index: 4,
+            hashes: vec![[1; 8], [2; 8]],
+        });
+        round_trip(Msg::PieceRequest {
+            index: 4,
+            count: 9,
+            bitmap: vec![0xff, 1],
+        });
         round_trip(Msg::Done(Summary {
             up_to_date: false,
             identical: true,

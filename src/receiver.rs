@@ -32,6 +32,7 @@ use crate::hash::{ChunkHash, ChunkHashMap};
 use crate::manifest::{Entry, Kind, Validator};
 use crate::progress::Progress;
 use crate::protocol::{FileInfo, FrameReader, FrameWriter, Msg, Summary, MAX_RANGES, MAX_REQUEST};
+use crate::refine::{self, BlockIndex, PieceSource};
 use crate::scan::{self, read_full, Content, Extents};
 use crate::verify::Comparer;
 use crate::writer::{self, Output};
@@ -176,6 +177,12 @@ where
         next: 0,
         outstanding: 0,
         requests: Vec::new(),
+        deferred: Vec::new(),
+        refined: 0,
+        refine_requests: Vec::new(),
+        piece_requests: Vec::new(),
+        plans: HashMap::new(),
+        blocks: None,
         out,
         basis,
         decoder: None,
@@ -205,15 +212,21 @@ where
             Msg::ManifestEnd { count, digest } => {
                 run.validator.finish(count, &digest)?;
                 manifest_done = true;
+                run.start_refinement()?;
+                run.advance()?;
             }
             Msg::Chunk(c) => {
                 run.accept(c)?;
                 run.advance()?;
             }
+            Msg::BlockHashes { index, hashes } => {
+                run.plan(index, hashes)?;
+                run.advance()?;
+            }
             m => return Err(m.unexpected("MANIFEST, MANIFEST_END or CHUNK")),
         }
         run.send_requests(writer)?;
-        if manifest_done && run.next == run.entries.len() && run.outstanding == 0 {
+        if manifest_done && run.finished() {
             break;
         }
     }
@@ -374,6 +387,9 @@ fn open_nofollow(p: &Path) -> std::io::Result<File> {
 /// The existing destination and where each of its chunks sits.
 struct Basis {
     file: File,
+    size: u64,
+    /// Every data chunk of the old file: (offset, length, hash).
+    chunks: Vec<(u64, u32, ChunkHash)>,
     /// Chunk hash → (offset, length) of its first occurrence.
     index: ChunkHashMap<(u64, u32)>,
     /// In place only: offset → hash, to leave unchanged chunks where they are.
@@ -396,9 +412,11 @@ impl Basis {
         let mut extents = Extents::of(&file, size);
         let mut index = ChunkHashMap::default();
         let mut at = HashMap::new();
+        let mut chunks = Vec::new();
         scan::scan(&file, size, &mut extents, &cutter, |recs| {
             for r in recs {
                 if let Content::Data(h) = r.content {
+                    chunks.push((r.offset, r.len, h));
                     index.entry(h).or_insert((r.offset, r.len));
                     if opts.inplace {
                         at.insert(r.offset, h);
@@ -408,13 +426,26 @@ impl Basis {
             Ok(())
         })
         .with_context(|| format!("reading destination {}", dest.display()))?;
-        Ok(Some(Basis { file, index, at }))
+        Ok(Some(Basis {
+            file,
+            size,
+            chunks,
+            index,
+            at,
+        }))
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Pending,
+    /// Not in the basis; refined once the whole manifest is known.
+    Deferred,
+    /// Piece hashes asked for.
+    Refining,
+    /// Some pieces asked for; the plan says where the rest come from.
+    Pieces,
+    /// The whole chunk asked for.
     Requested,
     Done,
 }
@@ -428,6 +459,15 @@ struct Run<'a> {
     /// Bytes requested and not yet received.
     outstanding: u64,
     requests: Vec<u64>,
+    /// Entries waiting for refinement, in file order.
+    deferred: Vec<usize>,
+    /// How far `deferred` has been handed to the sender (after the manifest end).
+    refined: usize,
+    refine_requests: Vec<u64>,
+    piece_requests: Vec<Msg>,
+    /// Plans of chunks in state `Pieces`.
+    plans: HashMap<usize, Vec<PieceSource>>,
+    blocks: Option<BlockIndex>,
     out: Output,
     basis: Option<Basis>,
     decoder: Option<StreamDecoder>,
@@ -453,19 +493,196 @@ impl Run<'_> {
                 }
                 Kind::Data { len, hash } => {
                     if self.out.is_in_place() {
-                        if !self.copy_in_place(i, e.offset, len, &hash)? {
+                        if self.copy_in_place(i, e.offset, len, &hash)? {
+                            continue;
+                        }
+                        if self.basis.is_some() {
+                            self.state[i] = State::Deferred;
+                            self.deferred.push(i);
+                        } else {
                             self.request(i, len);
                         }
                         continue;
                     }
-                    match self.basis.as_ref().and_then(|b| b.index.get(&hash)) {
-                        Some(&(src, _)) => copies.push((i, src)),
+                    match self.basis.as_ref().map(|b| b.index.get(&hash)) {
+                        Some(Some(&(src, _))) => copies.push((i, src)),
+                        Some(None) => {
+                            self.state[i] = State::Deferred;
+                            self.deferred.push(i);
+                        }
                         None => self.request(i, len),
                     }
                 }
             }
         }
-        self.copy_parallel(copies)
+        self.copy_parallel(copies)?;
+        self.advance_refinement();
+        Ok(())
+    }
+
+    /// Once the manifest is complete: index the old data no chunk matched
+    /// (that is where changed chunks' pieces can be), then ask for piece
+    /// hashes of deferred chunks while the window has room.
+    fn start_refinement(&mut self) -> Result<()> {
+        let Some(basis) = &self.basis else {
+            return Ok(());
+        };
+        if self.deferred.is_empty() {
+            return Ok(());
+        }
+        let wanted: std::collections::HashSet<ChunkHash> = self
+            .entries
+            .iter()
+            .filter_map(|e| match e.kind {
+                Kind::Data { hash, .. } => Some(hash),
+                Kind::Zero { .. } => None,
+            })
+            .collect();
+        let unmatched: Vec<(u64, u64)> = basis
+            .chunks
+            .iter()
+            .filter(|(_, _, h)| !wanted.contains(h))
+            .map(|&(o, l, _)| (o, o + u64::from(l)))
+            .collect();
+        self.blocks = Some(BlockIndex::build(&basis.file, basis.size, &unmatched)?);
+        Ok(())
+    }
+
+    fn advance_refinement(&mut self) {
+        if self.blocks.is_none() {
+            return;
+        }
+        while self.refined < self.deferred.len() && self.outstanding < WINDOW {
+            let i = self.deferred[self.refined];
+            self.refined += 1;
+            let len = self.entries[i].len();
+            self.state[i] = State::Refining;
+            self.outstanding += len;
+            self.refine_requests.push(i as u64);
+        }
+    }
+
+    /// Piece hashes of a chunk we lack: find what we can locally, ask for the rest.
+    fn plan(&mut self, index: u64, hashes: Vec<refine::PieceHash>) -> Result<()> {
+        let i = self.expect_state(index, State::Refining)?;
+        let e = self.entries[i];
+        let Kind::Data { len, hash } = e.kind else {
+            unreachable!("only data entries are refined")
+        };
+        if hashes.len() != refine::piece_count(e.offset, len) {
+            return Err(fail(
+                Exit::Protocol,
+                format!(
+                    "protocol error: {} piece hashes for chunk {i}",
+                    hashes.len()
+                ),
+            ));
+        }
+        let basis = self.basis.as_ref().expect("refinement needs a basis");
+        let blocks = self.blocks.as_ref().expect("refinement has a block index");
+        let mut plan = Vec::with_capacity(hashes.len());
+        let mut buf = vec![0u8; refine::BLOCK as usize];
+        for ((start, plen), want) in refine::pieces(e.offset, len).zip(&hashes) {
+            let end = start + u64::from(plen);
+            let mut found = PieceSource::Wire;
+            // Same offset first: in-place rewrites leave the neighbours there.
+            if end <= basis.size && !self.out.is_dirty(start, end) {
+                let b = &mut buf[..plen as usize];
+                if read_full(&basis.file, b, start).is_ok() && &refine::piece_hash(b) == want {
+                    found = PieceSource::Basis(start);
+                }
+            }
+            if found == PieceSource::Wire && u64::from(plen) == refine::BLOCK {
+                if let Some(at) = blocks.get(want) {
+                    if !self.out.is_dirty(at, at + refine::BLOCK) {
+                        found = PieceSource::Basis(at);
+                    }
+                }
+            }
+            plan.push(found);
+        }
+        let wire = plan.iter().filter(|p| **p == PieceSource::Wire).count();
+        if wire == plan.len() {
+            // Nothing of it here: the whole chunk is the same bytes, one message.
+            self.state[i] = State::Requested;
+            self.requests.push(i as u64);
+            return Ok(());
+        }
+        if wire == 0 {
+            self.state[i] = State::Pieces;
+            self.plans.insert(i, plan);
+            return self.assemble(i, &hash, &[]);
+        }
+        self.piece_requests.push(Msg::PieceRequest {
+            index,
+            count: plan.len() as u32,
+            bitmap: refine::bitmap(&plan),
+        });
+        self.state[i] = State::Pieces;
+        self.plans.insert(i, plan);
+        Ok(())
+    }
+
+    /// Builds chunk `i` from its plan and the wire pieces, verifies, writes.
+    /// A chunk that fails its hash (a piece matched by its short hash but
+    /// was different, or old data changed) is fetched whole instead.
+    fn assemble(&mut self, i: usize, hash: &ChunkHash, wire: &[u8]) -> Result<()> {
+        let e = self.entries[i];
+        let plan = self.plans.remove(&i).expect("a plan for pieces");
+        let basis = self.basis.as_ref().expect("refinement needs a basis");
+        let mut chunk = vec![0u8; e.len() as usize];
+        let mut wire_pos = 0usize;
+        let mut ok = true;
+        let mut from_wire = 0u64;
+        for ((start, plen), src) in refine::pieces(e.offset, e.len() as u32).zip(&plan) {
+            let a = (start - e.offset) as usize;
+            let dst = &mut chunk[a..a + plen as usize];
+            match *src {
+                PieceSource::Wire => {
+                    dst.copy_from_slice(&wire[wire_pos..wire_pos + plen as usize]);
+                    wire_pos += plen as usize;
+                    from_wire += u64::from(plen);
+                }
+                PieceSource::Basis(at) => {
+                    if self.out.is_dirty(at, at + u64::from(plen))
+                        || read_full(&basis.file, dst, at).is_err()
+                    {
+                        ok = false;
+                    }
+                }
+            }
+        }
+        let verified = if ok {
+            writer::verify(&chunk, hash)
+        } else {
+            None
+        };
+        let Some(v) = verified else {
+            self.state[i] = State::Requested;
+            self.requests.push(i as u64);
+            self.summary.literal_bytes += from_wire;
+            return Ok(());
+        };
+        self.out.write(e.offset, v)?;
+        self.out.mark_dirty(e.offset, e.end());
+        self.state[i] = State::Done;
+        self.outstanding -= e.len();
+        self.summary.literal_bytes += from_wire;
+        self.summary.reused_bytes += e.len() - from_wire;
+        self.progress.advance(e.len());
+        Ok(())
+    }
+
+    /// Index of entry `index` if it is in state `want`, else a protocol error.
+    fn expect_state(&self, index: u64, want: State) -> Result<usize> {
+        let i = usize::try_from(index).unwrap_or(usize::MAX);
+        match self.state.get(i) {
+            Some(s) if *s == want => Ok(i),
+            _ => Err(fail(
+                Exit::Protocol,
+                format!("protocol error: peer sent data for chunk {index}, which was not asked for that way"),
+            )),
+        }
     }
 
     fn request(&mut self, i: usize, len: u32) {
@@ -573,6 +790,31 @@ impl Run<'_> {
                 format!("protocol error: peer sent data for zero run {i}"),
             ));
         };
+        if c.pieces {
+            if state != State::Pieces {
+                return Err(fail(
+                    Exit::Protocol,
+                    format!("protocol error: unexpected pieces of chunk {i}"),
+                ));
+            }
+            let plan = &self.plans[&i];
+            let want: u64 = refine::pieces(e.offset, len)
+                .zip(plan)
+                .filter(|(_, p)| **p == PieceSource::Wire)
+                .map(|((_, l), _)| u64::from(l))
+                .sum();
+            if u64::from(c.raw_len) != want {
+                return Err(fail(
+                    Exit::Protocol,
+                    format!(
+                        "protocol error: {} bytes of pieces for chunk {i}, expected {want}",
+                        c.raw_len
+                    ),
+                ));
+            }
+            let data = self.decode(&c)?;
+            return self.assemble(i, &hash, &data);
+        }
         if state != State::Requested || c.raw_len != len {
             return Err(fail(
                 Exit::Protocol,
@@ -619,14 +861,61 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn send_requests<W: Write>(&mut self, writer: &mut FrameWriter<W>) -> Result<()> {
-        if self.requests.is_empty() {
-            return Ok(());
+    /// The raw bytes of a `CHUNK` payload, decompressed into a buffer of
+    /// exactly `raw_len` (already checked against what was asked for).
+    fn decode(&mut self, c: &crate::protocol::ChunkMsg) -> Result<Vec<u8>> {
+        if !c.compressed {
+            if c.payload.len() != c.raw_len as usize {
+                return Err(fail(
+                    Exit::Protocol,
+                    format!(
+                        "protocol error: chunk {} carries {} bytes, expected {}",
+                        c.index,
+                        c.payload.len(),
+                        c.raw_len
+                    ),
+                ));
+            }
+            return Ok(c.payload.clone());
         }
+        if self.decoder.is_none() {
+            self.decoder = Some(StreamDecoder::new()?);
+        }
+        let mut out = std::mem::take(&mut self.buf);
+        out.resize(c.raw_len as usize, 0);
+        self.decoder
+            .as_mut()
+            .expect("just set")
+            .decode(&c.payload, &mut out)?;
+        Ok(out)
+    }
+
+    fn send_requests<W: Write>(&mut self, writer: &mut FrameWriter<W>) -> Result<()> {
+        let any = !self.requests.is_empty()
+            || !self.refine_requests.is_empty()
+            || !self.piece_requests.is_empty();
         for part in self.requests.chunks(MAX_REQUEST) {
             writer.send(&Msg::Request(part.to_vec()))?;
         }
+        for part in self.refine_requests.chunks(MAX_REQUEST) {
+            writer.send(&Msg::BlockRequest(part.to_vec()))?;
+        }
+        for m in self.piece_requests.drain(..) {
+            writer.send(&m)?;
+        }
         self.requests.clear();
-        writer.flush()
+        self.refine_requests.clear();
+        if any {
+            writer.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Everything written: the manifest is complete and nothing is pending.
+    fn finished(&self) -> bool {
+        self.next == self.entries.len()
+            && self.outstanding == 0
+            && self.refined == self.deferred.len()
+            && self.requests.is_empty()
     }
 }

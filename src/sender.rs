@@ -23,6 +23,7 @@ use crate::hash::ChunkHash;
 use crate::manifest::{self, Builder, Entry, Kind};
 use crate::progress::Progress;
 use crate::protocol::{ChunkMsg, FileInfo, FrameReader, FrameWriter, Msg, Summary};
+use crate::refine;
 use crate::scan::{self, read_full, Extents};
 
 /// The file being sent, opened once.
@@ -122,7 +123,8 @@ pub struct SendOptions {
 enum Event {
     Batch(Vec<Entry>),
     ScanDone(u64, ChunkHash),
-    Requests(Vec<u64>),
+    /// `REQUEST`, `BLOCK_REQUEST` or `PIECE_REQUEST`.
+    Peer(Msg),
     PeerDone(Summary),
     Failed(anyhow::Error),
 }
@@ -159,12 +161,14 @@ where
         .name("requests".into())
         .spawn(move || loop {
             let ev = match reader.read_msg() {
-                Ok(Msg::Request(v)) => Event::Requests(v),
+                Ok(m @ (Msg::Request(_) | Msg::BlockRequest(_) | Msg::PieceRequest { .. })) => {
+                    Event::Peer(m)
+                }
                 Ok(Msg::Done(s)) => Event::PeerDone(s),
-                Ok(m) => Event::Failed(m.unexpected("REQUEST or DONE")),
+                Ok(m) => Event::Failed(m.unexpected("a request or DONE")),
                 Err(e) => Event::Failed(e),
             };
-            let last = !matches!(ev, Event::Requests(_));
+            let last = !matches!(ev, Event::Peer(_));
             if peer_tx.send(ev).is_err() || last {
                 return;
             }
@@ -196,43 +200,46 @@ where
                 src.check_unchanged()?;
                 writer.send_now(&Msg::ManifestEnd { count, digest })?;
             }
-            Event::Requests(idx) => {
+            Event::Peer(Msg::Request(idx)) => {
                 for i in idx {
-                    let (offset, len, hash) = match entries.get(i as usize) {
-                        Some(Entry {
-                            offset,
-                            kind: Kind::Data { len, hash },
-                        }) => (*offset, *len, *hash),
-                        _ => {
-                            return Err(fail(
-                                Exit::Protocol,
-                                format!("protocol error: peer requested chunk {i}, which is not a data chunk of the manifest"),
-                            ))
-                        }
-                    };
-                    raw.resize(len as usize, 0);
-                    read_full(&src.file, &mut raw, offset)
-                        .with_context(|| format!("reading source {}", src.path.display()))?;
-                    if ChunkHash::of(&raw) != hash {
-                        return Err(changed(&src.path));
-                    }
-                    let (compressed, payload) = match &mut encoder {
-                        Some(enc) => {
-                            let mut out = Vec::new();
-                            enc.encode(&raw, &mut out)?;
-                            (true, out)
-                        }
-                        None => (false, raw.clone()),
-                    };
-                    writer.send(&Msg::Chunk(ChunkMsg {
-                        index: i,
-                        raw_len: len,
-                        compressed,
-                        payload,
-                    }))?;
+                    load(src, &entries, i, &mut raw)?;
+                    send_data(writer, &mut encoder, i, &raw, false)?;
                 }
                 writer.flush()?;
             }
+            Event::Peer(Msg::BlockRequest(idx)) => {
+                for i in idx {
+                    let offset = load(src, &entries, i, &mut raw)?;
+                    writer.send(&Msg::BlockHashes {
+                        index: i,
+                        hashes: refine::piece_hashes(offset, &raw),
+                    })?;
+                }
+                writer.flush()?;
+            }
+            Event::Peer(Msg::PieceRequest {
+                index,
+                count,
+                bitmap,
+            }) => {
+                let offset = load(src, &entries, index, &mut raw)?;
+                if refine::piece_count(offset, raw.len() as u32) != count as usize {
+                    return Err(fail(
+                        Exit::Protocol,
+                        format!("protocol error: peer asked for {count} pieces of chunk {index}"),
+                    ));
+                }
+                let mut wanted = Vec::new();
+                for (k, (start, len)) in refine::pieces(offset, raw.len() as u32).enumerate() {
+                    if refine::bit(&bitmap, k) {
+                        let a = (start - offset) as usize;
+                        wanted.extend_from_slice(&raw[a..a + len as usize]);
+                    }
+                }
+                send_data(writer, &mut encoder, index, &wanted, true)?;
+                writer.flush()?;
+            }
+            Event::Peer(m) => return Err(m.unexpected("a request")),
             Event::PeerDone(s) => {
                 src.check_unchanged()?;
                 return Ok(s);
@@ -240,6 +247,57 @@ where
             Event::Failed(e) => return Err(e),
         }
     }
+}
+
+/// Reads data entry `i` of the manifest into `buf`, re-checking its hash;
+/// returns its offset.
+fn load(src: &Source, entries: &[Entry], i: u64, buf: &mut Vec<u8>) -> Result<u64> {
+    let (offset, len, hash) = match entries.get(i as usize) {
+        Some(Entry {
+            offset,
+            kind: Kind::Data { len, hash },
+        }) => (*offset, *len, *hash),
+        _ => {
+            return Err(fail(
+                Exit::Protocol,
+                format!(
+                    "protocol error: peer requested chunk {i}, which is not a data chunk of the manifest"
+                ),
+            ))
+        }
+    };
+    buf.resize(len as usize, 0);
+    read_full(&src.file, buf, offset)
+        .with_context(|| format!("reading source {}", src.path.display()))?;
+    if ChunkHash::of(buf) != hash {
+        return Err(changed(&src.path));
+    }
+    Ok(offset)
+}
+
+/// Sends `data` (a whole chunk, or the pieces asked for) as a `CHUNK`.
+fn send_data<W: Write>(
+    writer: &mut FrameWriter<W>,
+    encoder: &mut Option<StreamEncoder>,
+    index: u64,
+    data: &[u8],
+    pieces: bool,
+) -> Result<()> {
+    let (compressed, payload) = match encoder {
+        Some(enc) => {
+            let mut out = Vec::new();
+            enc.encode(data, &mut out)?;
+            (true, out)
+        }
+        None => (false, data.to_vec()),
+    };
+    writer.send(&Msg::Chunk(ChunkMsg {
+        index,
+        raw_len: data.len() as u32,
+        compressed,
+        pieces,
+        payload,
+    }))
 }
 
 fn spawn_scanner(

@@ -108,3 +108,17 @@ fn man_page_is_current() {
         assert!(fresh.contains(needle), "man page lacks {needle}");
     }
 }
+
+/// The README's exit-status table lists every code, with the same words.
+#[test]
+fn readme_lists_every_exit_code() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    for (code, what) in vmsync::error::EXIT_CODES {
+        let row = format!("| {code} | {what} |");
+        assert!(
+            readme.contains(&row),
+            "README lacks the exit-status row: {row}"
+        );
+    }
+}
