@@ -15,6 +15,7 @@
 //! results; [`error`] holds the exit codes; [`signals`] cleans up on SIGINT
 //! and SIGTERM.
 
+pub mod cache;
 pub mod chunk;
 pub mod cli;
 pub mod client;

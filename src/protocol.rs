@@ -131,7 +131,8 @@ pub struct FileInfo {
 
 /// What the receiver reports at the end.
 ///
-/// `DONE` payload: flags u8 (1 up to date, 2 identical, 4 verified),
+/// `DONE` payload: flags u8 (1 up to date, 2 identical, 4 verified, 8 basis
+/// chunk list taken from the manifest cache),
 /// source size u64, reused u64, literal u64, zero u64, differing bytes u64, total range
 /// count u64, listed count u32 (≤ [`MAX_RANGES`]), listed × (offset u64, length u64).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -139,6 +140,7 @@ pub struct Summary {
     pub up_to_date: bool,
     pub identical: bool,
     pub verified: bool,
+    pub basis_cached: bool,
     pub source_bytes: u64,
     pub reused_bytes: u64,
     pub literal_bytes: u64,
@@ -300,8 +302,10 @@ impl Msg {
             }
             Msg::Done(s) => {
                 out.push(T_DONE);
-                let f =
-                    u8::from(s.up_to_date) | u8::from(s.identical) << 1 | u8::from(s.verified) << 2;
+                let f = u8::from(s.up_to_date)
+                    | u8::from(s.identical) << 1
+                    | u8::from(s.verified) << 2
+                    | u8::from(s.basis_cached) << 3;
                 out.push(f);
                 for v in [
                     s.source_bytes,
@@ -447,6 +451,7 @@ impl Msg {
                     up_to_date: f & 1 != 0,
                     identical: f & 2 != 0,
                     verified: f & 4 != 0,
+                    basis_cached: f & 8 != 0,
                     source_bytes: r.u64()?,
                     reused_bytes: r.u64()?,
                     literal_bytes: r.u64()?,
@@ -768,6 +773,7 @@ mod tests {
             up_to_date: false,
             identical: true,
             verified: true,
+            basis_cached: true,
             source_bytes: 10,
             reused_bytes: 1,
             literal_bytes: 2,

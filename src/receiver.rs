@@ -25,6 +25,7 @@ use std::sync::mpsc;
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 
+use crate::cache;
 use crate::chunk::{ChunkParams, Cutter};
 use crate::compress::StreamDecoder;
 use crate::error::{fail, Exit, WithExit};
@@ -165,10 +166,22 @@ where
         Some(_) => Basis::index(&dest, opts)?,
         None => None,
     };
+    let spec = OutSpec {
+        dest: dest.clone(),
+        size: info.size,
+        existing: regular.cloned(),
+        mode: info.mode,
+        umask: opts.umask,
+    };
+    // With a basis, the atomic temp file is made only once the new file
+    // turns out to differ from the old one at the same offsets: an
+    // unchanged file (a newer mtime, say) is then not rewritten at all.
     let out = if opts.inplace {
-        Output::in_place(&dest, info.size, info.mode, opts.umask)?
+        Some(Output::in_place(&dest, info.size, info.mode, opts.umask)?)
+    } else if basis.is_none() {
+        Some(spec.atomic()?)
     } else {
-        Output::atomic(&dest, info.size, regular, info.mode, opts.umask)?
+        None
     };
     let mut run = Run {
         validator: Validator::new(info.size, opts.params),
@@ -184,6 +197,8 @@ where
         plans: HashMap::new(),
         blocks: None,
         out,
+        spec,
+        lazy_copies: Vec::new(),
         basis,
         decoder: None,
         summary: Summary::default(),
@@ -231,14 +246,19 @@ where
         }
     }
 
+    if run.out.is_none() && run.basis.as_ref().is_some_and(|b| b.size != info.size) {
+        run.materialize()?;
+    }
     let Run {
         out,
         entries,
         mut summary,
+        basis,
         ..
     } = run;
+    summary.basis_cached = basis.as_ref().is_some_and(|b| b.from_cache);
     let size = info.size;
-    out.commit(&info, |file| {
+    let verify = |file: &File| -> Result<()> {
         if !opts.verify {
             return Ok(());
         }
@@ -248,8 +268,7 @@ where
             cmp.compare(part)?;
         }
         let diffs = cmp.finish(size);
-        if !diffs.is_empty() {
-            let (s, e) = diffs.iter().next().unwrap_or_default();
+        if let Some((s, e)) = diffs.iter().next() {
             return Err(fail(
                 Exit::Verify,
                 format!(
@@ -260,7 +279,21 @@ where
             ));
         }
         Ok(())
-    })?;
+    };
+    let written = match out {
+        Some(out) => out.commit(&info, verify)?,
+        None => {
+            // The old file already holds exactly the new contents.
+            let file = basis.expect("no output only with a basis").file;
+            verify(&file)?;
+            file.set_modified(writer::mtime(&info))
+                .with_context(|| format!("cannot set the modification time of {}", dest.display()))
+                .exit_with(Exit::Io)?;
+            file
+        }
+    };
+    // Best effort: without a cache entry the next run reads the file instead.
+    let _ = cache::store(&dest, &written, opts.params, &entries);
     summary.verified = opts.verify;
     summary.source_bytes = info.size;
     progress.finish();
@@ -392,8 +425,10 @@ struct Basis {
     chunks: Vec<(u64, u32, ChunkHash)>,
     /// Chunk hash → (offset, length) of its first occurrence.
     index: ChunkHashMap<(u64, u32)>,
-    /// In place only: offset → hash, to leave unchanged chunks where they are.
+    /// Offset → hash, to recognise chunks that have not moved.
     at: HashMap<u64, ChunkHash>,
+    /// The chunk list came from the manifest cache, not from reading the file.
+    from_cache: bool,
 }
 
 impl Basis {
@@ -403,36 +438,72 @@ impl Basis {
             // Unreadable old contents only cost bandwidth.
             Err(_) => return Ok(None),
         };
-        let size = file
+        let meta = file
             .metadata()
             .with_context(|| format!("cannot stat {}", dest.display()))
-            .exit_with(Exit::Io)?
-            .len();
-        let cutter = Cutter::new(opts.params);
-        let mut extents = Extents::of(&file, size);
+            .exit_with(Exit::Io)?;
+        let size = meta.len();
         let mut index = ChunkHashMap::default();
         let mut at = HashMap::new();
         let mut chunks = Vec::new();
-        scan::scan(&file, size, &mut extents, &cutter, |recs| {
-            for r in recs {
-                if let Content::Data(h) = r.content {
-                    chunks.push((r.offset, r.len, h));
-                    index.entry(h).or_insert((r.offset, r.len));
-                    if opts.inplace {
-                        at.insert(r.offset, h);
+        let mut add = |offset: u64, len: u32, h: ChunkHash| {
+            chunks.push((offset, len, h));
+            index.entry(h).or_insert((offset, len));
+            at.insert(offset, h);
+        };
+        let cached = cache::load(dest, &meta, opts.params);
+        let from_cache = cached.is_some();
+        match cached {
+            Some(entries) => {
+                for e in entries {
+                    if let Kind::Data { len, hash } = e.kind {
+                        add(e.offset, len, hash);
                     }
                 }
             }
-            Ok(())
-        })
-        .with_context(|| format!("reading destination {}", dest.display()))?;
+            None => {
+                let cutter = Cutter::new(opts.params);
+                let mut extents = Extents::of(&file, size);
+                scan::scan(&file, size, &mut extents, &cutter, |recs| {
+                    for r in recs {
+                        if let Content::Data(h) = r.content {
+                            add(r.offset, r.len, h);
+                        }
+                    }
+                    Ok(())
+                })
+                .with_context(|| format!("reading destination {}", dest.display()))?;
+            }
+        }
         Ok(Some(Basis {
             file,
             size,
             chunks,
             index,
             at,
+            from_cache,
         }))
+    }
+}
+
+/// What the atomic output will be, for when it is made.
+struct OutSpec {
+    dest: PathBuf,
+    size: u64,
+    existing: Option<std::fs::Metadata>,
+    mode: u32,
+    umask: u32,
+}
+
+impl OutSpec {
+    fn atomic(&self) -> Result<Output> {
+        Output::atomic(
+            &self.dest,
+            self.size,
+            self.existing.as_ref(),
+            self.mode,
+            self.umask,
+        )
     }
 }
 
@@ -465,10 +536,14 @@ struct Run<'a> {
     refined: usize,
     refine_requests: Vec<u64>,
     piece_requests: Vec<Msg>,
+    /// Entries identical to the old file at the same offset, not written yet
+    /// because no output exists yet (see `OutSpec`).
+    lazy_copies: Vec<(usize, u64)>,
+    spec: OutSpec,
     /// Plans of chunks in state `Pieces`.
     plans: HashMap<usize, Vec<PieceSource>>,
     blocks: Option<BlockIndex>,
-    out: Output,
+    out: Option<Output>,
     basis: Option<Basis>,
     decoder: Option<StreamDecoder>,
     summary: Summary,
@@ -484,15 +559,29 @@ impl Run<'_> {
             let i = self.next;
             self.next += 1;
             let e = self.entries[i];
+            if self.out.is_none() {
+                if self.unchanged_in_place(&e) {
+                    if let Kind::Data { .. } = e.kind {
+                        self.lazy_copies.push((i, e.offset));
+                        self.summary.reused_bytes += e.len();
+                    } else {
+                        self.summary.zero_bytes += e.len();
+                    }
+                    self.state[i] = State::Done;
+                    self.progress.advance(e.len());
+                    continue;
+                }
+                self.materialize()?;
+            }
             match e.kind {
                 Kind::Zero { len } => {
-                    self.out.zero(e.offset, len)?;
+                    self.output().zero(e.offset, len)?;
                     self.summary.zero_bytes += len;
                     self.state[i] = State::Done;
                     self.progress.advance(len);
                 }
                 Kind::Data { len, hash } => {
-                    if self.out.is_in_place() {
+                    if self.output().is_in_place() {
                         if self.copy_in_place(i, e.offset, len, &hash)? {
                             continue;
                         }
@@ -515,9 +604,52 @@ impl Run<'_> {
                 }
             }
         }
-        self.copy_parallel(copies)?;
+        self.copy_parallel(copies, false)?;
         self.advance_refinement();
         Ok(())
+    }
+
+    /// The output; it exists once anything is to be written.
+    fn output(&mut self) -> &mut Output {
+        self.out.as_mut().expect("output made before writing")
+    }
+
+    fn is_dirty(&self, start: u64, end: u64) -> bool {
+        self.out.as_ref().is_some_and(|o| o.is_dirty(start, end))
+    }
+
+    /// Entry `e` is already in the old file at its own offset.
+    fn unchanged_in_place(&self, e: &Entry) -> bool {
+        let Some(b) = &self.basis else {
+            return false;
+        };
+        if e.end() > b.size {
+            return false;
+        }
+        match e.kind {
+            Kind::Data { hash, .. } => b.at.get(&e.offset) == Some(&hash),
+            // Zero in the old file too: no old data chunk overlaps it.
+            Kind::Zero { .. } => !self.old_data_overlaps(e),
+        }
+    }
+
+    /// Some data chunk of the old file overlaps `e`'s range.
+    fn old_data_overlaps(&self, e: &Entry) -> bool {
+        let Some(b) = &self.basis else {
+            return false;
+        };
+        let k = b
+            .chunks
+            .partition_point(|c| c.0 + u64::from(c.1) <= e.offset);
+        b.chunks.get(k).is_some_and(|c| c.0 < e.end())
+    }
+
+    /// Makes the atomic temp file and writes into it what was found unchanged
+    /// so far.
+    fn materialize(&mut self) -> Result<()> {
+        self.out = Some(self.spec.atomic()?);
+        let copies = std::mem::take(&mut self.lazy_copies);
+        self.copy_parallel(copies, true)
     }
 
     /// Once the manifest is complete: index the old data no chunk matched
@@ -552,12 +684,18 @@ impl Run<'_> {
         if self.blocks.is_none() {
             return;
         }
+        let no_blocks = self.blocks.as_ref().is_some_and(|b| b.is_empty());
         while self.refined < self.deferred.len() && self.outstanding < WINDOW {
             let i = self.deferred[self.refined];
             self.refined += 1;
-            let len = self.entries[i].len();
+            let e = self.entries[i];
+            if no_blocks && !self.old_data_overlaps(&e) {
+                // No piece of it can be found here: skip the round trip.
+                self.request(i, e.len() as u32);
+                continue;
+            }
             self.state[i] = State::Refining;
-            self.outstanding += len;
+            self.outstanding += e.len();
             self.refine_requests.push(i as u64);
         }
     }
@@ -586,7 +724,7 @@ impl Run<'_> {
             let end = start + u64::from(plen);
             let mut found = PieceSource::Wire;
             // Same offset first: in-place rewrites leave the neighbours there.
-            if end <= basis.size && !self.out.is_dirty(start, end) {
+            if end <= basis.size && !self.is_dirty(start, end) {
                 let b = &mut buf[..plen as usize];
                 if read_full(&basis.file, b, start).is_ok() && &refine::piece_hash(b) == want {
                     found = PieceSource::Basis(start);
@@ -594,7 +732,7 @@ impl Run<'_> {
             }
             if found == PieceSource::Wire && u64::from(plen) == refine::BLOCK {
                 if let Some(at) = blocks.get(want) {
-                    if !self.out.is_dirty(at, at + refine::BLOCK) {
+                    if !self.is_dirty(at, at + refine::BLOCK) {
                         found = PieceSource::Basis(at);
                     }
                 }
@@ -644,7 +782,7 @@ impl Run<'_> {
                     from_wire += u64::from(plen);
                 }
                 PieceSource::Basis(at) => {
-                    if self.out.is_dirty(at, at + u64::from(plen))
+                    if self.is_dirty(at, at + u64::from(plen))
                         || read_full(&basis.file, dst, at).is_err()
                     {
                         ok = false;
@@ -663,8 +801,9 @@ impl Run<'_> {
             self.summary.literal_bytes += from_wire;
             return Ok(());
         };
-        self.out.write(e.offset, v)?;
-        self.out.mark_dirty(e.offset, e.end());
+        let out = self.out.as_mut().expect("output made before writing");
+        out.write(e.offset, v)?;
+        out.mark_dirty(e.offset, e.end());
         self.state[i] = State::Done;
         self.outstanding -= e.len();
         self.summary.literal_bytes += from_wire;
@@ -692,13 +831,14 @@ impl Run<'_> {
     }
 
     /// Atomic mode: copies from the basis in parallel (read, hash, write).
-    fn copy_parallel(&mut self, copies: Vec<(usize, u64)>) -> Result<()> {
+    /// `counted`: the entries were already marked done and counted as reused.
+    fn copy_parallel(&mut self, copies: Vec<(usize, u64)>, counted: bool) -> Result<()> {
         if copies.is_empty() {
             return Ok(());
         }
         let basis = self.basis.as_ref().expect("copies come from a basis");
         let entries = &self.entries;
-        let out = &self.out;
+        let out = self.out.as_ref().expect("copies need an output");
         let results: Vec<Result<bool>> = copies
             .par_iter()
             .map(|&(i, src)| {
@@ -718,13 +858,20 @@ impl Run<'_> {
             .collect();
         for ((i, _), r) in copies.into_iter().zip(results) {
             let len = self.entries[i].len();
-            if r? {
-                self.state[i] = State::Done;
-                self.summary.reused_bytes += len;
-                self.progress.advance(len);
-            } else {
-                // The basis changed since it was indexed: fetch instead.
-                self.request(i, len as u32);
+            match (r?, counted) {
+                (true, true) => {}
+                (true, false) => {
+                    self.state[i] = State::Done;
+                    self.summary.reused_bytes += len;
+                    self.progress.advance(len);
+                }
+                (false, _) => {
+                    // The basis changed since it was indexed: fetch instead.
+                    if counted {
+                        self.summary.reused_bytes -= len;
+                    }
+                    self.request(i, len as u32);
+                }
             }
         }
         Ok(())
@@ -747,7 +894,7 @@ impl Run<'_> {
             }
         }
         for src in candidates {
-            if self.out.is_dirty(src, src + u64::from(len)) {
+            if self.is_dirty(src, src + u64::from(len)) {
                 continue;
             }
             self.buf.resize(len as usize, 0);
@@ -758,8 +905,9 @@ impl Run<'_> {
                 continue;
             };
             if src != offset {
-                self.out.write(offset, v)?;
-                self.out.mark_dirty(offset, end);
+                let out = self.out.as_mut().expect("in place has an output");
+                out.write(offset, v)?;
+                out.mark_dirty(offset, end);
             }
             self.state[i] = State::Done;
             self.summary.reused_bytes += u64::from(len);
@@ -852,8 +1000,9 @@ impl Run<'_> {
                 ),
             ));
         };
-        self.out.write(e.offset, v)?;
-        self.out.mark_dirty(e.offset, e.end());
+        let out = self.out.as_mut().expect("output made before writing");
+        out.write(e.offset, v)?;
+        out.mark_dirty(e.offset, e.end());
         self.state[i] = State::Done;
         self.outstanding -= u64::from(len);
         self.summary.literal_bytes += u64::from(len);

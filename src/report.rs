@@ -120,6 +120,7 @@ pub fn to_json(report: &Report) -> Value {
         "identical": if report.check { Value::Bool(s.identical) } else { Value::Null },
         "up_to_date": s.up_to_date,
         "verified": s.verified,
+        "basis_cached": s.basis_cached,
         "differing_bytes": s.differing_bytes,
         "difference_count": s.range_count,
         "differences": s.ranges.iter().map(|(o, l)| json!({"offset": o, "length": l})).collect::<Vec<_>>(),
@@ -136,7 +137,7 @@ pub fn error(e: &anyhow::Error, json_out: bool) -> Exit {
         let v = json!({
             "source_bytes": 0, "reused_bytes": 0, "literal_bytes": 0, "wire_bytes": 0,
             "zero_bytes": 0, "duration_s": 0.0, "identical": Value::Null, "up_to_date": false,
-            "verified": false, "differing_bytes": 0, "difference_count": 0, "differences": [],
+            "verified": false, "basis_cached": false, "differing_bytes": 0, "difference_count": 0, "differences": [],
             "exit_code": exit.code(), "error": msg,
         });
         let _ = writeln!(std::io::stdout().lock(), "{v}");

@@ -219,7 +219,8 @@ impl Output {
     /// `check` (e.g. `--verify`) and, in atomic mode, the rename and the
     /// directory fsync. On error in atomic mode the temp file is removed
     /// and the destination keeps its old contents.
-    pub fn commit(self, info: &FileInfo, check: impl FnOnce(&File) -> Result<()>) -> Result<()> {
+    /// Returns the committed file, still open.
+    pub fn commit(self, info: &FileInfo, check: impl FnOnce(&File) -> Result<()>) -> Result<File> {
         let dest = self.dest.clone();
         let file = self.file();
         if self.is_in_place() {
@@ -241,19 +242,23 @@ impl Output {
         check(file)?;
         match self.mode {
             Mode::Atomic { tmp, _guard } => {
-                tmp.persist(&dest)
+                let file = tmp
+                    .persist(&dest)
                     .map_err(|e| e.error)
                     .with_context(|| {
                         format!("cannot rename the temporary file onto {}", dest.display())
                     })
                     .exit_with(Exit::Io)?;
                 drop(_guard);
-                sync_dir(&dest)
+                sync_dir(&dest)?;
+                Ok(file)
             }
-            Mode::InPlace { file, .. } => file
-                .sync_all()
-                .with_context(|| format!("fsync of {} failed", dest.display()))
-                .exit_with(Exit::Io),
+            Mode::InPlace { file, .. } => {
+                file.sync_all()
+                    .with_context(|| format!("fsync of {} failed", dest.display()))
+                    .exit_with(Exit::Io)?;
+                Ok(file)
+            }
         }
     }
 }

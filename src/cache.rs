@@ -1,0 +1,223 @@
+//! The receiver's manifest cache: what a destination file holds, remembered
+//! so that the next sync to it need not read it all again.
+//!
+//! After a sync the receiver stores the manifest of the file it just wrote,
+//! keyed by the destination's path and checked against the file's device,
+//! inode, size, mtime and ctime (ctime cannot be set by users, and any write
+//! or rename moves it). The next run against the same, untouched destination
+//! takes its chunk list from here instead of scanning it. A stale entry is
+//! harmless: every chunk reused from the destination is re-hashed as it is
+//! read, so a wrong cache costs a re-fetch, never wrong data.
+//!
+//! The cache lives under `$VMSYNC_CACHE_DIR`, else `$XDG_CACHE_HOME/vmsync`,
+//! else `~/.cache/vmsync` — never beside the images.
+//!
+//! # File layout (integers little-endian)
+//!
+//! | offset | size | field                                              |
+//! |--------|------|----------------------------------------------------|
+//! | 0      | 8    | magic `VMSYNCMC`                                   |
+//! | 8      | 4    | format version ([`CACHE_VERSION`])                 |
+//! | 12     | 4    | average chunk size the manifest was cut with       |
+//! | 16     | 56   | dev, ino, size (u64 each), mtime s, mtime ns, ctime s, ctime ns (i64 each) |
+//! | 72     | 8    | entry count                                        |
+//! | 80     | …    | manifest batches, each: length u32 + a batch as in [`crate::manifest`] |
+//! | end−32 | 32   | BLAKE3 of everything before it                     |
+//!
+//! A cache file is at most [`MAX_CACHE_FILE`] bytes; anything malformed,
+//! truncated or of another version is ignored (and the file scanned).
+
+use std::fs::{File, Metadata};
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::chunk::ChunkParams;
+use crate::manifest::{encode_batch, Entry, Validator, MAX_BATCH};
+
+pub const CACHE_VERSION: u32 = 1;
+const MAGIC: &[u8; 8] = b"VMSYNCMC";
+/// Largest cache file read (a 16 TiB image at 64 KiB chunks is ~10 GiB of
+/// manifest, so huge images at tiny chunks simply are not cached).
+pub const MAX_CACHE_FILE: u64 = 1 << 30;
+const HEADER: usize = 80;
+
+/// The directory of the cache, if one can be named.
+pub fn dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("VMSYNC_CACHE_DIR") {
+        return Some(PathBuf::from(d));
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(d).join("vmsync"));
+    }
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(|h| PathBuf::from(h).join(".cache/vmsync"))
+}
+
+/// Cache file for a destination path (its absolute form, hashed).
+fn entry_path(dest: &Path, params: ChunkParams) -> Option<PathBuf> {
+    let abs = std::path::absolute(dest).ok()?;
+    let mut h = blake3::Hasher::new();
+    h.update(abs.as_os_str().as_encoded_bytes());
+    h.update(&params.avg().to_le_bytes());
+    Some(dir()?.join(format!("{}.manifest", &h.finalize().to_hex()[..32])))
+}
+
+fn key(meta: &Metadata, params: ChunkParams) -> Vec<u8> {
+    let mut k = Vec::with_capacity(HEADER);
+    k.extend_from_slice(MAGIC);
+    k.extend_from_slice(&CACHE_VERSION.to_le_bytes());
+    k.extend_from_slice(&params.avg().to_le_bytes());
+    for v in [meta.dev(), meta.ino(), meta.len()] {
+        k.extend_from_slice(&v.to_le_bytes());
+    }
+    for v in [
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec(),
+    ] {
+        k.extend_from_slice(&v.to_le_bytes());
+    }
+    k
+}
+
+/// The cached manifest of `dest`, if the cache holds one for exactly this
+/// file (`meta` from the open file) and these chunk parameters.
+pub fn load(dest: &Path, meta: &Metadata, params: ChunkParams) -> Option<Vec<Entry>> {
+    let path = entry_path(dest, params)?;
+    let mut f = File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    if !(HEADER as u64 + 32..=MAX_CACHE_FILE).contains(&len) {
+        return None;
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    f.read_to_end(&mut buf).ok()?;
+    let (body, sum) = buf.split_at(buf.len() - 32);
+    if blake3::hash(body).as_bytes() != sum {
+        return None;
+    }
+    let want = key(meta, params);
+    if body[..want.len()] != want[..] {
+        return None;
+    }
+    let count = u64::from_le_bytes(body[72..80].try_into().ok()?);
+    let mut v = Validator::new(meta.len(), params);
+    let mut entries = Vec::new();
+    let mut rest = &body[HEADER..];
+    while !rest.is_empty() {
+        let n = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let batch = rest.get(4..4 + n)?;
+        v.decode_batch(batch, &mut entries).ok()?;
+        rest = &rest[4 + n..];
+    }
+    if entries.len() as u64 != count || v.covered() != meta.len() {
+        return None;
+    }
+    Some(entries)
+}
+
+/// Records that `file` (now at `dest`) holds `entries`. Written to a temp
+/// file and renamed, so a reader never sees half a cache file.
+pub fn store(dest: &Path, file: &File, params: ChunkParams, entries: &[Entry]) -> Result<()> {
+    let Some(path) = entry_path(dest, params) else {
+        return Ok(());
+    };
+    let meta = file.metadata().context("stat the written file")?;
+    let mut body = key(&meta, params);
+    body.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+    let mut batch = Vec::new();
+    for part in entries.chunks(MAX_BATCH) {
+        batch.clear();
+        encode_batch(part, &mut batch);
+        body.extend_from_slice(&(batch.len() as u32).to_le_bytes());
+        body.extend_from_slice(&batch);
+    }
+    if body.len() as u64 + 32 > MAX_CACHE_FILE {
+        return Ok(());
+    }
+    let sum = *blake3::hash(&body).as_bytes();
+    body.extend_from_slice(&sum);
+    let dir = path.parent().expect("cache entries live in a directory");
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("create a file in {}", dir.display()))?;
+    tmp.write_all(&body)?;
+    tmp.persist(&path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("write {}", path.display()))?;
+    Ok(())
+}
+
+/// Forgets `dest`'s entry (after an in-place run was interrupted, say).
+pub fn forget(dest: &Path, params: ChunkParams) {
+    if let Some(p) = entry_path(dest, params) {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::ChunkHash;
+    use crate::manifest::Kind;
+
+    #[test]
+    fn stores_loads_and_notices_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::env::set_var("VMSYNC_CACHE_DIR", dir.path().join("cache"));
+        let params = ChunkParams::new(4096).unwrap();
+        let dest = dir.path().join("img");
+        std::fs::write(&dest, vec![7u8; 5000]).unwrap();
+        let entries = vec![
+            Entry {
+                offset: 0,
+                kind: Kind::Data {
+                    len: 3000,
+                    hash: ChunkHash([1; 32]),
+                },
+            },
+            Entry {
+                offset: 3000,
+                kind: Kind::Zero { len: 2000 },
+            },
+        ];
+        let f = File::open(&dest).unwrap();
+        store(&dest, &f, params, &entries).unwrap();
+        let meta = f.metadata().unwrap();
+        assert_eq!(load(&dest, &meta, params), Some(entries.clone()));
+        // Other chunk parameters: no entry.
+        assert_eq!(load(&dest, &meta, ChunkParams::new(8192).unwrap()), None);
+        // The file is written to: ctime moves, the entry no longer applies.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&dest)
+            .unwrap()
+            .write_all(b"x")
+            .unwrap();
+        let meta2 = std::fs::metadata(&dest).unwrap();
+        assert_eq!(load(&dest, &meta2, params), None);
+        // A corrupted cache file is ignored, not trusted.
+        store(
+            &dest,
+            &File::open(&dest).unwrap(),
+            params,
+            &[Entry {
+                offset: 0,
+                kind: Kind::Zero { len: 5001 },
+            }],
+        )
+        .unwrap();
+        let p = entry_path(&dest, params).unwrap();
+        let mut bytes = std::fs::read(&p).unwrap();
+        let n = bytes.len();
+        bytes[n - 40] ^= 1;
+        std::fs::write(&p, bytes).unwrap();
+        assert_eq!(load(&dest, &meta2, params), None);
+        forget(&dest, params);
+        assert!(!p.exists());
+    }
+}
