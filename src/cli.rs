@@ -101,6 +101,13 @@ pub struct Cli {
     #[arg(long)]
     pub inplace: bool,
 
+    /// Do not resume from, nor leave behind, the partial file of an interrupted run.
+    ///
+    /// By default an interrupted or failed sync keeps what it received in a hidden
+    /// `.NAME.vmsync-partial` beside the destination, and the next run picks up from it.
+    #[arg(long)]
+    pub no_partial: bool,
+
     /// Always compare contents: skip the quick check that treats a destination with the
     /// source's size and modification time as up to date.
     #[arg(short = 'c', long)]

@@ -53,6 +53,7 @@ pub fn run(cfg: &Config, umask: u32) -> Result<Report> {
         (cfg.inplace, flags::INPLACE),
         (cfg.checksum, flags::CHECKSUM),
         (cfg.verify, flags::VERIFY),
+        (cfg.no_partial, flags::NO_PARTIAL),
     ] {
         if on {
             open_flags |= bit;
@@ -112,6 +113,7 @@ pub fn run(cfg: &Config, umask: u32) -> Result<Report> {
                 inplace: cfg.inplace,
                 checksum: cfg.checksum,
                 verify: cfg.verify,
+                no_partial: cfg.no_partial,
                 umask,
             };
             let s = session(

@@ -22,6 +22,7 @@ pub struct Config {
     pub verify: bool,
     pub inplace: bool,
     pub checksum: bool,
+    pub no_partial: bool,
     /// The remote shell command, split into words.
     pub rsh: Vec<String>,
     pub remote_path: String,
@@ -64,6 +65,7 @@ impl Config {
             verify: cli.verify,
             inplace: cli.inplace,
             checksum: cli.checksum,
+            no_partial: cli.no_partial,
             rsh,
             remote_path: cli.remote_path.clone(),
             stats: cli.stats,

@@ -28,6 +28,8 @@ pub enum Exit {
     Verify = 6,
     /// The source changed while it was being read.
     SourceChanged = 7,
+    /// Another vmsync holds the destination's lock.
+    Locked = 8,
     /// Interrupted by SIGINT.
     Interrupted = 130,
     /// Terminated by SIGTERM.
@@ -81,6 +83,7 @@ impl Exit {
             4 => Exit::Connection,
             6 => Exit::Verify,
             7 => Exit::SourceChanged,
+            8 => Exit::Locked,
             130 => Exit::Interrupted,
             143 => Exit::Terminated,
             _ => Exit::Protocol,

@@ -23,6 +23,7 @@ pub mod compress;
 pub mod config;
 pub mod error;
 pub mod hash;
+pub mod lock;
 pub mod manifest;
 pub mod progress;
 pub mod protocol;

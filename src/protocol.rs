@@ -106,7 +106,8 @@ pub mod flags {
     pub const INPLACE: u32 = 2;
     pub const CHECKSUM: u32 = 4;
     pub const VERIFY: u32 = 8;
-    pub const ALL: u32 = CHECK | INPLACE | CHECKSUM | VERIFY;
+    pub const NO_PARTIAL: u32 = 16;
+    pub const ALL: u32 = CHECK | INPLACE | CHECKSUM | VERIFY | NO_PARTIAL;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -28,8 +28,9 @@ use rayon::prelude::*;
 use crate::cache;
 use crate::chunk::{ChunkParams, Cutter};
 use crate::compress::StreamDecoder;
-use crate::error::{fail, Exit, WithExit};
+use crate::error::{exit_code_of, fail, Exit, WithExit};
 use crate::hash::{ChunkHash, ChunkHashMap};
+use crate::lock::Lock;
 use crate::manifest::{Entry, Kind, Validator};
 use crate::progress::Progress;
 use crate::protocol::{FileInfo, FrameReader, FrameWriter, Msg, Summary, MAX_RANGES, MAX_REQUEST};
@@ -51,6 +52,8 @@ pub struct RecvOptions {
     pub checksum: bool,
     /// Re-read the written file before committing it.
     pub verify: bool,
+    /// Neither resume from nor leave a partial file.
+    pub no_partial: bool,
     /// The process umask, for the mode of a new file.
     pub umask: u32,
 }
@@ -107,6 +110,12 @@ where
     // atomic rename replaces the link itself.
     let regular = existing.as_ref().filter(|m| m.file_type().is_file());
 
+    check_parent(&dest)?;
+    let lock = if opts.check {
+        Lock::shared(&dest)?
+    } else {
+        Some(Lock::exclusive(&dest)?)
+    };
     if opts.check {
         writer.send_now(&Msg::Start { up_to_date: false })?;
         let summary = check(&dest, regular, &info, &mut reader, opts, progress)?;
@@ -132,7 +141,6 @@ where
             }
         }
     }
-    check_parent(&dest)?;
     if opts.inplace
         && existing
             .as_ref()
@@ -162,24 +170,42 @@ where
         })
         .context("cannot start a thread")?;
 
-    let basis = match regular {
-        Some(_) => Basis::index(&dest, opts)?,
+    let mut basis = match regular {
+        Some(_) => Basis::index(&dest, opts, true)?,
         None => None,
     };
+    // What an interrupted run left: resumed from (written in place), unless
+    // --no-partial says to start over.
+    let lock = lock.expect("a sync holds the exclusive lock");
+    let mut partial = None;
+    let partial_len = lock.file().metadata().map_or(0, |m| m.len());
+    if !opts.no_partial && !opts.inplace && partial_len > 0 {
+        partial = Basis::index(lock.path(), opts, false)?;
+        if let Some(p) = &mut partial {
+            p.alias = true;
+        }
+    }
     let spec = OutSpec {
+        locked: lock.file().try_clone().context("duplicate a file handle")?,
         dest: dest.clone(),
         size: info.size,
         existing: regular.cloned(),
         mode: info.mode,
         umask: opts.umask,
+        keep: !opts.no_partial,
     };
-    // With a basis, the atomic temp file is made only once the new file
-    // turns out to differ from the old one at the same offsets: an
-    // unchanged file (a newer mtime, say) is then not rewritten at all.
+    // With a basis, the partial file is made only once the new file turns out
+    // to differ from the old one at the same offsets: an unchanged file (a
+    // newer mtime, say) is then not rewritten at all.
     let out = if opts.inplace {
+        if let Some(b) = &mut basis {
+            b.alias = true;
+        }
         Some(Output::in_place(&dest, info.size, info.mode, opts.umask)?)
+    } else if partial.is_some() {
+        Some(spec.partial(true)?)
     } else if basis.is_none() {
-        Some(spec.atomic()?)
+        Some(spec.partial(false)?)
     } else {
         None
     };
@@ -200,50 +226,68 @@ where
         spec,
         lazy_copies: Vec::new(),
         basis,
+        partial,
         decoder: None,
         summary: Summary::default(),
         progress,
         buf: Vec::new(),
     };
     let mut manifest_done = false;
-    loop {
-        let msg = rx
-            .recv()
-            .map_err(|_| fail(Exit::Connection, "the connection ended unexpectedly"))??;
-        match msg {
-            Msg::Manifest(payload) => {
-                if manifest_done {
-                    return Err(fail(
-                        Exit::Protocol,
-                        "protocol error: manifest data after its end",
-                    ));
+    let result = (|| -> Result<()> {
+        loop {
+            let msg = rx
+                .recv()
+                .map_err(|_| fail(Exit::Connection, "the connection ended unexpectedly"))??;
+            match msg {
+                Msg::Manifest(payload) => {
+                    if manifest_done {
+                        return Err(fail(
+                            Exit::Protocol,
+                            "protocol error: manifest data after its end",
+                        ));
+                    }
+                    let before = run.entries.len();
+                    run.validator.decode_batch(&payload, &mut run.entries)?;
+                    run.state.resize(run.entries.len(), State::Pending);
+                    debug_assert!(run.entries.len() > before);
+                    run.advance()?;
                 }
-                let before = run.entries.len();
-                run.validator.decode_batch(&payload, &mut run.entries)?;
-                run.state.resize(run.entries.len(), State::Pending);
-                debug_assert!(run.entries.len() > before);
-                run.advance()?;
+                Msg::ManifestEnd { count, digest } => {
+                    run.validator.finish(count, &digest)?;
+                    manifest_done = true;
+                    run.start_refinement()?;
+                    run.advance()?;
+                }
+                Msg::Chunk(c) => {
+                    run.accept(c)?;
+                    run.advance()?;
+                }
+                Msg::BlockHashes { index, hashes } => {
+                    run.plan(index, hashes)?;
+                    run.advance()?;
+                }
+                m => return Err(m.unexpected("MANIFEST, MANIFEST_END or CHUNK")),
             }
-            Msg::ManifestEnd { count, digest } => {
-                run.validator.finish(count, &digest)?;
-                manifest_done = true;
-                run.start_refinement()?;
-                run.advance()?;
+            run.send_requests(writer)?;
+            if manifest_done && run.finished() {
+                break;
             }
-            Msg::Chunk(c) => {
-                run.accept(c)?;
-                run.advance()?;
-            }
-            Msg::BlockHashes { index, hashes } => {
-                run.plan(index, hashes)?;
-                run.advance()?;
-            }
-            m => return Err(m.unexpected("MANIFEST, MANIFEST_END or CHUNK")),
         }
-        run.send_requests(writer)?;
-        if manifest_done && run.finished() {
-            break;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        // The peer usually says why it hung up before it does.
+        if exit_code_of(&e) == Exit::Connection {
+            while let Ok(m) = rx.recv() {
+                if let Err(pe) = m {
+                    if exit_code_of(&pe) != Exit::Connection {
+                        return Err(pe);
+                    }
+                    break;
+                }
+            }
         }
+        return Err(e);
     }
 
     if run.out.is_none() && run.basis.as_ref().is_some_and(|b| b.size != info.size) {
@@ -429,10 +473,15 @@ struct Basis {
     at: HashMap<u64, ChunkHash>,
     /// The chunk list came from the manifest cache, not from reading the file.
     from_cache: bool,
+    /// This file is also the output: ranges written this run no longer
+    /// hold what the index says.
+    alias: bool,
 }
 
 impl Basis {
-    fn index(dest: &Path, opts: &RecvOptions) -> Result<Option<Basis>> {
+    /// Indexes the file at `dest` (from the manifest cache when `use_cache`
+    /// and the cache knows this very file).
+    fn index(dest: &Path, opts: &RecvOptions, use_cache: bool) -> Result<Option<Basis>> {
         let file = match open_nofollow(dest) {
             Ok(f) => f,
             // Unreadable old contents only cost bandwidth.
@@ -451,7 +500,9 @@ impl Basis {
             index.entry(h).or_insert((offset, len));
             at.insert(offset, h);
         };
-        let cached = cache::load(dest, &meta, opts.params);
+        let cached = use_cache
+            .then(|| cache::load(dest, &meta, opts.params))
+            .flatten();
         let from_cache = cached.is_some();
         match cached {
             Some(entries) => {
@@ -482,24 +533,31 @@ impl Basis {
             index,
             at,
             from_cache,
+            alias: false,
         }))
     }
 }
 
 /// What the atomic output will be, for when it is made.
 struct OutSpec {
+    /// The partial file, locked for this run.
+    locked: File,
     dest: PathBuf,
     size: u64,
     existing: Option<std::fs::Metadata>,
     mode: u32,
     umask: u32,
+    keep: bool,
 }
 
 impl OutSpec {
-    fn atomic(&self) -> Result<Output> {
-        Output::atomic(
+    fn partial(&self, resume: bool) -> Result<Output> {
+        Output::partial(
             &self.dest,
+            &self.locked,
             self.size,
+            resume,
+            self.keep,
             self.existing.as_ref(),
             self.mode,
             self.umask,
@@ -544,7 +602,10 @@ struct Run<'a> {
     plans: HashMap<usize, Vec<PieceSource>>,
     blocks: Option<BlockIndex>,
     out: Option<Output>,
+    /// The destination's old contents.
     basis: Option<Basis>,
+    /// What an interrupted run left in the partial file, which is the output.
+    partial: Option<Basis>,
     decoder: Option<StreamDecoder>,
     summary: Summary,
     progress: &'a Progress,
@@ -585,7 +646,7 @@ impl Run<'_> {
                         if self.copy_in_place(i, e.offset, len, &hash)? {
                             continue;
                         }
-                        if self.basis.is_some() {
+                        if self.basis.as_ref().is_some_and(|b| b.size > 0) {
                             self.state[i] = State::Deferred;
                             self.deferred.push(i);
                         } else {
@@ -614,8 +675,11 @@ impl Run<'_> {
         self.out.as_mut().expect("output made before writing")
     }
 
+    /// Whether old destination data in `[start, end)` was overwritten
+    /// (only possible with --inplace, where the destination is the output).
     fn is_dirty(&self, start: u64, end: u64) -> bool {
-        self.out.as_ref().is_some_and(|o| o.is_dirty(start, end))
+        self.basis.as_ref().is_some_and(|b| b.alias)
+            && self.out.as_ref().is_some_and(|o| o.is_dirty(start, end))
     }
 
     /// Entry `e` is already in the old file at its own offset.
@@ -647,7 +711,7 @@ impl Run<'_> {
     /// Makes the atomic temp file and writes into it what was found unchanged
     /// so far.
     fn materialize(&mut self) -> Result<()> {
-        self.out = Some(self.spec.atomic()?);
+        self.out = Some(self.spec.partial(false)?);
         let copies = std::mem::take(&mut self.lazy_copies);
         self.copy_parallel(copies, true)
     }
@@ -877,37 +941,61 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// In place: leaves an unchanged chunk where it is, or copies it from a
-    /// basis range not yet overwritten. False when it must be fetched.
+    /// In place (`--inplace`, or a resumed partial file): leaves a chunk that
+    /// is already at its offset in the output where it is, or copies it from
+    /// old data not yet overwritten. False when it must be fetched.
     fn copy_in_place(&mut self, i: usize, offset: u64, len: u32, hash: &ChunkHash) -> Result<bool> {
-        let Some(basis) = &self.basis else {
-            return Ok(false);
-        };
-        let end = offset + u64::from(len);
-        let mut candidates = Vec::with_capacity(2);
-        if basis.at.get(&offset) == Some(hash) {
-            candidates.push(offset);
-        }
-        if let Some(&(src, _)) = basis.index.get(hash) {
-            if src != offset {
-                candidates.push(src);
+        // (from the partial basis?, source offset), best first: already in
+        // place in the output; then read-only old data; then other places
+        // in the output's old contents.
+        let mut cands: Vec<(bool, u64)> = Vec::with_capacity(3);
+        let bases = [(false, &self.basis), (true, &self.partial)];
+        for (is_partial, b) in bases {
+            if let Some(b) = b {
+                if b.alias && b.at.get(&offset) == Some(hash) {
+                    cands.push((is_partial, offset));
+                }
             }
         }
-        for src in candidates {
-            if self.is_dirty(src, src + u64::from(len)) {
+        for alias_pass in [false, true] {
+            for (is_partial, b) in bases {
+                if let Some(b) = b {
+                    if b.alias != alias_pass {
+                        continue;
+                    }
+                    if let Some(&(src, _)) = b.index.get(hash) {
+                        if !(b.alias && src == offset) {
+                            cands.push((is_partial, src));
+                        }
+                    }
+                }
+            }
+        }
+        let end = offset + u64::from(len);
+        for (is_partial, src) in cands {
+            let b = if is_partial {
+                &self.partial
+            } else {
+                &self.basis
+            };
+            let b = b.as_ref().expect("candidates come from bases");
+            let out = self.out.as_ref().expect("in place has an output");
+            if b.alias && out.is_dirty(src, src + u64::from(len)) {
                 continue;
             }
             self.buf.resize(len as usize, 0);
-            if read_full(&basis.file, &mut self.buf, src).is_err() {
+            if read_full(&b.file, &mut self.buf, src).is_err() {
                 continue;
             }
             let Some(v) = writer::verify(&self.buf, hash) else {
                 continue;
             };
-            if src != offset {
-                let out = self.out.as_mut().expect("in place has an output");
+            if !(b.alias && src == offset) {
                 out.write(offset, v)?;
-                out.mark_dirty(offset, end);
+                self.out
+                    .as_mut()
+                    .expect("in place has an output")
+                    .mark_dirty(offset, end);
             }
             self.state[i] = State::Done;
             self.summary.reused_bytes += u64::from(len);

@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 
 use crate::chunk::{ChunkParams, Cutter};
 use crate::compress::StreamEncoder;
-use crate::error::{fail, Exit, WithExit};
+use crate::error::{exit_code_of, fail, Exit, WithExit};
 use crate::hash::ChunkHash;
 use crate::manifest::{self, Builder, Entry, Kind};
 use crate::progress::Progress;
@@ -182,71 +182,93 @@ where
     };
     let mut batch = Vec::new();
     let mut raw = Vec::new();
-    loop {
-        let ev = rx
-            .recv()
-            .map_err(|_| fail(Exit::Connection, "the connection ended without a result"))?;
-        match ev {
-            Event::Batch(v) => {
-                for part in v.chunks(manifest::MAX_BATCH) {
-                    batch.clear();
-                    manifest::encode_batch(part, &mut batch);
-                    writer.send(&Msg::Manifest(std::mem::take(&mut batch)))?;
-                }
-                entries.extend(v);
-                writer.flush()?;
-            }
-            Event::ScanDone(count, digest) => {
-                src.check_unchanged()?;
-                writer.send_now(&Msg::ManifestEnd { count, digest })?;
-            }
-            Event::Peer(Msg::Request(idx)) => {
-                for i in idx {
-                    load(src, &entries, i, &mut raw)?;
-                    send_data(writer, &mut encoder, i, &raw, false)?;
-                }
-                writer.flush()?;
-            }
-            Event::Peer(Msg::BlockRequest(idx)) => {
-                for i in idx {
-                    let offset = load(src, &entries, i, &mut raw)?;
-                    writer.send(&Msg::BlockHashes {
-                        index: i,
-                        hashes: refine::piece_hashes(offset, &raw),
-                    })?;
-                }
-                writer.flush()?;
-            }
-            Event::Peer(Msg::PieceRequest {
-                index,
-                count,
-                bitmap,
-            }) => {
-                let offset = load(src, &entries, index, &mut raw)?;
-                if refine::piece_count(offset, raw.len() as u32) != count as usize {
-                    return Err(fail(
-                        Exit::Protocol,
-                        format!("protocol error: peer asked for {count} pieces of chunk {index}"),
-                    ));
-                }
-                let mut wanted = Vec::new();
-                for (k, (start, len)) in refine::pieces(offset, raw.len() as u32).enumerate() {
-                    if refine::bit(&bitmap, k) {
-                        let a = (start - offset) as usize;
-                        wanted.extend_from_slice(&raw[a..a + len as usize]);
+    let mut run = || -> Result<Summary> {
+        loop {
+            let ev = rx
+                .recv()
+                .map_err(|_| fail(Exit::Connection, "the connection ended without a result"))?;
+            match ev {
+                Event::Batch(v) => {
+                    for part in v.chunks(manifest::MAX_BATCH) {
+                        batch.clear();
+                        manifest::encode_batch(part, &mut batch);
+                        writer.send(&Msg::Manifest(std::mem::take(&mut batch)))?;
                     }
+                    entries.extend(v);
+                    writer.flush()?;
                 }
-                send_data(writer, &mut encoder, index, &wanted, true)?;
-                writer.flush()?;
+                Event::ScanDone(count, digest) => {
+                    src.check_unchanged()?;
+                    writer.send_now(&Msg::ManifestEnd { count, digest })?;
+                }
+                Event::Peer(Msg::Request(idx)) => {
+                    for i in idx {
+                        load(src, &entries, i, &mut raw)?;
+                        send_data(writer, &mut encoder, i, &raw, false)?;
+                    }
+                    writer.flush()?;
+                }
+                Event::Peer(Msg::BlockRequest(idx)) => {
+                    for i in idx {
+                        let offset = load(src, &entries, i, &mut raw)?;
+                        writer.send(&Msg::BlockHashes {
+                            index: i,
+                            hashes: refine::piece_hashes(offset, &raw),
+                        })?;
+                    }
+                    writer.flush()?;
+                }
+                Event::Peer(Msg::PieceRequest {
+                    index,
+                    count,
+                    bitmap,
+                }) => {
+                    let offset = load(src, &entries, index, &mut raw)?;
+                    if refine::piece_count(offset, raw.len() as u32) != count as usize {
+                        return Err(fail(
+                            Exit::Protocol,
+                            format!(
+                                "protocol error: peer asked for {count} pieces of chunk {index}"
+                            ),
+                        ));
+                    }
+                    let mut wanted = Vec::new();
+                    for (k, (start, len)) in refine::pieces(offset, raw.len() as u32).enumerate() {
+                        if refine::bit(&bitmap, k) {
+                            let a = (start - offset) as usize;
+                            wanted.extend_from_slice(&raw[a..a + len as usize]);
+                        }
+                    }
+                    send_data(writer, &mut encoder, index, &wanted, true)?;
+                    writer.flush()?;
+                }
+                Event::Peer(m) => return Err(m.unexpected("a request")),
+                Event::PeerDone(s) => {
+                    src.check_unchanged()?;
+                    return Ok(s);
+                }
+                Event::Failed(e) => return Err(e),
             }
-            Event::Peer(m) => return Err(m.unexpected("a request")),
-            Event::PeerDone(s) => {
-                src.check_unchanged()?;
-                return Ok(s);
-            }
-            Event::Failed(e) => return Err(e),
+        }
+    };
+    match run() {
+        // A write that fails because the peer hung up: the peer usually said
+        // why first (disk full, say), and that is the error to report.
+        Err(e) if exit_code_of(&e) == Exit::Connection => Err(peer_reason(&rx).unwrap_or(e)),
+        r => r,
+    }
+}
+
+/// The peer's own error, if it sent one before the connection ended.
+fn peer_reason(rx: &mpsc::Receiver<Event>) -> Option<anyhow::Error> {
+    while let Ok(ev) = rx.recv() {
+        match ev {
+            Event::Failed(e) if exit_code_of(&e) != Exit::Connection => return Some(e),
+            Event::Failed(_) | Event::PeerDone(_) => return None,
+            _ => {}
         }
     }
+    None
 }
 
 /// Reads data entry `i` of the manifest into `buf`, re-checking its hash;

@@ -78,6 +78,7 @@ fn serve_on(
                 inplace: open.flags & flags::INPLACE != 0,
                 checksum: open.flags & flags::CHECKSUM != 0,
                 verify: open.flags & flags::VERIFY != 0,
+                no_partial: open.flags & flags::NO_PARTIAL != 0,
                 umask,
             };
             receiver::receive(

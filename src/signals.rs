@@ -13,7 +13,8 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-static TEMP_FILES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// Files to remove on a signal, and whether only when empty.
+static TEMP_FILES: Mutex<Vec<(PathBuf, bool)>> = Mutex::new(Vec::new());
 static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 static JSON: AtomicBool = AtomicBool::new(false);
 static QUIET: AtomicBool = AtomicBool::new(false);
@@ -97,20 +98,32 @@ fn on_signal(sig: libc::c_int) -> ! {
 
 fn remove_temp_files() {
     if let Ok(files) = TEMP_FILES.lock() {
-        for f in files.iter() {
-            let _ = std::fs::remove_file(f);
+        for (f, only_if_empty) in files.iter() {
+            let empty = std::fs::symlink_metadata(f).is_ok_and(|m| m.len() == 0);
+            if !only_if_empty || empty {
+                let _ = std::fs::remove_file(f);
+            }
         }
     }
 }
 
-/// Registers a temporary file for removal on a signal; dropping the guard
-/// unregisters it (the file itself is the owner's business).
+/// Registers a file for removal on a signal (a temporary file, a lock file);
+/// dropping the guard unregisters it (the file itself is the owner's business).
 pub struct TempGuard(PathBuf);
 
 impl TempGuard {
     pub fn new(path: &Path) -> TempGuard {
+        Self::register(path, false)
+    }
+
+    /// Removal on a signal only if the file is empty then.
+    pub fn if_empty(path: &Path) -> TempGuard {
+        Self::register(path, true)
+    }
+
+    fn register(path: &Path, only_if_empty: bool) -> TempGuard {
         if let Ok(mut f) = TEMP_FILES.lock() {
-            f.push(path.to_path_buf());
+            f.push((path.to_path_buf(), only_if_empty));
         }
         TempGuard(path.to_path_buf())
     }
@@ -119,7 +132,9 @@ impl TempGuard {
 impl Drop for TempGuard {
     fn drop(&mut self) {
         if let Ok(mut f) = TEMP_FILES.lock() {
-            f.retain(|p| p != &self.0);
+            if let Some(k) = f.iter().position(|(p, _)| p == &self.0) {
+                f.remove(k);
+            }
         }
     }
 }

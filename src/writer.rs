@@ -4,11 +4,14 @@
 //! by hashing the bytes and comparing with the manifest ([`verify`]); so the
 //! writer cannot be handed an unchecked chunk by mistake.
 //!
-//! **Atomic** (default): a hidden temporary file in the destination's
-//! directory, sized up front so untouched ranges stay holes, written with
-//! all-zero 4 KiB blocks skipped, fsync'd, given the source's mtime, renamed
-//! over the destination, and the directory fsync'd. Until the rename the old
-//! destination is untouched; a failure or signal removes the temp file.
+//! **Atomic** (default): a hidden partial file in the destination's
+//! directory (`.NAME.vmsync-partial`), sized up front so untouched ranges stay
+//! holes, written with all-zero 4 KiB blocks skipped, fsync'd, given the
+//! source's mtime, renamed over the destination, and the directory fsync'd.
+//! Until the rename the old destination is untouched. A run that fails or is
+//! interrupted leaves the partial file for the next run to resume from
+//! (removed instead with `--no-partial`); a resumed partial is written in
+//! place, like `--inplace` but on the partial file.
 //!
 //! **In place**: writes into the existing file. Zero ranges are punched
 //! (hole) rather than written. The receiver asks [`Output::is_dirty`] before
@@ -50,83 +53,113 @@ pub fn verify<'a>(data: &'a [u8], expected: &ChunkHash) -> Option<Verified<'a>> 
 }
 
 enum Mode {
-    Atomic {
-        tmp: tempfile::NamedTempFile,
-        _guard: TempGuard,
+    /// The partial file beside the destination, renamed over it at the end.
+    Partial {
+        path: PathBuf,
+        /// Created empty by this run (all holes), not resumed.
+        fresh: bool,
+        /// Keep it for the next run if this one fails (not `--no-partial`).
+        keep: bool,
+        _guard: Option<TempGuard>,
     },
-    InPlace {
-        file: File,
-        dirty: RangeSet,
-    },
+    /// The destination itself (`--inplace`).
+    InPlace,
 }
 
 /// The file being written.
 pub struct Output {
     mode: Mode,
+    file: File,
     dest: PathBuf,
     size: u64,
+    /// Ranges written this run: old data there is gone.
+    dirty: RangeSet,
+    committed: bool,
+}
+
+/// The hidden partial file for `dest`: `.NAME.vmsync-partial` beside it.
+pub fn partial_path(dest: &Path) -> PathBuf {
+    let name = dest.file_name().unwrap_or(OsStr::new("vmsync"));
+    let mut p = std::ffi::OsString::from(".");
+    p.push(name);
+    p.push(".vmsync-partial");
+    dest.with_file_name(p)
+}
+
+fn open_rw_nofollow(path: &Path, create: bool, mode: u32) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
 }
 
 impl Output {
-    /// A new temporary file next to `dest`, `size` bytes of holes.
+    /// The partial file for `dest`, already opened and locked by
+    /// [`crate::lock::Lock`]: emptied (`resume` false: `size` bytes of
+    /// holes) or as an interrupted run left it (`resume` true).
     ///
     /// It takes over the permissions (and, as root, the owner) of the file it
-    /// replaces, or the source's mode less the umask for a new file.
-    pub fn atomic(
+    /// replaces, or the source's mode less the umask for a new file. A
+    /// partial kept for the next run is not removed on failure or signal.
+    #[allow(clippy::too_many_arguments)]
+    pub fn partial(
         dest: &Path,
+        locked: &File,
         size: u64,
+        resume: bool,
+        keep: bool,
         existing: Option<&std::fs::Metadata>,
         mode: u32,
         umask: u32,
     ) -> Result<Output> {
-        let dir = match dest.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = dest.file_name().unwrap_or(OsStr::new("vmsync"));
-        let mut prefix = std::ffi::OsString::from(".");
-        prefix.push(name);
-        prefix.push(".");
-        let tmp = tempfile::Builder::new()
-            .prefix(&prefix)
-            .suffix(".vmsync-tmp")
-            .tempfile_in(&dir)
-            .with_context(|| format!("cannot create a temporary file in {}", dir.display()))
-            .exit_with(Exit::Io)?;
-        let guard = TempGuard::new(tmp.path());
-        let file = tmp.as_file();
+        let path = partial_path(dest);
+        let file = locked.try_clone().context("duplicate a file handle")?;
+        if !resume {
+            file.set_len(0)
+                .with_context(|| format!("cannot empty {}", path.display()))
+                .exit_with(Exit::Io)?;
+        }
+        let guard = (!keep).then(|| TempGuard::new(&path));
         let perm = match existing {
             Some(m) => m.mode() & 0o7777,
             None => mode & 0o777 & !umask,
         };
         file.set_permissions(std::fs::Permissions::from_mode(perm))
-            .with_context(|| format!("set permissions on {}", tmp.path().display()))
+            .with_context(|| format!("set permissions on {}", path.display()))
             .exit_with(Exit::Io)?;
         if let Some(m) = existing {
             // Only root can give a file away; for others this is a no-op
             // when the owner is already us, and a harmless EPERM otherwise.
-            let _ = std::os::unix::fs::fchown(file, Some(m.uid()), Some(m.gid()));
+            let _ = std::os::unix::fs::fchown(&file, Some(m.uid()), Some(m.gid()));
         }
-        file.set_len(size)
-            .with_context(|| format!("cannot size {} to {size} bytes", tmp.path().display()))
-            .exit_with(Exit::Io)?;
+        if !resume {
+            file.set_len(size)
+                .with_context(|| format!("cannot size {} to {size} bytes", path.display()))
+                .exit_with(Exit::Io)?;
+        }
         Ok(Output {
-            mode: Mode::Atomic { tmp, _guard: guard },
+            mode: Mode::Partial {
+                path,
+                fresh: !resume,
+                keep,
+                _guard: guard,
+            },
+            file,
             dest: dest.to_path_buf(),
             size,
+            dirty: RangeSet::default(),
+            committed: false,
         })
     }
 
     /// The existing destination, opened for writing in place. A symlink is
     /// refused: writing through it would change a file elsewhere.
     pub fn in_place(dest: &Path, size: u64, mode: u32, umask: u32) -> Result<Output> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .mode(mode & 0o777 & !umask)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(dest)
+        let file = open_rw_nofollow(dest, true, mode & 0o777 & !umask)
             .map_err(|e| {
                 if e.raw_os_error() == Some(libc::ELOOP) {
                     fail(
@@ -143,43 +176,42 @@ impl Output {
             })
             .exit_with(Exit::Io)?;
         Ok(Output {
-            mode: Mode::InPlace {
-                file,
-                dirty: RangeSet::default(),
-            },
+            mode: Mode::InPlace,
+            file,
             dest: dest.to_path_buf(),
             size,
+            dirty: RangeSet::default(),
+            committed: false,
         })
     }
 
     pub fn file(&self) -> &File {
-        match &self.mode {
-            Mode::Atomic { tmp, .. } => tmp.as_file(),
-            Mode::InPlace { file, .. } => file,
-        }
+        &self.file
     }
 
+    /// Writes land in a file that still holds old data (`--inplace`, or a
+    /// resumed partial): the order of reads and writes matters, see
+    /// [`Output::is_dirty`].
     pub fn is_in_place(&self) -> bool {
-        matches!(self.mode, Mode::InPlace { .. })
+        !matches!(self.mode, Mode::Partial { fresh: true, .. })
     }
 
-    /// In place: whether `[start, end)` was already overwritten this run.
+    /// Whether `[start, end)` of the output was already overwritten this run.
     pub fn is_dirty(&self, start: u64, end: u64) -> bool {
-        match &self.mode {
-            Mode::InPlace { dirty, .. } => dirty.overlaps(start, end),
-            Mode::Atomic { .. } => false,
-        }
+        self.dirty.overlaps(start, end)
     }
 
     /// Writes a verified chunk at `offset`. Safe to call from several
-    /// threads at once in atomic mode (positioned writes, no shared cursor).
+    /// threads at once (positioned writes, no shared cursor); the caller
+    /// marks the range dirty where that matters.
     pub fn write(&self, offset: u64, data: Verified<'_>) -> Result<()> {
         let data = data.bytes();
-        let file = self.file();
         match self.mode {
-            // The temp file is all holes: skip zero blocks to keep them holes.
-            Mode::Atomic { .. } => write_skipping_zero_blocks(file, offset, data),
-            Mode::InPlace { .. } => file.write_all_at(data, offset),
+            // A fresh partial file is all holes: skip zero blocks to keep them holes.
+            Mode::Partial { fresh: true, .. } => {
+                write_skipping_zero_blocks(&self.file, offset, data)
+            }
+            _ => self.file.write_all_at(data, offset),
         }
         .with_context(|| {
             format!(
@@ -191,21 +223,20 @@ impl Output {
         .exit_with(Exit::Io)
     }
 
-    /// Marks `[start, end)` overwritten (in place).
+    /// Marks `[start, end)` overwritten.
     pub fn mark_dirty(&mut self, start: u64, end: u64) {
-        if let Mode::InPlace { dirty, .. } = &mut self.mode {
-            dirty.insert(start, end);
-        }
+        self.dirty.insert(start, end);
     }
 
-    /// Makes `[offset, offset + len)` read as zeros. Atomic: already holes.
-    /// In place: punched, or written as zeros where punching is unsupported.
+    /// Makes `[offset, offset + len)` read as zeros: nothing to do in a fresh
+    /// partial file (holes already), punched (or written as zeros where
+    /// punching is unsupported) elsewhere.
     pub fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
-        let Mode::InPlace { file, dirty } = &mut self.mode else {
+        if let Mode::Partial { fresh: true, .. } = self.mode {
             return Ok(());
-        };
-        dirty.insert(offset, offset + len);
-        punch_or_write_zeros(file, offset, len)
+        }
+        self.dirty.insert(offset, offset + len);
+        punch_or_write_zeros(&self.file, offset, len)
             .with_context(|| {
                 format!(
                     "cannot zero {len} bytes at offset {offset} of {}",
@@ -216,18 +247,19 @@ impl Output {
     }
 
     /// Makes the written file the destination: size, fsync, mtime, then
-    /// `check` (e.g. `--verify`) and, in atomic mode, the rename and the
-    /// directory fsync. On error in atomic mode the temp file is removed
-    /// and the destination keeps its old contents.
-    /// Returns the committed file, still open.
-    pub fn commit(self, info: &FileInfo, check: impl FnOnce(&File) -> Result<()>) -> Result<File> {
+    /// `check` (e.g. `--verify`) and, for a partial file, the rename over the
+    /// destination and the directory fsync. Until the rename the destination
+    /// keeps its old contents. Returns the committed file, still open.
+    pub fn commit(
+        mut self,
+        info: &FileInfo,
+        check: impl FnOnce(&File) -> Result<()>,
+    ) -> Result<File> {
         let dest = self.dest.clone();
-        let file = self.file();
-        if self.is_in_place() {
-            file.set_len(self.size)
-                .with_context(|| format!("cannot set the size of {}", dest.display()))
-                .exit_with(Exit::Io)?;
-        }
+        let file = &self.file;
+        file.set_len(self.size)
+            .with_context(|| format!("cannot set the size of {}", dest.display()))
+            .exit_with(Exit::Io)?;
         file.sync_all()
             .with_context(|| {
                 format!(
@@ -240,24 +272,33 @@ impl Output {
             .with_context(|| format!("cannot set the modification time of {}", dest.display()))
             .exit_with(Exit::Io)?;
         check(file)?;
-        match self.mode {
-            Mode::Atomic { tmp, _guard } => {
-                let file = tmp
-                    .persist(&dest)
-                    .map_err(|e| e.error)
-                    .with_context(|| {
-                        format!("cannot rename the temporary file onto {}", dest.display())
-                    })
-                    .exit_with(Exit::Io)?;
-                drop(_guard);
-                sync_dir(&dest)?;
-                Ok(file)
-            }
-            Mode::InPlace { file, .. } => {
-                file.sync_all()
-                    .with_context(|| format!("fsync of {} failed", dest.display()))
-                    .exit_with(Exit::Io)?;
-                Ok(file)
+        if let Mode::Partial { path, .. } = &self.mode {
+            std::fs::rename(path, &dest)
+                .with_context(|| {
+                    format!("cannot rename {} onto {}", path.display(), dest.display())
+                })
+                .exit_with(Exit::Io)?;
+            self.committed = true;
+            sync_dir(&dest)?;
+        } else {
+            file.sync_all()
+                .with_context(|| format!("fsync of {} failed", dest.display()))
+                .exit_with(Exit::Io)?;
+        }
+        self.committed = true;
+        file.try_clone().context("duplicate a file handle")
+    }
+}
+
+impl Drop for Output {
+    /// A failed run removes its partial file unless it is kept for resuming.
+    fn drop(&mut self) {
+        if let Mode::Partial {
+            path, keep: false, ..
+        } = &self.mode
+        {
+            if !self.committed {
+                let _ = std::fs::remove_file(path);
             }
         }
     }

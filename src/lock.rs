@@ -1,0 +1,228 @@
+//! One writer per destination: an exclusive `flock` on its partial file.
+//!
+//! A sync creates (or reopens) the hidden partial file beside the
+//! destination, `.NAME.vmsync-partial` ([`crate::writer::partial_path`]),
+//! and holds an exclusive lock on it for its whole run; `--check` holds a
+//! shared lock on it when it exists. A second sync of the same destination
+//! fails at once (exit 8) naming the holder's pid and host, which the holder
+//! recorded in an extended attribute of the file where the filesystem allows.
+//!
+//! Locking the partial file itself, rather than a lock file of its own,
+//! means a run killed with SIGKILL leaves nothing behind but the partial
+//! file the next run resumes from (the kernel drops the lock). A process
+//! that locked a file which was meanwhile renamed or removed notices by
+//! comparing inodes and tries again, so removal never lets two holders in.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::error::{fail, Exit, WithExit};
+use crate::signals::TempGuard;
+use crate::writer::partial_path;
+
+const HOLDER_XATTR: &[u8] = b"user.vmsync.holder\0";
+
+/// A held lock on `dest`'s partial file.
+pub struct Lock {
+    file: File,
+    path: PathBuf,
+    exclusive: bool,
+    /// An exclusive holder's partial file is removed on a signal if it is
+    /// still empty (nothing to resume from).
+    _guard: Option<TempGuard>,
+}
+
+impl Lock {
+    /// Takes the exclusive lock for a sync of `dest`, creating its partial
+    /// file if needed.
+    pub fn exclusive(dest: &Path) -> Result<Lock> {
+        Ok(Lock::acquire(dest, true)?.expect("an exclusive lock creates its file"))
+    }
+
+    /// Takes the shared lock for a check of `dest`; `None` when there is no
+    /// partial file (no sync is running, and a check must not create files).
+    pub fn shared(dest: &Path) -> Result<Option<Lock>> {
+        Lock::acquire(dest, false)
+    }
+
+    fn acquire(dest: &Path, exclusive: bool) -> Result<Option<Lock>> {
+        let path = partial_path(dest);
+        for _ in 0..100 {
+            let opened = OpenOptions::new()
+                .read(true)
+                .write(exclusive)
+                .create(exclusive)
+                .truncate(false)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path);
+            let file = match opened {
+                Ok(f) => f,
+                Err(e) if !exclusive && e.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok(None)
+                }
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("cannot open {}", path.display()))
+                        .exit_with(Exit::Io)
+                }
+            };
+            let op = if exclusive {
+                libc::LOCK_EX
+            } else {
+                libc::LOCK_SH
+            };
+            // SAFETY: flock on a valid fd.
+            if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+                let err = std::io::Error::last_os_error();
+                if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                    let who = match holder(&file) {
+                        Some(h) => format!("another vmsync ({h})"),
+                        None => "another vmsync".to_string(),
+                    };
+                    return Err(fail(
+                        Exit::Locked,
+                        format!(
+                            "{} is being synced by {who}; wait for it to finish",
+                            dest.display()
+                        ),
+                    ));
+                }
+                return Err(err)
+                    .with_context(|| format!("cannot lock {}", path.display()))
+                    .exit_with(Exit::Io);
+            }
+            // The holder before us may have renamed or removed the file after
+            // we opened it: then this lock guards nothing, so start again.
+            let same = match (file.metadata(), std::fs::symlink_metadata(&path)) {
+                (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                _ => false,
+            };
+            if !same {
+                continue;
+            }
+            if exclusive {
+                set_holder(&file);
+            }
+            let guard = exclusive.then(|| TempGuard::if_empty(&path));
+            return Ok(Some(Lock {
+                file,
+                path,
+                exclusive,
+                _guard: guard,
+            }));
+        }
+        Err(fail(
+            Exit::Locked,
+            format!("cannot lock {}: it keeps being replaced", path.display()),
+        ))
+    }
+
+    /// The locked partial file (read-write for an exclusive lock).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Lock {
+    /// An empty partial file holds nothing to resume from: remove it (while
+    /// still holding the lock; see the module doc for why that is safe).
+    fn drop(&mut self) {
+        if !self.exclusive {
+            return;
+        }
+        let same_and_empty = match (self.file.metadata(), std::fs::symlink_metadata(&self.path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino() && b.len() == 0,
+            _ => false,
+        };
+        if same_and_empty {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn set_holder(file: &File) {
+    let value = format!("pid {} on {}", std::process::id(), hostname());
+    // SAFETY: valid fd, NUL-terminated name, value buffer with its length.
+    unsafe {
+        libc::fsetxattr(
+            file.as_raw_fd(),
+            HOLDER_XATTR.as_ptr().cast(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        );
+    }
+}
+
+fn holder(file: &File) -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: valid fd, NUL-terminated name, buffer with its length.
+    let n = unsafe {
+        libc::fgetxattr(
+            file.as_raw_fd(),
+            HOLDER_XATTR.as_ptr().cast(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    (n > 0).then(|| String::from_utf8_lossy(&buf[..n as usize]).into_owned())
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is valid for its length; gethostname NUL-terminates on success.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        return "unknown host".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::exit_code_of;
+
+    #[test]
+    fn second_exclusive_holder_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("disk.img");
+        // No sync running: a check takes no lock and creates nothing.
+        assert!(Lock::shared(&dest).unwrap().is_none());
+        assert!(!partial_path(&dest).exists());
+        let a = Lock::exclusive(&dest).unwrap();
+        let e = Lock::exclusive(&dest).err().expect("second lock must fail");
+        assert_eq!(exit_code_of(&e), Exit::Locked);
+        if holder(a.file()).is_some() {
+            assert!(
+                e.to_string()
+                    .contains(&format!("pid {}", std::process::id())),
+                "{e}"
+            );
+        }
+        // A check cannot run under a sync either.
+        assert!(Lock::shared(&dest).is_err());
+        drop(a);
+        assert!(
+            !partial_path(&dest).exists(),
+            "empty partial removed on release"
+        );
+        // A partial with data stays for the next run.
+        let a = Lock::exclusive(&dest).unwrap();
+        a.file().set_len(10).unwrap();
+        drop(a);
+        assert!(partial_path(&dest).exists());
+        let s = Lock::shared(&dest).unwrap();
+        assert!(s.is_some());
+        assert!(Lock::exclusive(&dest).is_err());
+    }
+}
