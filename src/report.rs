@@ -129,18 +129,26 @@ pub fn to_json(report: &Report) -> Value {
     })
 }
 
+/// The `--json` object of a run that failed before it had a result.
+pub fn error_json(exit_code: u8, msg: &str) -> Value {
+    json!({
+        "source_bytes": 0, "reused_bytes": 0, "literal_bytes": 0, "wire_bytes": 0,
+        "zero_bytes": 0, "duration_s": 0.0, "identical": Value::Null, "up_to_date": false,
+        "verified": false, "basis_cached": false, "differing_bytes": 0, "difference_count": 0,
+        "differences": [], "exit_code": exit_code, "error": msg,
+    })
+}
+
 /// Prints an error (and its JSON object under `--json`); returns its exit code.
 pub fn error(e: &anyhow::Error, json_out: bool) -> Exit {
     let exit = exit_code_of(e);
     let msg = message_of(e);
     if json_out {
-        let v = json!({
-            "source_bytes": 0, "reused_bytes": 0, "literal_bytes": 0, "wire_bytes": 0,
-            "zero_bytes": 0, "duration_s": 0.0, "identical": Value::Null, "up_to_date": false,
-            "verified": false, "basis_cached": false, "differing_bytes": 0, "difference_count": 0, "differences": [],
-            "exit_code": exit.code(), "error": msg,
-        });
-        let _ = writeln!(std::io::stdout().lock(), "{v}");
+        let _ = writeln!(
+            std::io::stdout().lock(),
+            "{}",
+            error_json(exit.code(), &msg)
+        );
     }
     eprintln!("vmsync: error: {msg}");
     exit

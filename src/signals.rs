@@ -85,10 +85,8 @@ fn on_signal(sig: libc::c_int) -> ! {
     };
     let code = 128 + sig;
     if JSON.load(Ordering::Relaxed) {
-        println!(
-            "{}",
-            serde_json::json!({"exit_code": code, "error": format!("interrupted by {name}")})
-        );
+        let v = crate::report::error_json(code as u8, &format!("interrupted by {name}"));
+        println!("{v}");
     }
     if !QUIET.load(Ordering::Relaxed) {
         eprintln!("vmsync: interrupted by {name}; the destination was left as it was");

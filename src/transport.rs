@@ -314,14 +314,23 @@ impl Peer {
     pub fn explain(mut self) -> String {
         // The child may still be running (we are the side that failed):
         // closing our ends is done by the caller dropping the pipes.
-        let status = match self.child.try_wait() {
-            Ok(Some(s)) => Some(s),
-            _ => {
-                let _ = self.child.kill();
-                None
+        // Our end of its stdin is closed, so a child that lost its peer is
+        // exiting: give it a moment to say how, then stop it.
+        let mut status = None;
+        for _ in 0..200 {
+            match self.child.try_wait() {
+                Ok(Some(s)) => {
+                    status = Some(s);
+                    break;
+                }
+                Ok(None) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                Err(_) => break,
             }
-        };
-        let status = status.or_else(|| self.child.wait().ok());
+        }
+        if status.is_none() {
+            let _ = self.child.kill();
+            status = self.child.wait().ok();
+        }
         signals::unregister_child(self.child.id());
         if let Some(h) = self.stderr.take() {
             let _ = h.join();
