@@ -18,7 +18,7 @@
 //! |--------|------|----------------------------------------------------|
 //! | 0      | 8    | magic `VMSYNCMC`                                   |
 //! | 8      | 4    | format version ([`CACHE_VERSION`])                 |
-//! | 12     | 4    | average chunk size the manifest was cut with       |
+//! | 12     | 4    | chunking the manifest was cut with (`ChunkParams::code`) |
 //! | 16     | 56   | dev, ino, size (u64 each), mtime s, mtime ns, ctime s, ctime ns (i64 each) |
 //! | 72     | 8    | entry count                                        |
 //! | 80     | …    | manifest batches, each: length u32 + a batch as in [`crate::manifest`] |
@@ -62,7 +62,7 @@ fn entry_path(dest: &Path, params: ChunkParams) -> Option<PathBuf> {
     let abs = std::path::absolute(dest).ok()?;
     let mut h = blake3::Hasher::new();
     h.update(abs.as_os_str().as_encoded_bytes());
-    h.update(&params.avg().to_le_bytes());
+    h.update(&params.code().to_le_bytes());
     Some(dir()?.join(format!("{}.manifest", &h.finalize().to_hex()[..32])))
 }
 
@@ -70,7 +70,7 @@ fn key(meta: &Metadata, params: ChunkParams) -> Vec<u8> {
     let mut k = Vec::with_capacity(HEADER);
     k.extend_from_slice(MAGIC);
     k.extend_from_slice(&CACHE_VERSION.to_le_bytes());
-    k.extend_from_slice(&params.avg().to_le_bytes());
+    k.extend_from_slice(&params.code().to_le_bytes());
     for v in [meta.dev(), meta.ino(), meta.len()] {
         k.extend_from_slice(&v.to_le_bytes());
     }

@@ -21,15 +21,24 @@ pub const MAX_CHUNK: u32 = MAX_AVG * 4;
 /// The default average chunk size.
 pub const DEFAULT_AVG: u32 = 64 * 1024;
 
-/// Validated chunk sizes: `min = avg / 4`, `max = avg * 4`, `avg` a power of two.
+/// Validated chunking: content-defined (`min = avg / 4`, `max = avg * 4`,
+/// `avg` a power of two) or fixed-size blocks at aligned offsets.
+///
+/// Fixed blocks skip the gear hash, so scanning is bound by BLAKE3 alone;
+/// they find unchanged data only where it has not moved, which is what raw
+/// disk images do. Content-defined chunks also find data that shifted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkParams {
     avg: u32,
+    fixed: bool,
 }
 
 impl Default for ChunkParams {
     fn default() -> Self {
-        ChunkParams { avg: DEFAULT_AVG }
+        ChunkParams {
+            avg: DEFAULT_AVG,
+            fixed: false,
+        }
     }
 }
 
@@ -49,16 +58,65 @@ impl ChunkParams {
                 ),
             ));
         }
-        Ok(ChunkParams { avg: avg as u32 })
+        Ok(ChunkParams {
+            avg: avg as u32,
+            fixed: false,
+        })
+    }
+
+    /// Fixed-size blocks: a power of two from 4 KiB to 4 MiB.
+    pub fn fixed(size: u64) -> anyhow::Result<ChunkParams> {
+        if !size.is_power_of_two() || size < u64::from(MIN_AVG) || size > u64::from(MAX_CHUNK) {
+            return Err(fail(
+                Exit::Usage,
+                format!(
+                    "invalid block size {size}: must be a power of two from {} to {} (e.g. 64K)",
+                    crate::units::bytes(MIN_AVG.into()),
+                    crate::units::bytes(MAX_CHUNK.into())
+                ),
+            ));
+        }
+        Ok(ChunkParams {
+            avg: size as u32,
+            fixed: true,
+        })
+    }
+
+    /// The chunking as one number on the wire and in cache keys: the average
+    /// chunk size, or the block size plus one for fixed blocks (sizes are
+    /// powers of two, so bit 0 is free).
+    pub fn code(&self) -> u32 {
+        self.avg | u32::from(self.fixed)
+    }
+
+    /// The inverse of [`ChunkParams::code`], validating as the constructors do.
+    pub fn from_code(code: u32) -> anyhow::Result<ChunkParams> {
+        if code & 1 == 1 {
+            ChunkParams::fixed(u64::from(code & !1))
+        } else {
+            ChunkParams::new(u64::from(code))
+        }
+    }
+
+    pub fn is_fixed(&self) -> bool {
+        self.fixed
     }
     pub fn avg(&self) -> u32 {
         self.avg
     }
     pub fn min(&self) -> u32 {
-        self.avg / 4
+        if self.fixed {
+            self.avg
+        } else {
+            self.avg / 4
+        }
     }
     pub fn max(&self) -> u32 {
-        self.avg * 4
+        if self.fixed {
+            self.avg
+        } else {
+            self.avg * 4
+        }
     }
 }
 
@@ -97,6 +155,11 @@ impl Cutter {
     ///
     /// `data` must hold at least `max` bytes, or all that is left of the file.
     pub fn cut(&self, data: &[u8]) -> usize {
+        if self.params.fixed {
+            // Blocks start at multiples of the size: the scan begins at 0
+            // and every block but the last is full.
+            return data.len().min(self.params.avg as usize);
+        }
         let (_, n) = fastcdc::v2020::cut(
             data,
             self.params.min() as usize,
@@ -153,6 +216,23 @@ mod tests {
         }
         let p = ChunkParams::default();
         assert_eq!((p.min(), p.avg(), p.max()), (16384, 65536, 262144));
+    }
+
+    #[test]
+    fn fixed_blocks_are_aligned_and_coded_apart() {
+        let p = ChunkParams::fixed(65536).unwrap();
+        assert_eq!((p.min(), p.max()), (65536, 65536));
+        let c = Cutter::new(p);
+        assert_eq!(c.cut(&[1u8; 200_000]), 65536);
+        assert_eq!(c.cut(&[1u8; 100]), 100);
+        assert_eq!(c.cut_zeros(1 << 30), 65536);
+        assert_ne!(p.code(), ChunkParams::new(65536).unwrap().code());
+        assert_eq!(ChunkParams::from_code(p.code()).unwrap(), p);
+        let d = ChunkParams::default();
+        assert_eq!(ChunkParams::from_code(d.code()).unwrap(), d);
+        for bad in [0u32, 1, 4099, 3 << 12, (8 << 20) | 1] {
+            assert!(ChunkParams::from_code(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

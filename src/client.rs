@@ -71,7 +71,7 @@ pub fn run(cfg: &Config, umask: u32) -> Result<Report> {
                 role: Role::Receive,
                 flags: open_flags,
                 compress_level: cfg.compress_level,
-                chunk_avg: cfg.params.avg(),
+                chunking: cfg.params.code(),
                 path,
                 source_name: src
                     .file_name()
@@ -103,7 +103,7 @@ pub fn run(cfg: &Config, umask: u32) -> Result<Report> {
                 role: Role::Send,
                 flags: open_flags,
                 compress_level: cfg.compress_level,
-                chunk_avg: cfg.params.avg(),
+                chunking: cfg.params.code(),
                 path: r.path.clone(),
                 source_name: Vec::new(),
             };

@@ -49,9 +49,15 @@ impl Config {
                 a.host, b.host
             )));
         }
-        let avg = crate::units::parse_size(&cli.chunk_size)
-            .map_err(|e| usage(format!("--chunk-size: {e}")))?;
-        let params = ChunkParams::new(avg)?;
+        let params = match &cli.block_size {
+            Some(b) => ChunkParams::fixed(
+                crate::units::parse_size(b).map_err(|e| usage(format!("--block-size: {e}")))?,
+            )?,
+            None => ChunkParams::new(
+                crate::units::parse_size(&cli.chunk_size)
+                    .map_err(|e| usage(format!("--chunk-size: {e}")))?,
+            )?,
+        };
         let rsh = split_command(&cli.rsh).map_err(|e| usage(format!("--rsh: {e}")))?;
         if cli.remote_path.trim().is_empty() {
             return Err(usage("--remote-path is empty"));

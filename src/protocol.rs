@@ -29,10 +29,10 @@
 //!
 //! | type | name           | direction     | payload |
 //! |------|----------------|---------------|---------|
-//! | 1    | `OPEN`         | client→server | role u8 (0 server sends, 1 server receives), flags u32, compress level u8, chunk avg u32, path bytes, source name bytes |
+//! | 1    | `OPEN`         | client→server | role u8 (0 server sends, 1 server receives), flags u32, compress level u8, chunking u32 (see `ChunkParams::code`), path bytes, source name bytes |
 //! | 2    | `ERROR`        | either        | exit code u8, message bytes (UTF-8, ≤ 64 KiB) |
 //! | 3    | `FILE_INFO`    | sender→recv   | size u64, mtime seconds i64, mtime nanoseconds u32, mode u32 |
-//! | 4    | `START`        | recv→sender   | u8: 0 = send the manifest, 1 = up to date (quick check) |
+//! | 4    | `START`        | recv→sender   | u8: 0 = send the manifest, 1 = up to date (quick check), 2 = send the manifest with every data chunk inline (nothing to reuse) |
 //! | 5    | `MANIFEST`     | sender→recv   | a manifest batch, see [`crate::manifest`] |
 //! | 6    | `MANIFEST_END` | sender→recv   | entry count u64, file digest [32] |
 //! | 7    | `REQUEST`      | recv→sender   | count u32 (1 ≤ n ≤ [`MAX_REQUEST`]), n entry indices u64 |
@@ -100,6 +100,18 @@ pub enum Role {
     Receive,
 }
 
+/// How the receiver wants the run to go (`START`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartMode {
+    /// Send the manifest; I will request what I lack.
+    Manifest,
+    /// Quick check: the destination is up to date; nothing follows but `DONE`.
+    UpToDate,
+    /// I hold nothing of this file: send every data chunk right after the
+    /// manifest batch that lists it, unasked.
+    Inline,
+}
+
 /// Option bits in `OPEN`.
 pub mod flags {
     pub const CHECK: u32 = 1;
@@ -115,7 +127,7 @@ pub struct Open {
     pub role: Role,
     pub flags: u32,
     pub compress_level: u8,
-    pub chunk_avg: u32,
+    pub chunking: u32,
     /// The server's path, raw bytes (Unix paths are bytes).
     pub path: Vec<u8>,
     /// File name of the source, for a destination that is a directory.
@@ -159,9 +171,7 @@ pub enum Msg {
         message: String,
     },
     FileInfo(FileInfo),
-    Start {
-        up_to_date: bool,
-    },
+    Start(StartMode),
     Manifest(Vec<u8>),
     ManifestEnd {
         count: u64,
@@ -198,7 +208,7 @@ impl Msg {
             Msg::Open(_) => "OPEN",
             Msg::Error { .. } => "ERROR",
             Msg::FileInfo(_) => "FILE_INFO",
-            Msg::Start { .. } => "START",
+            Msg::Start(_) => "START",
             Msg::Manifest(_) => "MANIFEST",
             Msg::ManifestEnd { .. } => "MANIFEST_END",
             Msg::Request(_) => "REQUEST",
@@ -233,7 +243,7 @@ impl Msg {
                 });
                 out.extend_from_slice(&o.flags.to_le_bytes());
                 out.push(o.compress_level);
-                out.extend_from_slice(&o.chunk_avg.to_le_bytes());
+                out.extend_from_slice(&o.chunking.to_le_bytes());
                 put_bytes(out, &o.path);
                 put_bytes(out, &o.source_name);
             }
@@ -250,9 +260,13 @@ impl Msg {
                 out.extend_from_slice(&f.mtime_nsec.to_le_bytes());
                 out.extend_from_slice(&f.mode.to_le_bytes());
             }
-            Msg::Start { up_to_date } => {
+            Msg::Start(m) => {
                 out.push(T_START);
-                out.push(u8::from(*up_to_date));
+                out.push(match m {
+                    StartMode::Manifest => 0,
+                    StartMode::UpToDate => 1,
+                    StartMode::Inline => 2,
+                });
             }
             Msg::Manifest(batch) => {
                 out.push(T_MANIFEST);
@@ -347,14 +361,14 @@ impl Msg {
                     return Err(malformed(format!("OPEN with unknown flags {flags:#x}")));
                 }
                 let compress_level = r.u8()?;
-                let chunk_avg = r.u32()?;
+                let chunking = r.u32()?;
                 let path = r.bytes(MAX_PATH)?.to_vec();
                 let source_name = r.bytes(MAX_PATH)?.to_vec();
                 Msg::Open(Open {
                     role,
                     flags,
                     compress_level,
-                    chunk_avg,
+                    chunking,
                     path,
                     source_name,
                 })
@@ -370,13 +384,12 @@ impl Msg {
                 mtime_nsec: r.u32()?,
                 mode: r.u32()?,
             }),
-            T_START => Msg::Start {
-                up_to_date: match r.u8()? {
-                    0 => false,
-                    1 => true,
-                    x => return Err(malformed(format!("START with value {x}"))),
-                },
-            },
+            T_START => Msg::Start(match r.u8()? {
+                0 => StartMode::Manifest,
+                1 => StartMode::UpToDate,
+                2 => StartMode::Inline,
+                x => return Err(malformed(format!("START with value {x}"))),
+            }),
             T_MANIFEST => Msg::Manifest(r.rest().to_vec()),
             T_MANIFEST_END => {
                 let count = r.u64()?;
@@ -732,7 +745,7 @@ mod tests {
             role: Role::Receive,
             flags: flags::CHECK | flags::VERIFY,
             compress_level: 3,
-            chunk_avg: 65536,
+            chunking: 65536,
             path: b"/srv/a b/disk.img".to_vec(),
             source_name: b"disk.img".to_vec(),
         }));
@@ -746,7 +759,8 @@ mod tests {
             mtime_nsec: 999_999_999,
             mode: 0o100644,
         }));
-        round_trip(Msg::Start { up_to_date: true });
+        round_trip(Msg::Start(StartMode::UpToDate));
+        round_trip(Msg::Start(StartMode::Inline));
         round_trip(Msg::Manifest(vec![1, 2, 3]));
         round_trip(Msg::ManifestEnd {
             count: 7,
@@ -813,7 +827,7 @@ mod tests {
     #[test]
     fn truncated_stream_is_connection_error() {
         let mut w = FrameWriter::new(Vec::new(), "peer");
-        w.send_now(&Msg::Start { up_to_date: false }).unwrap();
+        w.send_now(&Msg::Start(StartMode::Manifest)).unwrap();
         let bytes = w.inner.into_inner().unwrap();
         for cut in 0..bytes.len() {
             let mut r = FrameReader::new(&bytes[..cut], "peer");
@@ -821,7 +835,7 @@ mod tests {
             assert_eq!(exit_code_of(&e), Exit::Connection);
         }
         let mut r = FrameReader::new(&bytes[..], "peer");
-        assert_eq!(r.read_msg().unwrap(), Msg::Start { up_to_date: false });
+        assert_eq!(r.read_msg().unwrap(), Msg::Start(StartMode::Manifest));
     }
 
     #[test]

@@ -33,7 +33,9 @@ use crate::hash::{ChunkHash, ChunkHashMap};
 use crate::lock::Lock;
 use crate::manifest::{Entry, Kind, Validator};
 use crate::progress::Progress;
-use crate::protocol::{FileInfo, FrameReader, FrameWriter, Msg, Summary, MAX_RANGES, MAX_REQUEST};
+use crate::protocol::{
+    FileInfo, FrameReader, FrameWriter, Msg, StartMode, Summary, MAX_RANGES, MAX_REQUEST,
+};
 use crate::refine::{self, BlockIndex, PieceSource};
 use crate::scan::{self, read_full, Content, Extents};
 use crate::verify::Comparer;
@@ -117,7 +119,7 @@ where
         Some(Lock::exclusive(&dest)?)
     };
     if opts.check {
-        writer.send_now(&Msg::Start { up_to_date: false })?;
+        writer.send_now(&Msg::Start(StartMode::Manifest))?;
         let summary = check(&dest, regular, &info, &mut reader, opts, progress)?;
         writer.send_now(&Msg::Done(summary.clone()))?;
         return Ok(summary);
@@ -135,7 +137,7 @@ where
                     source_bytes: info.size,
                     ..Summary::default()
                 };
-                writer.send_now(&Msg::Start { up_to_date: true })?;
+                writer.send_now(&Msg::Start(StartMode::UpToDate))?;
                 writer.send_now(&Msg::Done(s.clone()))?;
                 return Ok(s);
             }
@@ -154,17 +156,35 @@ where
             ),
         ));
     }
-    writer.send_now(&Msg::Start { up_to_date: false })?;
+    let lock = lock.expect("a sync holds the exclusive lock");
+    let partial_len = lock.file().metadata().map_or(0, |m| m.len());
+    let resume = !opts.no_partial && !opts.inplace && partial_len > 0;
+    // Nothing here to reuse: have every chunk sent unasked, saving the
+    // sender a second read and us the request round trips.
+    let inline = regular.is_none_or(|m| m.len() == 0) && !resume;
+    writer.send_now(&Msg::Start(if inline {
+        StartMode::Inline
+    } else {
+        StartMode::Manifest
+    }))?;
     progress.set_total(info.size);
 
-    // Drain the connection from here on (see the module doc).
-    let (tx, rx) = mpsc::channel::<Result<Msg>>();
+    // Drain the connection from here on (see the module doc). Inline, we
+    // send nothing until the end, so a bounded queue is safe and is what
+    // keeps a fast sender from filling our memory.
+    let (tx, rx) = if inline {
+        let (tx, rx) = mpsc::sync_channel::<Result<Msg>>(64);
+        (Forward::Bounded(tx), rx)
+    } else {
+        let (tx, rx) = mpsc::channel::<Result<Msg>>();
+        (Forward::Unbounded(tx), rx)
+    };
     std::thread::Builder::new()
         .name("receive".into())
         .spawn(move || loop {
             let m = reader.read_msg();
             let stop = m.is_err();
-            if tx.send(m).is_err() || stop {
+            if !tx.send(m) || stop {
                 return;
             }
         })
@@ -176,10 +196,8 @@ where
     };
     // What an interrupted run left: resumed from (written in place), unless
     // --no-partial says to start over.
-    let lock = lock.expect("a sync holds the exclusive lock");
     let mut partial = None;
-    let partial_len = lock.file().metadata().map_or(0, |m| m.len());
-    if !opts.no_partial && !opts.inplace && partial_len > 0 {
+    if resume {
         partial = Basis::index(lock.path(), opts, false)?;
         if let Some(p) = &mut partial {
             p.alias = true;
@@ -225,6 +243,7 @@ where
         out,
         spec,
         lazy_copies: Vec::new(),
+        inline,
         basis,
         partial,
         decoder: None,
@@ -343,6 +362,22 @@ where
     progress.finish();
     writer.send_now(&Msg::Done(summary.clone()))?;
     Ok(summary)
+}
+
+/// The reader thread's end of its queue.
+enum Forward {
+    Bounded(mpsc::SyncSender<Result<Msg>>),
+    Unbounded(mpsc::Sender<Result<Msg>>),
+}
+
+impl Forward {
+    /// False once the receiving side is gone.
+    fn send(&self, m: Result<Msg>) -> bool {
+        match self {
+            Forward::Bounded(t) => t.send(m).is_ok(),
+            Forward::Unbounded(t) => t.send(m).is_ok(),
+        }
+    }
 }
 
 /// A destination that is a directory (or ends in `/`) gets the source's name.
@@ -598,6 +633,8 @@ struct Run<'a> {
     /// because no output exists yet (see `OutSpec`).
     lazy_copies: Vec<(usize, u64)>,
     spec: OutSpec,
+    /// The sender sends every data chunk unasked (`StartMode::Inline`).
+    inline: bool,
     /// Plans of chunks in state `Pieces`.
     plans: HashMap<usize, Vec<PieceSource>>,
     blocks: Option<BlockIndex>,
@@ -616,7 +653,7 @@ impl Run<'_> {
     /// Handles entries in order while the request window has room.
     fn advance(&mut self) -> Result<()> {
         let mut copies: Vec<(usize, u64)> = Vec::new();
-        while self.next < self.entries.len() && self.outstanding < WINDOW {
+        while self.next < self.entries.len() && (self.inline || self.outstanding < WINDOW) {
             let i = self.next;
             self.next += 1;
             let e = self.entries[i];
@@ -891,7 +928,9 @@ impl Run<'_> {
     fn request(&mut self, i: usize, len: u32) {
         self.state[i] = State::Requested;
         self.outstanding += u64::from(len);
-        self.requests.push(i as u64);
+        if !self.inline {
+            self.requests.push(i as u64);
+        }
     }
 
     /// Atomic mode: copies from the basis in parallel (read, hash, write).

@@ -118,14 +118,25 @@ impl Extents {
 
 /// Scans `size` bytes of `file` and hands the chunk records to `sink` in
 /// file order, one batch per segment.
-///
-/// `progress` is told how many bytes of the file each batch covers.
 pub fn scan(
     file: &File,
     size: u64,
     extents: &mut Extents,
     cutter: &Cutter,
     mut sink: impl FnMut(Vec<ChunkRec>) -> Result<()>,
+) -> Result<()> {
+    scan_with_data(file, size, extents, cutter, |recs, _, _| sink(recs))
+}
+
+/// [`scan`], also handing over the segment the records were cut from and
+/// its file offset, so a data chunk's bytes are
+/// `&data[(rec.offset - at) as usize..][..rec.len]` without reading them again.
+pub fn scan_with_data(
+    file: &File,
+    size: u64,
+    extents: &mut Extents,
+    cutter: &Cutter,
+    mut sink: impl FnMut(Vec<ChunkRec>, &[u8], u64) -> Result<()>,
 ) -> Result<()> {
     let max = cutter.params().max() as u64;
     let mut buf = vec![0u8; SEGMENT + max as usize];
@@ -171,7 +182,7 @@ fn flush(
     buf_start: u64,
     cuts: &mut Vec<(usize, usize)>,
     pending: &mut Vec<Pending>,
-    sink: &mut impl FnMut(Vec<ChunkRec>) -> Result<()>,
+    sink: &mut impl FnMut(Vec<ChunkRec>, &[u8], u64) -> Result<()>,
 ) -> Result<()> {
     if pending.is_empty() {
         return Ok(());
@@ -203,7 +214,7 @@ fn flush(
         })
         .collect();
     cuts.clear();
-    sink(recs)
+    sink(recs, buf, buf_start)
 }
 
 /// `read_exact_at` that names the problem: a file that shrank under us

@@ -22,7 +22,7 @@ use crate::error::{exit_code_of, fail, Exit, WithExit};
 use crate::hash::ChunkHash;
 use crate::manifest::{self, Builder, Entry, Kind};
 use crate::progress::Progress;
-use crate::protocol::{ChunkMsg, FileInfo, FrameReader, FrameWriter, Msg, Summary};
+use crate::protocol::{ChunkMsg, FileInfo, FrameReader, FrameWriter, Msg, StartMode, Summary};
 use crate::refine;
 use crate::scan::{self, read_full, Extents};
 
@@ -121,7 +121,9 @@ pub struct SendOptions {
 }
 
 enum Event {
-    Batch(Vec<Entry>),
+    /// Manifest entries, and in inline mode the `CHUNK`s of their data
+    /// chunks, compressed on the scanning thread.
+    Batch(Vec<Entry>, Vec<ChunkMsg>),
     ScanDone(u64, ChunkHash),
     /// `REQUEST`, `BLOCK_REQUEST` or `PIECE_REQUEST`.
     Peer(Msg),
@@ -142,20 +144,21 @@ where
     W: Write,
 {
     writer.send_now(&Msg::FileInfo(src.info))?;
-    match reader.read_msg()? {
-        Msg::Start { up_to_date: true } => {
+    let inline = match reader.read_msg()? {
+        Msg::Start(StartMode::UpToDate) => {
             return match reader.read_msg()? {
                 Msg::Done(s) => Ok(s),
                 m => Err(m.unexpected("DONE")),
             }
         }
-        Msg::Start { up_to_date: false } => {}
+        Msg::Start(StartMode::Manifest) => false,
+        Msg::Start(StartMode::Inline) => true,
         m => return Err(m.unexpected("START")),
-    }
+    };
     progress.set_total(src.info.size);
 
     let (tx, rx) = mpsc::sync_channel::<Event>(16);
-    spawn_scanner(src, opts.params, tx.clone(), progress.clone())?;
+    spawn_scanner(src, opts, inline, tx.clone(), progress.clone())?;
     let peer_tx = tx;
     std::thread::Builder::new()
         .name("requests".into())
@@ -188,11 +191,14 @@ where
                 .recv()
                 .map_err(|_| fail(Exit::Connection, "the connection ended without a result"))?;
             match ev {
-                Event::Batch(v) => {
+                Event::Batch(v, chunks) => {
                     for part in v.chunks(manifest::MAX_BATCH) {
                         batch.clear();
                         manifest::encode_batch(part, &mut batch);
                         writer.send(&Msg::Manifest(std::mem::take(&mut batch)))?;
+                    }
+                    for c in chunks {
+                        writer.send(&Msg::Chunk(c))?;
                     }
                     entries.extend(v);
                     writer.flush()?;
@@ -204,7 +210,7 @@ where
                 Event::Peer(Msg::Request(idx)) => {
                     for i in idx {
                         load(src, &entries, i, &mut raw)?;
-                        send_data(writer, &mut encoder, i, &raw, false)?;
+                        writer.send(&Msg::Chunk(chunk_msg(&mut encoder, i, &raw, false)?))?;
                     }
                     writer.flush()?;
                 }
@@ -239,7 +245,7 @@ where
                             wanted.extend_from_slice(&raw[a..a + len as usize]);
                         }
                     }
-                    send_data(writer, &mut encoder, index, &wanted, true)?;
+                    writer.send(&Msg::Chunk(chunk_msg(&mut encoder, index, &wanted, true)?))?;
                     writer.flush()?;
                 }
                 Event::Peer(m) => return Err(m.unexpected("a request")),
@@ -297,14 +303,13 @@ fn load(src: &Source, entries: &[Entry], i: u64, buf: &mut Vec<u8>) -> Result<u6
     Ok(offset)
 }
 
-/// Sends `data` (a whole chunk, or the pieces asked for) as a `CHUNK`.
-fn send_data<W: Write>(
-    writer: &mut FrameWriter<W>,
+/// `data` (a whole chunk, or the pieces asked for) as a `CHUNK` message.
+fn chunk_msg(
     encoder: &mut Option<StreamEncoder>,
     index: u64,
     data: &[u8],
     pieces: bool,
-) -> Result<()> {
+) -> Result<ChunkMsg> {
     let (compressed, payload) = match encoder {
         Some(enc) => {
             let mut out = Vec::new();
@@ -313,18 +318,19 @@ fn send_data<W: Write>(
         }
         None => (false, data.to_vec()),
     };
-    writer.send(&Msg::Chunk(ChunkMsg {
+    Ok(ChunkMsg {
         index,
         raw_len: data.len() as u32,
         compressed,
         pieces,
         payload,
-    }))
+    })
 }
 
 fn spawn_scanner(
     src: &Source,
-    params: ChunkParams,
+    opts: &SendOptions,
+    inline: bool,
     tx: mpsc::SyncSender<Event>,
     progress: Progress,
 ) -> Result<()> {
@@ -334,31 +340,51 @@ fn spawn_scanner(
         .context("cannot duplicate the source file handle")?;
     let size = src.info.size;
     let path = src.path.clone();
+    let params = opts.params;
+    // Inline, this thread compresses too: the stream's order is the scan's.
+    let mut encoder = match (inline, opts.compress_level) {
+        (true, l) if l > 0 => Some(StreamEncoder::new(l)?),
+        _ => None,
+    };
     std::thread::Builder::new()
         .name("scan".into())
         .spawn(move || {
             let cutter = Cutter::new(params);
             let mut extents = Extents::of(&file, size);
             let mut builder = Builder::default();
-            let r = scan::scan(&file, size, &mut extents, &cutter, |recs| {
+            let mut emitted: u64 = 0;
+            let r = scan::scan_with_data(&file, size, &mut extents, &cutter, |recs, data, at| {
                 let mut out = Vec::with_capacity(recs.len());
+                let mut chunks = Vec::new();
                 let mut covered = 0;
                 for r in &recs {
+                    let before = out.len();
                     builder.push(r, &mut out);
                     covered += u64::from(r.len);
+                    if !inline {
+                        continue;
+                    }
+                    for (k, e) in out[before..].iter().enumerate() {
+                        if let Kind::Data { len, .. } = e.kind {
+                            let bytes = &data[(e.offset - at) as usize..][..len as usize];
+                            let index = emitted + (before + k) as u64;
+                            chunks.push(chunk_msg(&mut encoder, index, bytes, false)?);
+                        }
+                    }
                 }
+                emitted += out.len() as u64;
                 progress.advance(covered);
                 if out.is_empty() {
                     return Ok(());
                 }
-                tx.send(Event::Batch(out))
+                tx.send(Event::Batch(out, chunks))
                     .map_err(|_| anyhow::anyhow!("sender stopped"))
             });
             let ev = match r {
                 Ok(()) => {
                     let mut tail = Vec::new();
                     let (count, digest) = builder.finish(&mut tail);
-                    if !tail.is_empty() && tx.send(Event::Batch(tail)).is_err() {
+                    if !tail.is_empty() && tx.send(Event::Batch(tail, Vec::new())).is_err() {
                         return;
                     }
                     Event::ScanDone(count, digest)

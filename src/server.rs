@@ -58,7 +58,7 @@ fn serve_on(
             format!("compression level {} out of range", open.compress_level),
         ));
     }
-    let params = ChunkParams::new(u64::from(open.chunk_avg))
+    let params = ChunkParams::from_code(open.chunking)
         .map_err(|e| fail(Exit::Protocol, format!("protocol error: {e}")))?;
     let path = bytes_path(&open.path);
     let quiet = Progress::hidden();

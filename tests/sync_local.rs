@@ -583,3 +583,54 @@ fn directory_destination_receives_the_source_file_name() {
 
     pair.assert_synced();
 }
+
+#[test]
+fn fixed_blocks_send_only_the_changed_pages_but_not_shifted_data() {
+    let old = mixed_bytes(41, (32 * MIB) as usize);
+    // Two scattered 8 KiB page rewrites, aligned as a database writes them.
+    let mut edited = with_edit(&old, (5 * MIB) as usize, 8192, 42);
+    edited = with_edit(&edited, (17 * MIB + 64 * KIB) as usize, 8192, 43);
+    let pair = Pair::new();
+    pair.write_src(&edited);
+    pair.write_dst(&old);
+    let (_, v) = sync(&pair, &["--block-size", "64K"]);
+    pair.assert_synced();
+    assert_accounting(&v);
+    assert_eq!(json_u64(&v, "literal_bytes"), 2 * 8192, "{v}");
+
+    // One inserted byte moves everything after it off the block grid:
+    // fixed blocks resend that part, content-defined chunks do not.
+    let shifted = with_insertion(&old, (16 * MIB) as usize, b"!");
+    let mut literal = Vec::new();
+    for opts in [&["--block-size", "64K"][..], &[][..]] {
+        let pair = Pair::new();
+        pair.write_src(&shifted);
+        pair.write_dst(&old);
+        let (_, v) = sync(&pair, opts);
+        pair.assert_synced();
+        literal.push(json_u64(&v, "literal_bytes"));
+    }
+    assert!(
+        literal[0] > 4 * MIB,
+        "fixed blocks after a shift: {literal:?}"
+    );
+    assert!(
+        literal[1] < 512 * KIB,
+        "content-defined after a shift: {literal:?}"
+    );
+}
+
+#[test]
+fn bad_block_sizes_and_both_chunkings_are_usage_errors() {
+    let pair = Pair::new();
+    pair.write_src(b"x");
+    for bad in [
+        &["--block-size", "3K"][..],
+        &["--block-size", "8M"],
+        &["--block-size", "64K", "--chunk-size", "16K"],
+    ] {
+        let run = vmsync().args(bad).arg(&pair.src).arg(&pair.dst).run();
+        run.assert_code(exit::USAGE);
+    }
+    assert!(!pair.dst.exists());
+}
