@@ -145,6 +145,10 @@ pub struct Cli {
     #[arg(long)]
     pub json: bool,
 
+    /// Say what each phase does and how long it takes, on stderr (-vv: more detail).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
     /// No progress bar and no messages except errors.
     #[arg(short, long)]
     pub quiet: bool,

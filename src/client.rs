@@ -59,6 +59,7 @@ pub fn run(cfg: &Config, umask: u32) -> Result<Report> {
             open_flags |= bit;
         }
     }
+    open_flags |= u32::from(crate::log::level().min(3)) << flags::VERBOSE_SHIFT;
     let (summary, source_bytes, wire_bytes) = match (&cfg.src, &cfg.dst) {
         (Operand::Local(src), dst) => {
             // Fail on a missing source before dialing anyone.

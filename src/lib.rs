@@ -24,6 +24,7 @@ pub mod config;
 pub mod error;
 pub mod hash;
 pub mod lock;
+pub mod log;
 pub mod manifest;
 pub mod progress;
 pub mod protocol;

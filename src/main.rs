@@ -15,6 +15,7 @@ fn main() -> ExitCode {
         return ExitCode::from(server::serve(umask).code());
     }
     signals::set_json(cli.json);
+    vmsync::log::init(if cli.quiet { 0 } else { cli.verbose });
     let outcome = Config::from_cli(&cli).and_then(|cfg| {
         let r = client::run(&cfg, umask)?;
         Ok((cfg, r))

@@ -119,7 +119,10 @@ pub mod flags {
     pub const CHECKSUM: u32 = 4;
     pub const VERIFY: u32 = 8;
     pub const NO_PARTIAL: u32 = 16;
-    pub const ALL: u32 = CHECK | INPLACE | CHECKSUM | VERIFY | NO_PARTIAL;
+    /// Two bits: the client's `-v` level, for the server's log lines.
+    pub const VERBOSE_SHIFT: u32 = 5;
+    pub const VERBOSE: u32 = 3 << VERBOSE_SHIFT;
+    pub const ALL: u32 = CHECK | INPLACE | CHECKSUM | VERIFY | NO_PARTIAL | VERBOSE;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -190,10 +190,29 @@ where
         })
         .context("cannot start a thread")?;
 
+    crate::vlog!(
+        1,
+        "receiver: {} ({} bytes), mode {:?}",
+        dest.display(),
+        info.size,
+        if inline { "inline" } else { "manifest" }
+    );
     let mut basis = match regular {
         Some(_) => Basis::index(&dest, opts, true)?,
         None => None,
     };
+    if let Some(b) = &basis {
+        crate::vlog!(
+            1,
+            "receiver: old file indexed: {} chunks{}",
+            b.chunks.len(),
+            if b.from_cache {
+                " (from the manifest cache)"
+            } else {
+                ""
+            }
+        );
+    }
     // What an interrupted run left: resumed from (written in place), unless
     // --no-partial says to start over.
     let mut partial = None;
@@ -274,6 +293,11 @@ where
                 Msg::ManifestEnd { count, digest } => {
                     run.validator.finish(count, &digest)?;
                     manifest_done = true;
+                    crate::vlog!(
+                        1,
+                        "receiver: manifest complete: {count} entries, {} chunks to refine",
+                        run.deferred.len()
+                    );
                     run.start_refinement()?;
                     run.advance()?;
                 }
@@ -343,6 +367,7 @@ where
         }
         Ok(())
     };
+    crate::vlog!(1, "receiver: all data written; committing");
     let written = match out {
         Some(out) => out.commit(&info, verify)?,
         None => {
@@ -357,6 +382,7 @@ where
     };
     // Best effort: without a cache entry the next run reads the file instead.
     let _ = cache::store(&dest, &written, opts.params, &entries);
+    crate::vlog!(1, "receiver: committed {}", dest.display());
     summary.verified = opts.verify;
     summary.source_bytes = info.size;
     progress.finish();
@@ -778,6 +804,11 @@ impl Run<'_> {
             .map(|&(o, l, _)| (o, o + u64::from(l)))
             .collect();
         self.blocks = Some(BlockIndex::build(&basis.file, basis.size, &unmatched)?);
+        crate::vlog!(
+            1,
+            "receiver: block index of unmatched old data: {} blocks",
+            self.blocks.as_ref().map_or(0, BlockIndex::len)
+        );
         Ok(())
     }
 
@@ -1022,6 +1053,15 @@ impl Run<'_> {
             if b.alias && out.is_dirty(src, src + u64::from(len)) {
                 continue;
             }
+            if b.alias && src == offset {
+                // Already where it belongs and not copied anywhere: nothing
+                // to read or write. Its hash is this run's scan of the file,
+                // or a cache entry checked against the file's ctime.
+                self.state[i] = State::Done;
+                self.summary.reused_bytes += u64::from(len);
+                self.progress.advance(u64::from(len));
+                return Ok(true);
+            }
             self.buf.resize(len as usize, 0);
             if read_full(&b.file, &mut self.buf, src).is_err() {
                 continue;
@@ -1029,13 +1069,11 @@ impl Run<'_> {
             let Some(v) = writer::verify(&self.buf, hash) else {
                 continue;
             };
-            if !(b.alias && src == offset) {
-                out.write(offset, v)?;
-                self.out
-                    .as_mut()
-                    .expect("in place has an output")
-                    .mark_dirty(offset, end);
-            }
+            out.write(offset, v)?;
+            self.out
+                .as_mut()
+                .expect("in place has an output")
+                .mark_dirty(offset, end);
             self.state[i] = State::Done;
             self.summary.reused_bytes += u64::from(len);
             self.progress.advance(u64::from(len));

@@ -156,6 +156,13 @@ where
         m => return Err(m.unexpected("START")),
     };
     progress.set_total(src.info.size);
+    crate::vlog!(
+        1,
+        "sender: scanning {} ({} bytes){}",
+        src.path.display(),
+        src.info.size,
+        if inline { ", all chunks inline" } else { "" }
+    );
 
     let (tx, rx) = mpsc::sync_channel::<Event>(16);
     spawn_scanner(src, opts, inline, tx.clone(), progress.clone())?;
@@ -204,6 +211,7 @@ where
                     writer.flush()?;
                 }
                 Event::ScanDone(count, digest) => {
+                    crate::vlog!(1, "sender: scan done: {count} entries");
                     src.check_unchanged()?;
                     writer.send_now(&Msg::ManifestEnd { count, digest })?;
                 }

@@ -60,6 +60,7 @@ fn serve_on(
     }
     let params = ChunkParams::from_code(open.chunking)
         .map_err(|e| fail(Exit::Protocol, format!("protocol error: {e}")))?;
+    crate::log::init(((open.flags & flags::VERBOSE) >> flags::VERBOSE_SHIFT) as u8);
     let path = bytes_path(&open.path);
     let quiet = Progress::hidden();
     match open.role {

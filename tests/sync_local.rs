@@ -634,3 +634,34 @@ fn bad_block_sizes_and_both_chunkings_are_usage_errors() {
     }
     assert!(!pair.dst.exists());
 }
+
+#[test]
+fn verbose_logs_each_phase_of_both_ends() {
+    let pair = Pair::new();
+    pair.write_src(&mixed_bytes(44, MIB as usize));
+    let run = vmsync().arg("-v").arg(&pair.src).arg(&pair.dst).run();
+    run.assert_ok();
+    pair.assert_synced();
+    for phase in [
+        "sender: scanning",
+        "sender: scan done",
+        "receiver: committed",
+    ] {
+        assert!(
+            run.stderr.contains(phase),
+            "no '{phase}' in stderr:\n{}",
+            run.stderr
+        );
+    }
+    let quiet = vmsync()
+        .args(["-v", "-q", "-c"])
+        .arg(&pair.src)
+        .arg(&pair.dst)
+        .run();
+    quiet.assert_ok();
+    assert!(
+        !quiet.stderr.contains("receiver:"),
+        "-q must silence -v:\n{}",
+        quiet.stderr
+    );
+}
