@@ -272,10 +272,15 @@ where
     };
     let mut manifest_done = false;
     let result = (|| -> Result<()> {
+        // A message taken off the queue early (see BLOCK_HASHES below).
+        let mut stashed: Option<Result<Msg>> = None;
         loop {
-            let msg = rx
-                .recv()
-                .map_err(|_| fail(Exit::Connection, "the connection ended unexpectedly"))??;
+            let msg = match stashed.take() {
+                Some(m) => m?,
+                None => rx
+                    .recv()
+                    .map_err(|_| fail(Exit::Connection, "the connection ended unexpectedly"))??,
+            };
             match msg {
                 Msg::Manifest(payload) => {
                     if manifest_done {
@@ -306,7 +311,21 @@ where
                     run.advance()?;
                 }
                 Msg::BlockHashes { index, hashes } => {
-                    run.plan(index, hashes)?;
+                    // Take every piece-hash answer already here, to plan them together.
+                    let mut batch = vec![(index, hashes)];
+                    while batch.len() < 4096 {
+                        match rx.try_recv() {
+                            Ok(Ok(Msg::BlockHashes { index, hashes })) => {
+                                batch.push((index, hashes))
+                            }
+                            Ok(other) => {
+                                stashed = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    run.plan(batch)?;
                     run.advance()?;
                 }
                 m => return Err(m.unexpected("MANIFEST, MANIFEST_END or CHUNK")),
@@ -832,64 +851,56 @@ impl Run<'_> {
         }
     }
 
-    /// Piece hashes of a chunk we lack: find what we can locally, ask for the rest.
-    fn plan(&mut self, index: u64, hashes: Vec<refine::PieceHash>) -> Result<()> {
-        let i = self.expect_state(index, State::Refining)?;
-        let e = self.entries[i];
-        let Kind::Data { len, hash } = e.kind else {
-            unreachable!("only data entries are refined")
-        };
-        if hashes.len() != refine::piece_count(e.offset, len) {
-            return Err(fail(
-                Exit::Protocol,
-                format!(
-                    "protocol error: {} piece hashes for chunk {i}",
-                    hashes.len()
-                ),
-            ));
+    /// Piece hashes of chunks we lack: find what we can locally (planned in
+    /// parallel: each plan reads and hashes old data), ask for the rest.
+    fn plan(&mut self, batch: Vec<(u64, Vec<refine::PieceHash>)>) -> Result<()> {
+        let mut todo = Vec::with_capacity(batch.len());
+        for (index, hashes) in batch {
+            let i = self.expect_state(index, State::Refining)?;
+            let e = self.entries[i];
+            if hashes.len() != refine::piece_count(e.offset, e.len() as u32) {
+                return Err(fail(
+                    Exit::Protocol,
+                    format!(
+                        "protocol error: {} piece hashes for chunk {i}",
+                        hashes.len()
+                    ),
+                ));
+            }
+            todo.push((i, hashes));
         }
         let basis = self.basis.as_ref().expect("refinement needs a basis");
         let blocks = self.blocks.as_ref().expect("refinement has a block index");
-        let mut plan = Vec::with_capacity(hashes.len());
-        let mut buf = vec![0u8; refine::BLOCK as usize];
-        for ((start, plen), want) in refine::pieces(e.offset, len).zip(&hashes) {
-            let end = start + u64::from(plen);
-            let mut found = PieceSource::Wire;
-            // Same offset first: in-place rewrites leave the neighbours there.
-            if end <= basis.size && !self.is_dirty(start, end) {
-                let b = &mut buf[..plen as usize];
-                if read_full(&basis.file, b, start).is_ok() && &refine::piece_hash(b) == want {
-                    found = PieceSource::Basis(start);
-                }
+        let dirty =
+            |s: u64, e: u64| basis.alias && self.out.as_ref().is_some_and(|o| o.is_dirty(s, e));
+        let plans: Vec<Vec<PieceSource>> = todo
+            .par_iter()
+            .map(|(i, hashes)| make_plan(&self.entries[*i], hashes, basis, blocks, &dirty))
+            .collect();
+        for ((i, _), plan) in todo.into_iter().zip(plans) {
+            let Kind::Data { hash, .. } = self.entries[i].kind else {
+                unreachable!("only data entries are refined")
+            };
+            let wire = plan.iter().filter(|p| **p == PieceSource::Wire).count();
+            if wire == plan.len() {
+                // Nothing of it here: the whole chunk is the same bytes, one message.
+                self.state[i] = State::Requested;
+                self.requests.push(i as u64);
+                continue;
             }
-            if found == PieceSource::Wire && u64::from(plen) == refine::BLOCK {
-                if let Some(at) = blocks.get(want) {
-                    if !self.is_dirty(at, at + refine::BLOCK) {
-                        found = PieceSource::Basis(at);
-                    }
-                }
-            }
-            plan.push(found);
-        }
-        let wire = plan.iter().filter(|p| **p == PieceSource::Wire).count();
-        if wire == plan.len() {
-            // Nothing of it here: the whole chunk is the same bytes, one message.
-            self.state[i] = State::Requested;
-            self.requests.push(i as u64);
-            return Ok(());
-        }
-        if wire == 0 {
             self.state[i] = State::Pieces;
+            if wire == 0 {
+                self.plans.insert(i, plan);
+                self.assemble(i, &hash, &[])?;
+                continue;
+            }
+            self.piece_requests.push(Msg::PieceRequest {
+                index: i as u64,
+                count: plan.len() as u32,
+                bitmap: refine::bitmap(&plan),
+            });
             self.plans.insert(i, plan);
-            return self.assemble(i, &hash, &[]);
         }
-        self.piece_requests.push(Msg::PieceRequest {
-            index,
-            count: plan.len() as u32,
-            bitmap: refine::bitmap(&plan),
-        });
-        self.state[i] = State::Pieces;
-        self.plans.insert(i, plan);
         Ok(())
     }
 
@@ -901,10 +912,25 @@ impl Run<'_> {
         let plan = self.plans.remove(&i).expect("a plan for pieces");
         let basis = self.basis.as_ref().expect("refinement needs a basis");
         let mut chunk = vec![0u8; e.len() as usize];
-        let mut wire_pos = 0usize;
         let mut ok = true;
+        // Pieces found at their own offset: one read for all of them.
+        let same = plan
+            .iter()
+            .filter(|p| matches!(p, PieceSource::Basis(_)))
+            .count()
+            > 1;
+        let same_end = e.end().min(basis.size);
+        if same && same_end > e.offset {
+            let n = (same_end - e.offset) as usize;
+            ok = !self.is_dirty(e.offset, same_end)
+                && read_full(&basis.file, &mut chunk[..n], e.offset).is_ok();
+        }
+        let mut wire_pos = 0usize;
         let mut from_wire = 0u64;
         for ((start, plen), src) in refine::pieces(e.offset, e.len() as u32).zip(&plan) {
+            if same && *src == PieceSource::Basis(start) {
+                continue; // read above
+            }
             let a = (start - e.offset) as usize;
             let dst = &mut chunk[a..a + plen as usize];
             match *src {
@@ -1232,4 +1258,47 @@ impl Run<'_> {
             && self.refined == self.deferred.len()
             && self.requests.is_empty()
     }
+}
+
+/// Where each piece of chunk `e` can come from: the old file at the same
+/// offset (read once for the whole chunk), else a block of unmatched old
+/// data with the same piece hash, else the wire. `dirty` says which old
+/// ranges were overwritten this run (in place).
+fn make_plan(
+    e: &Entry,
+    hashes: &[refine::PieceHash],
+    basis: &Basis,
+    blocks: &BlockIndex,
+    dirty: &(impl Fn(u64, u64) -> bool + Sync),
+) -> Vec<PieceSource> {
+    let len = e.len() as u32;
+    let same_end = e.end().min(basis.size);
+    let mut same = Vec::new();
+    if same_end > e.offset {
+        same.resize((same_end - e.offset) as usize, 0);
+        if read_full(&basis.file, &mut same, e.offset).is_err() {
+            same.clear();
+        }
+    }
+    refine::pieces(e.offset, len)
+        .zip(hashes)
+        .map(|((start, plen), want)| {
+            let end = start + u64::from(plen);
+            let a = (start - e.offset) as usize;
+            // Same offset first: in-place rewrites leave the neighbours there.
+            if let Some(old) = same.get(a..a + plen as usize) {
+                if !dirty(start, end) && &refine::piece_hash(old) == want {
+                    return PieceSource::Basis(start);
+                }
+            }
+            if u64::from(plen) == refine::BLOCK {
+                if let Some(at) = blocks.get(want) {
+                    if !dirty(at, at + refine::BLOCK) {
+                        return PieceSource::Basis(at);
+                    }
+                }
+            }
+            PieceSource::Wire
+        })
+        .collect()
 }
