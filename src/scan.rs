@@ -21,6 +21,8 @@ use crate::hash::ChunkHash;
 
 /// Bytes read and cut per segment before its chunks are hashed in parallel.
 const SEGMENT: usize = 16 << 20;
+/// Most records in one segment (bounds memory over terabytes of holes).
+const MAX_PENDING: usize = 65536;
 
 /// What a chunk holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +133,9 @@ pub fn scan(
 /// [`scan`], also handing over the segment the records were cut from and
 /// its file offset, so a data chunk's bytes are
 /// `&data[(rec.offset - at) as usize..][..rec.len]` without reading them again.
+///
+/// Reading and cutting a segment (serial: a gear hash cannot be split)
+/// overlaps with hashing the previous one on rayon's pool.
 pub fn scan_with_data(
     file: &File,
     size: u64,
@@ -138,38 +143,44 @@ pub fn scan_with_data(
     cutter: &Cutter,
     mut sink: impl FnMut(Vec<ChunkRec>, &[u8], u64) -> Result<()>,
 ) -> Result<()> {
-    let max = cutter.params().max() as u64;
-    let mut buf = vec![0u8; SEGMENT + max as usize];
-    let mut buf_start: u64 = 0;
-    let mut buf_len: usize = 0;
-    let mut pos: u64 = 0;
-    // Chunks cut in the current buffer, waiting to be hashed: (buf offset, len).
-    let mut cuts: Vec<(usize, usize)> = Vec::new();
-    // Records in file order; zero records from holes are placed between cuts.
-    let mut pending: Vec<Pending> = Vec::new();
-
-    while pos < size {
-        let window_end = (pos + max).min(size);
-        if extents.is_hole(pos, window_end) {
-            let len = cutter.cut_zeros(size - pos) as u64;
-            pending.push(Pending::Hole(pos, len as u32));
-            pos += len;
-            continue;
-        }
-        if pos < buf_start || window_end > buf_start + buf_len as u64 {
-            flush(&buf, buf_start, &mut cuts, &mut pending, &mut sink)?;
-            buf_start = pos;
-            buf_len = (SEGMENT as u64).min(size - pos) as usize;
-            read_full(file, &mut buf[..buf_len], pos)?;
-        }
-        let off = (pos - buf_start) as usize;
-        let end = off + (window_end - pos) as usize;
-        let len = cutter.cut(&buf[off..end]);
-        cuts.push((off, len));
-        pending.push(Pending::Cut(cuts.len() - 1));
-        pos += len as u64;
+    let buf_len = SEGMENT + cutter.params().max() as usize;
+    let mut cutting = Cutting {
+        file,
+        size,
+        extents,
+        cutter,
+        pos: 0,
+    };
+    let mut spare = vec![0u8; buf_len];
+    let mut cur = cutting.next(vec![0u8; buf_len])?;
+    while let Some(seg) = cur {
+        let next_buf = std::mem::take(&mut spare);
+        let ((recs, buf, start), next) = rayon::join(move || seg.hash(), || cutting.next(next_buf));
+        sink(recs, &buf, start)?;
+        spare = buf;
+        cur = next?;
     }
-    flush(&buf, buf_start, &mut cuts, &mut pending, &mut sink)
+    Ok(())
+}
+
+/// Where the cutting of a file has got to.
+struct Cutting<'a> {
+    file: &'a File,
+    size: u64,
+    extents: &'a mut Extents,
+    cutter: &'a Cutter,
+    pos: u64,
+}
+
+/// One buffer's worth of cut chunks, and the holes around them, in order.
+struct Segment {
+    buf: Vec<u8>,
+    /// File offset of `buf[0]`.
+    start: u64,
+    /// Chunks in `buf`: (offset in buf, length).
+    cuts: Vec<(usize, usize)>,
+    /// Records in file order: zero chunks from holes between the cuts.
+    pending: Vec<Pending>,
 }
 
 enum Pending {
@@ -177,44 +188,89 @@ enum Pending {
     Cut(usize),
 }
 
-fn flush(
-    buf: &[u8],
-    buf_start: u64,
-    cuts: &mut Vec<(usize, usize)>,
-    pending: &mut Vec<Pending>,
-    sink: &mut impl FnMut(Vec<ChunkRec>, &[u8], u64) -> Result<()>,
-) -> Result<()> {
-    if pending.is_empty() {
-        return Ok(());
-    }
-    let contents: Vec<Content> = cuts
-        .par_iter()
-        .map(|&(off, len)| {
-            let d = &buf[off..off + len];
-            if is_zero(d) {
-                Content::Zero
-            } else {
-                Content::Data(ChunkHash::of(d))
+impl Cutting<'_> {
+    /// Reads and cuts the next segment into `buf`; `None` at the end.
+    fn next(&mut self, mut buf: Vec<u8>) -> Result<Option<Segment>> {
+        if self.pos >= self.size {
+            return Ok(None);
+        }
+        let max = u64::from(self.cutter.params().max());
+        let mut start = self.pos;
+        let mut len = 0usize;
+        let mut loaded = false;
+        let mut cuts = Vec::new();
+        let mut pending = Vec::new();
+        while self.pos < self.size {
+            let pos = self.pos;
+            let window_end = (pos + max).min(self.size);
+            if self.extents.is_hole(pos, window_end) {
+                let n = self.cutter.cut_zeros(self.size - pos) as u64;
+                pending.push(Pending::Hole(pos, n as u32));
+                self.pos += n;
+                if pending.len() >= MAX_PENDING {
+                    break; // a vast hole: hand over what we have
+                }
+                continue;
             }
-        })
-        .collect();
-    let recs = pending
-        .drain(..)
-        .map(|p| match p {
-            Pending::Hole(offset, len) => ChunkRec {
-                offset,
-                len,
-                content: Content::Zero,
-            },
-            Pending::Cut(i) => ChunkRec {
-                offset: buf_start + cuts[i].0 as u64,
-                len: cuts[i].1 as u32,
-                content: contents[i],
-            },
-        })
-        .collect();
-    cuts.clear();
-    sink(recs, buf, buf_start)
+            if !loaded {
+                start = pos;
+                len = (SEGMENT as u64).min(self.size - pos) as usize;
+                read_full(self.file, &mut buf[..len], pos)?;
+                loaded = true;
+            } else if window_end > start + len as u64 {
+                break; // the next window is past this buffer
+            }
+            let off = (pos - start) as usize;
+            let end = off + (window_end - pos) as usize;
+            let n = self.cutter.cut(&buf[off..end]);
+            cuts.push((off, n));
+            pending.push(Pending::Cut(cuts.len() - 1));
+            self.pos += n as u64;
+        }
+        Ok(Some(Segment {
+            buf,
+            start,
+            cuts,
+            pending,
+        }))
+    }
+}
+
+impl Segment {
+    /// Zero-checks and hashes the chunks (in parallel); returns the records,
+    /// the buffer (for reuse) and its file offset.
+    fn hash(self) -> (Vec<ChunkRec>, Vec<u8>, u64) {
+        let buf = &self.buf;
+        let contents: Vec<Content> = self
+            .cuts
+            .par_iter()
+            .map(|&(off, len)| {
+                let d = &buf[off..off + len];
+                if is_zero(d) {
+                    Content::Zero
+                } else {
+                    Content::Data(ChunkHash::of(d))
+                }
+            })
+            .collect();
+        let recs = self
+            .pending
+            .iter()
+            .map(|p| match *p {
+                Pending::Hole(offset, len) => ChunkRec {
+                    offset,
+                    len,
+                    content: Content::Zero,
+                },
+                Pending::Cut(i) => ChunkRec {
+                    offset: self.start + self.cuts[i].0 as u64,
+                    len: self.cuts[i].1 as u32,
+                    content: contents[i],
+                },
+            })
+            .collect();
+        (recs, self.buf, self.start)
+    }
 }
 
 /// `read_exact_at` that names the problem: a file that shrank under us

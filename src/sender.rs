@@ -164,7 +164,9 @@ where
         if inline { ", all chunks inline" } else { "" }
     );
 
-    let (tx, rx) = mpsc::sync_channel::<Event>(16);
+    // A batch carries up to a segment (16 MiB) of compressed data inline:
+    // keep the queue short so memory stays flat when the link is slow.
+    let (tx, rx) = mpsc::sync_channel::<Event>(2);
     spawn_scanner(src, opts, inline, tx.clone(), progress.clone())?;
     let peer_tx = tx;
     std::thread::Builder::new()
