@@ -10,7 +10,8 @@
 //! read, so a wrong cache costs a re-fetch, never wrong data.
 //!
 //! The cache lives under `$VMSYNC_CACHE_DIR`, else `$XDG_CACHE_HOME/vmsync`,
-//! else `~/.cache/vmsync` — never beside the images.
+//! else `~/.cache/vmsync` — never beside the images. It keeps at most 1000
+//! entries, and none older than 90 days.
 //!
 //! # File layout (integers little-endian)
 //!
@@ -149,7 +150,35 @@ pub fn store(dest: &Path, file: &File, params: ChunkParams, entries: &[Entry]) -
     tmp.persist(&path)
         .map_err(|e| e.error)
         .with_context(|| format!("write {}", path.display()))?;
+    prune(dir);
     Ok(())
+}
+
+/// Most entries kept; the least recently written go first.
+const MAX_ENTRIES: usize = 1000;
+/// Entries not rewritten for this long belong to destinations no longer synced.
+const MAX_AGE: std::time::Duration = std::time::Duration::from_secs(90 * 24 * 3600);
+
+/// Keeps the cache from growing without bound: one entry per destination
+/// ever synced would otherwise accumulate forever.
+fn prune(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let now = std::time::SystemTime::now();
+    let mut entries: Vec<(std::time::SystemTime, PathBuf)> = rd
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".manifest"))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    entries.sort();
+    let excess = entries.len().saturating_sub(MAX_ENTRIES);
+    for (k, (mtime, path)) in entries.iter().enumerate() {
+        let old = now.duration_since(*mtime).is_ok_and(|age| age > MAX_AGE);
+        if k < excess || old {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// Forgets `dest`'s entry (after an in-place run was interrupted, say).
@@ -219,5 +248,39 @@ mod tests {
         assert_eq!(load(&dest, &meta2, params), None);
         forget(&dest, params);
         assert!(!p.exists());
+    }
+
+    #[test]
+    fn prune_keeps_the_newest_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for k in 0..MAX_ENTRIES + 5 {
+            let p = dir.path().join(format!("{k:05}.manifest"));
+            std::fs::write(&p, b"x").unwrap();
+            let f = File::options().write(true).open(&p).unwrap();
+            f.set_modified(t0 + std::time::Duration::from_secs(k as u64))
+                .unwrap();
+        }
+        let ancient = dir.path().join("ancient.manifest");
+        std::fs::write(&ancient, b"x").unwrap();
+        File::options()
+            .write(true)
+            .open(&ancient)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - MAX_AGE * 2)
+            .unwrap();
+        std::fs::write(dir.path().join("unrelated"), b"x").unwrap();
+        prune(dir.path());
+        assert!(!ancient.exists());
+        // The ancient one and the five oldest of the rest make room.
+        for k in 0..5 {
+            assert!(!dir.path().join(format!("{k:05}.manifest")).exists(), "{k}");
+        }
+        assert!(dir.path().join("00005.manifest").exists());
+        assert!(dir
+            .path()
+            .join(format!("{:05}.manifest", MAX_ENTRIES + 4))
+            .exists());
+        assert!(dir.path().join("unrelated").exists());
     }
 }
