@@ -1,1 +1,2335 @@
-fn main() {}
+//! vmsync against rsync over a real (loopback) SSH connection.
+//!
+//! ```text
+//! cargo bench --bench compare -- [--size-gib N] [--runs K] [--scenarios 1,2,...]
+//!                                [--out FILE] [--quick] [--keep] [--calibrate]
+//! ```
+//!
+//! Generates deterministic disk-image-like files under /var/tmp, starts a
+//! throwaway sshd on 127.0.0.1 (`tests/common`'s `Sshd`), and for each
+//! scenario runs vmsync and rsync (plain and `--inplace`) alternately, at
+//! least `--runs` times each, checking after every run that the destination
+//! is byte-identical to the source. Prints a Markdown table and writes it to
+//! `--out` (default `benches/RESULTS.md`; `--quick` defaults to
+//! `target/compare-quick.md` so a smoke run never overwrites the committed
+//! results). See `benches/README.md` for what the scenarios are and how to
+//! read the table.
+
+// Shared with the integration tests, which lint it (and own it): its lints
+// are theirs to fix, so they do not fail the benches too.
+#[allow(clippy::all)]
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::fmt::Write as _;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+use common::{Rng, Sshd};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const GIB: u64 = 1024 * MIB;
+
+/// The binary under test (cargo bench builds it in release).
+const VMSYNC: &str = env!("CARGO_BIN_EXE_vmsync");
+/// GNU time, for peak RSS (`%M`, KiB).
+const GNU_TIME: &str = "/usr/bin/time";
+/// Where the work directory goes: large files, not tmpfs.
+const WORK_PARENT: &str = "/var/tmp";
+
+/// Modification times of the old and the new version of a file (seconds,
+/// nanoseconds): odd nanoseconds, so a tool that drops them shows.
+const MTIME_OLD: (u64, u32) = (1_700_000_000, 123_456_789);
+const MTIME_NEW: (u64, u32) = (1_700_086_400, 987_654_321);
+
+// ---------------------------------------------------------------------------
+// Interruption: SIGINT/SIGTERM/SIGHUP stop the running tool and unwind, so
+// the work directory and sshd are always cleaned up.
+// ---------------------------------------------------------------------------
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// Process group of the tool running now (0: none).
+static CURRENT_PGID: AtomicI32 = AtomicI32::new(0);
+
+fn install_signal_thread() {
+    // SAFETY: plain signal-mask calls on a local, initialised set. The mask
+    // is set before any thread exists, so every thread inherits it and the
+    // signals are only ever delivered to sigwait below. Children started by
+    // std::process::Command get an empty mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        thread::spawn(move || loop {
+            let mut sig = 0;
+            if libc::sigwait(&set, &mut sig) == 0 {
+                INTERRUPTED.store(true, Ordering::SeqCst);
+                eprintln!("\ncompare: signal {sig}: stopping and cleaning up");
+                let pg = CURRENT_PGID.load(Ordering::SeqCst);
+                if pg > 0 {
+                    libc::kill(-pg, libc::SIGTERM);
+                }
+            }
+        });
+    }
+}
+
+fn check_interrupt() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Options
+// ---------------------------------------------------------------------------
+
+struct Opts {
+    size: u64,
+    runs: usize,
+    scenarios: Vec<usize>,
+    out: PathBuf,
+    quick: bool,
+    keep: bool,
+    calibrate: bool,
+    /// What the user typed after `--` (cargo's own `--bench` removed).
+    args: Vec<String>,
+}
+
+fn parse_args() -> Result<Opts> {
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    let mut size_gib: Option<f64> = None;
+    let mut runs: Option<usize> = None;
+    let mut scenarios: Vec<usize> = (1..=6).collect();
+    let mut out: Option<PathBuf> = None;
+    let (mut quick, mut keep, mut calibrate) = (false, false, false);
+    let mut args = Vec::new();
+    let mut i = 0;
+    while i < raw.len() {
+        let a = raw[i].clone();
+        i += 1;
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (a.clone(), None),
+        };
+        let takes_value = matches!(
+            flag.as_str(),
+            "--size-gib" | "--runs" | "--scenarios" | "--out"
+        );
+        let value = if takes_value {
+            match inline {
+                Some(v) => Some(v),
+                None => {
+                    let v = raw
+                        .get(i)
+                        .cloned()
+                        .ok_or_else(|| anyhow!("{flag} needs a value"))?;
+                    i += 1;
+                    Some(v)
+                }
+            }
+        } else {
+            None
+        };
+        match flag.as_str() {
+            "--bench" => continue, // cargo passes this to every bench target
+            "--size-gib" => {
+                let v: f64 = value.as_deref().unwrap().parse().context("--size-gib")?;
+                if !(v > 0.0 && v <= 64.0) {
+                    bail!("--size-gib must be in (0, 64]");
+                }
+                size_gib = Some(v);
+            }
+            "--runs" => {
+                let v: usize = value.as_deref().unwrap().parse().context("--runs")?;
+                if v == 0 {
+                    bail!("--runs must be at least 1");
+                }
+                runs = Some(v);
+            }
+            "--scenarios" => {
+                scenarios = value
+                    .as_deref()
+                    .unwrap()
+                    .split(',')
+                    .filter(|s| !s.trim().is_empty())
+                    .map(|s| s.trim().parse::<usize>())
+                    .collect::<Result<_, _>>()
+                    .context("--scenarios takes numbers 1-6, comma separated")?;
+                if scenarios.is_empty() || scenarios.iter().any(|&s| !(1..=6).contains(&s)) {
+                    bail!("--scenarios takes numbers 1-6, comma separated");
+                }
+            }
+            "--out" => out = Some(PathBuf::from(value.unwrap())),
+            "--quick" => quick = true,
+            "--keep" => keep = true,
+            "--calibrate" => calibrate = true,
+            "-h" | "--help" => {
+                println!(
+                    "usage: cargo bench --bench compare -- [--size-gib N] [--runs K] \
+                     [--scenarios 1,2,...] [--out FILE] [--quick] [--keep] [--calibrate]\n\
+                     see benches/README.md"
+                );
+                std::process::exit(0);
+            }
+            other => {
+                eprintln!("compare: ignoring unknown argument {other:?}");
+                continue;
+            }
+        }
+        args.push(a.clone());
+        if takes_value && !a.contains('=') {
+            args.push(raw[i - 1].clone());
+        }
+    }
+    let size_gib = size_gib.unwrap_or(if quick { 1.0 / 16.0 } else { 1.0 });
+    // Whole MiB, and a multiple of the 8 KiB database page.
+    let size = ((size_gib * GIB as f64) as u64 / MIB).max(8) * MIB;
+    let runs = runs.unwrap_or(if quick { 1 } else { 3 });
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = match out {
+        Some(p) if p.is_absolute() => p,
+        Some(p) => std::env::current_dir()?.join(p),
+        None if quick => manifest.join("target/compare-quick.md"),
+        None => manifest.join("benches/RESULTS.md"),
+    };
+    Ok(Opts {
+        size,
+        runs,
+        scenarios,
+        out,
+        quick,
+        keep,
+        calibrate,
+        args,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Deterministic data of mixed compressibility
+// ---------------------------------------------------------------------------
+
+/// What a stretch of an image holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// Never written: a hole.
+    Hole,
+    /// Written zeros (allocated).
+    Zeros,
+    /// Log-like text.
+    Text,
+    /// Fixed-size binary records (a table, a packed structure).
+    Records,
+    /// Incompressible (compressed or encrypted files, media).
+    Random,
+}
+
+const WORDS: [&str; 64] = [
+    "the",
+    "kernel",
+    "block",
+    "device",
+    "mount",
+    "usr",
+    "lib",
+    "systemd",
+    "config",
+    "error",
+    "warning",
+    "info",
+    "debug",
+    "service",
+    "started",
+    "stopped",
+    "network",
+    "interface",
+    "eth0",
+    "packet",
+    "file",
+    "system",
+    "ext4",
+    "journal",
+    "commit",
+    "inode",
+    "page",
+    "cache",
+    "memory",
+    "process",
+    "thread",
+    "signal",
+    "user",
+    "root",
+    "home",
+    "var",
+    "log",
+    "tmp",
+    "boot",
+    "grub",
+    "request",
+    "response",
+    "session",
+    "client",
+    "server",
+    "timeout",
+    "retry",
+    "queue",
+    "worker",
+    "upload",
+    "download",
+    "backup",
+    "snapshot",
+    "volume",
+    "disk",
+    "partition",
+    "sector",
+    "read",
+    "write",
+    "flush",
+    "sync",
+    "open",
+    "close",
+    "status",
+];
+const SERVICES: [&str; 8] = [
+    "sshd", "cron", "nginx", "postgres", "dockerd", "kubelet", "systemd", "rsyslogd",
+];
+
+/// A generator of disk-image-like content; each instance is one seeded stream.
+struct Gen {
+    rng: Rng,
+    clock: u64,
+    record: u64,
+}
+
+impl Gen {
+    fn new(seed: u64) -> Gen {
+        Gen {
+            rng: Rng::new(seed),
+            clock: 1_690_000_000 + seed % 10_000_000,
+            record: seed << 32,
+        }
+    }
+
+    fn fill(&mut self, class: Class, buf: &mut [u8]) {
+        match class {
+            Class::Hole | Class::Zeros => buf.fill(0),
+            Class::Random => self.rng.fill(buf),
+            Class::Text => self.text(buf),
+            Class::Records => self.records(buf),
+        }
+    }
+
+    fn text(&mut self, buf: &mut [u8]) {
+        let mut line = Line::default();
+        let mut i = 0;
+        while i < buf.len() {
+            line.n = 0;
+            self.clock += self.rng.below(3);
+            line.dec(self.clock);
+            line.push(b" vm-");
+            line.dec(10 + self.rng.below(4));
+            line.push(b" ");
+            line.push(SERVICES[self.rng.below(SERVICES.len() as u64) as usize].as_bytes());
+            line.push(b"[");
+            line.dec(1000 + self.rng.below(60000));
+            line.push(b"]:");
+            let words = 3 + self.rng.below(10);
+            for _ in 0..words {
+                let r = self.rng.next_u64();
+                line.push(b" ");
+                if r % 5 == 0 {
+                    line.push(b"0x");
+                    line.hex(r >> 32, 8);
+                } else {
+                    line.push(WORDS[((r >> 8) % 64) as usize].as_bytes());
+                }
+            }
+            line.push(b"\n");
+            let k = line.n.min(buf.len() - i);
+            buf[i..i + k].copy_from_slice(&line.buf[..k]);
+            i += k;
+        }
+    }
+
+    fn records(&mut self, buf: &mut [u8]) {
+        for rec in buf.chunks_mut(64) {
+            let mut r = [0u8; 64];
+            self.record += 1;
+            self.clock += self.rng.below(4);
+            let x = self.rng.next_u64();
+            r[0..8].copy_from_slice(&self.record.to_le_bytes());
+            r[8..12].copy_from_slice(&(self.clock as u32).to_le_bytes());
+            r[12] = (x & 3) as u8;
+            r[13..16].copy_from_slice(&((x >> 8) % 1000).to_le_bytes()[..3]);
+            r[16..20].copy_from_slice(&(((x >> 20) % 100_000) as u32).to_le_bytes());
+            let w = WORDS[((x >> 40) % 64) as usize].as_bytes();
+            r[20..36].fill(b' ');
+            r[20..20 + w.len()].copy_from_slice(w);
+            r[36..44].copy_from_slice(&self.rng.next_u64().to_le_bytes());
+            r[44..48].copy_from_slice(b"REC\x01");
+            let n = rec.len();
+            rec.copy_from_slice(&r[..n]);
+        }
+    }
+}
+
+/// A line being built, on the stack.
+struct Line {
+    buf: [u8; 512],
+    n: usize,
+}
+
+impl Default for Line {
+    fn default() -> Self {
+        Line {
+            buf: [0; 512],
+            n: 0,
+        }
+    }
+}
+
+impl Line {
+    fn push(&mut self, b: &[u8]) {
+        self.buf[self.n..self.n + b.len()].copy_from_slice(b);
+        self.n += b.len();
+    }
+    fn dec(&mut self, mut v: u64) {
+        let mut tmp = [0u8; 20];
+        let mut k = tmp.len();
+        loop {
+            k -= 1;
+            tmp[k] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        let (n, digits) = (self.n, &tmp[k..]);
+        self.buf[n..n + digits.len()].copy_from_slice(digits);
+        self.n += digits.len();
+    }
+    fn hex(&mut self, v: u64, digits: usize) {
+        for i in (0..digits).rev() {
+            let d = ((v >> (i * 4)) & 15) as u8;
+            self.buf[self.n] = if d < 10 { b'0' + d } else { b'a' + d - 10 };
+            self.n += 1;
+        }
+    }
+}
+
+/// One stretch of an image.
+#[derive(Debug, Clone, Copy)]
+struct Seg {
+    off: u64,
+    len: u64,
+    class: Class,
+}
+
+/// A mix: (class, share of the bytes, min length, max length).
+type Mix = [(Class, f64, u64, u64)];
+
+/// The mixed image of scenarios 3-6: like a real guest disk, about 35%
+/// holes or zeros, 40% compressible (~3:1), 25% incompressible.
+const MIXED: &Mix = &[
+    (Class::Hole, 0.30, 256 * KIB, 16 * MIB),
+    (Class::Zeros, 0.05, 64 * KIB, MIB),
+    (Class::Text, 0.20, 64 * KIB, 4 * MIB),
+    (Class::Records, 0.20, 64 * KIB, 4 * MIB),
+    (Class::Random, 0.25, 64 * KIB, 8 * MIB),
+];
+
+/// Scenario 1's sparse image: 4x the size, of which 1.5x is data.
+const SPARSE: &Mix = &[
+    (Class::Hole, 0.625, MIB, 64 * MIB),
+    (Class::Zeros, 0.025, 64 * KIB, MIB),
+    (Class::Text, 0.11, 64 * KIB, 4 * MIB),
+    (Class::Records, 0.11, 64 * KIB, 4 * MIB),
+    (Class::Random, 0.13, 64 * KIB, 8 * MIB),
+];
+
+/// Lays out `total` bytes as segments whose byte shares follow `mix`
+/// (4 KiB aligned, so holes are real holes). Each next class is drawn with a
+/// weight equal to how far it lags its share, so the shares hold even for
+/// small images made of few segments.
+fn plan(rng: &mut Rng, total: u64, mix: &Mix) -> Vec<Seg> {
+    let lookahead = (total / 32).clamp(MIB, 16 * MIB);
+    let mut have = vec![0u64; mix.len()];
+    let mut segs = Vec::new();
+    let mut off = 0;
+    while off < total {
+        let lag: Vec<f64> = mix
+            .iter()
+            .zip(&have)
+            .map(|(&(_, share, _, _), &h)| (share * (off + lookahead) as f64 - h as f64).max(0.0))
+            .collect();
+        let mut pick =
+            (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * lag.iter().sum::<f64>();
+        let mut k = 0;
+        while k + 1 < mix.len() && (lag[k] == 0.0 || pick >= lag[k]) {
+            pick -= lag[k];
+            k += 1;
+        }
+        let (class, _, lo, hi) = mix[k];
+        let len = (rng.range(lo, hi + 1) / (4 * KIB) * (4 * KIB)).min(total - off);
+        segs.push(Seg { off, len, class });
+        have[k] += len;
+        off += len;
+    }
+    segs
+}
+
+/// Writes a stream of bytes to a file, leaving 4 KiB blocks that are all
+/// zeros as holes (unless they were written as [`Class::Zeros`]), like
+/// `cp --sparse=always`.
+struct SparseWriter {
+    file: File,
+    /// File offset of `buf[0]`, always a multiple of the staging size.
+    pos: u64,
+    buf: Vec<u8>,
+    len: usize,
+    /// Per 4 KiB block of `buf`: write it even if it is all zeros.
+    keep: Vec<bool>,
+}
+
+const STAGE: usize = 8 << 20;
+const BLK: usize = 4096;
+
+impl SparseWriter {
+    fn create(path: &Path) -> Result<SparseWriter> {
+        let file = File::create(path).with_context(|| format!("create {}", path.display()))?;
+        Ok(SparseWriter {
+            file,
+            pos: 0,
+            buf: vec![0; STAGE],
+            len: 0,
+            keep: vec![false; STAGE / BLK],
+        })
+    }
+
+    fn offset(&self) -> u64 {
+        self.pos + self.len as u64
+    }
+
+    /// Appends `len` bytes of `class` from `gen`.
+    fn generate(&mut self, gen: &mut Gen, class: Class, mut len: u64) -> Result<()> {
+        if class == Class::Hole {
+            return self.hole(len);
+        }
+        while len > 0 {
+            let n = ((STAGE - self.len) as u64).min(len) as usize;
+            gen.fill(class, &mut self.buf[self.len..self.len + n]);
+            if class == Class::Zeros {
+                self.mark_keep(self.len, n);
+            }
+            self.len += n;
+            len -= n as u64;
+            self.maybe_flush()?;
+        }
+        Ok(())
+    }
+
+    /// Appends bytes; zero blocks among them become holes.
+    fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.put(data, false)
+    }
+
+    /// Appends bytes, zero blocks included (allocated).
+    fn write_allocated(&mut self, data: &[u8]) -> Result<()> {
+        self.put(data, true)
+    }
+
+    fn put(&mut self, mut data: &[u8], keep: bool) -> Result<()> {
+        while !data.is_empty() {
+            let n = (STAGE - self.len).min(data.len());
+            self.buf[self.len..self.len + n].copy_from_slice(&data[..n]);
+            if keep {
+                self.mark_keep(self.len, n);
+            }
+            self.len += n;
+            data = &data[n..];
+            self.maybe_flush()?;
+        }
+        Ok(())
+    }
+
+    /// Appends `len` bytes of hole.
+    fn hole(&mut self, mut len: u64) -> Result<()> {
+        // Zeros up to the end of the staging buffer, then whole buffers skipped.
+        let n = ((STAGE - self.len) as u64).min(len) as usize;
+        self.buf[self.len..self.len + n].fill(0);
+        self.len += n;
+        len -= n as u64;
+        self.maybe_flush()?;
+        if len > 0 {
+            debug_assert_eq!(self.len, 0);
+            let whole = len / STAGE as u64 * STAGE as u64;
+            self.pos += whole;
+            let rest = (len - whole) as usize;
+            self.buf[..rest].fill(0);
+            self.len = rest;
+        }
+        Ok(())
+    }
+
+    fn mark_keep(&mut self, start: usize, n: usize) {
+        for b in start / BLK..(start + n).div_ceil(BLK) {
+            self.keep[b] = true;
+        }
+    }
+
+    fn maybe_flush(&mut self) -> Result<()> {
+        check_interrupt()?;
+        if self.len == STAGE {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        let mut run: Option<usize> = None;
+        let blocks = self.len.div_ceil(BLK);
+        for b in 0..=blocks {
+            let write = b < blocks && {
+                let blk = &self.buf[b * BLK..((b + 1) * BLK).min(self.len)];
+                self.keep[b] || !is_zero(blk)
+            };
+            match (write, run) {
+                (true, None) => run = Some(b),
+                (false, Some(s)) => {
+                    let end = (b * BLK).min(self.len);
+                    self.file
+                        .write_all_at(&self.buf[s * BLK..end], self.pos + (s * BLK) as u64)?;
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        self.pos += self.len as u64;
+        self.len = 0;
+        self.keep.fill(false);
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<()> {
+        let end = self.offset();
+        self.flush()?;
+        self.file.set_len(end)?;
+        Ok(())
+    }
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    let mut words = b.chunks_exact(8);
+    let acc = (&mut words).fold(0u64, |a, w| a | u64::from_ne_bytes(w.try_into().unwrap()));
+    acc == 0 && words.remainder().iter().all(|&x| x == 0)
+}
+
+/// Writes an image laid out by `segs`.
+fn write_image(path: &Path, segs: &[Seg], seed: u64) -> Result<()> {
+    let mut w = SparseWriter::create(path)?;
+    let mut gen = Gen::new(seed);
+    for s in segs {
+        w.generate(&mut gen, s.class, s.len)?;
+    }
+    w.finish()
+}
+
+fn set_mtime(path: &Path, (secs, nanos): (u64, u32)) -> Result<()> {
+    let f = OpenOptions::new().write(true).open(path)?;
+    f.set_modified(UNIX_EPOCH + Duration::new(secs, nanos))?;
+    Ok(())
+}
+
+fn copy_sparse(from: &Path, to: &Path) -> Result<()> {
+    let st = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(from)
+        .arg(to)
+        .status()
+        .context("run cp")?;
+    if !st.success() {
+        bail!("cp {} {} failed: {st}", from.display(), to.display());
+    }
+    Ok(())
+}
+
+/// Next data offset at or after `pos` (`None`: only a hole follows).
+fn next_data(f: &File, pos: u64) -> Option<u64> {
+    // SAFETY: lseek on a valid fd.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), pos as libc::off_t, libc::SEEK_DATA) };
+    (r >= 0).then_some(r as u64)
+}
+
+fn next_hole(f: &File, pos: u64) -> u64 {
+    // SAFETY: lseek on a valid fd.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), pos as libc::off_t, libc::SEEK_HOLE) };
+    if r < 0 {
+        u64::MAX
+    } else {
+        r as u64
+    }
+}
+
+fn punch_hole(f: &File, off: u64, len: u64) -> Result<()> {
+    // SAFETY: fallocate on a valid fd.
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error()).context("punch hole");
+    }
+    Ok(())
+}
+
+/// Copies `[start, end)` of `from` into `w`, holes as holes.
+fn copy_range(from: &File, start: u64, end: u64, w: &mut SparseWriter) -> Result<()> {
+    let mut buf = vec![0u8; STAGE];
+    let mut pos = start;
+    while pos < end {
+        let data = next_data(from, pos).unwrap_or(end).min(end);
+        if data > pos {
+            w.hole(data - pos)?;
+            pos = data;
+            continue;
+        }
+        let stop = next_hole(from, pos).min(end).min(pos + STAGE as u64);
+        let n = (stop - pos) as usize;
+        from.read_exact_at(&mut buf[..n], pos)?;
+        w.write(&buf[..n])?;
+        pos = stop;
+    }
+    Ok(())
+}
+
+fn allocated(path: &Path) -> Result<u64> {
+    Ok(fs::metadata(path)
+        .with_context(|| format!("stat {}", path.display()))?
+        .blocks()
+        * 512)
+}
+
+// ---------------------------------------------------------------------------
+// Scenarios
+// ---------------------------------------------------------------------------
+
+struct Scenario {
+    id: usize,
+    title: &'static str,
+    /// What was generated and changed, for the report.
+    facts: Vec<String>,
+    /// The previous version, synced (untimed) before each timed run; `None`:
+    /// the destination starts empty.
+    old: Option<PathBuf>,
+    new: PathBuf,
+    /// Scenario 5: `old == new`; the pre-sync sees MTIME_OLD, then the
+    /// source is touched to MTIME_NEW before the timed run.
+    touch: bool,
+    /// The source has holes: give rsync `--sparse` (its recipe for images).
+    sparse: bool,
+    /// Files to delete when the scenario is over.
+    files: Vec<PathBuf>,
+}
+
+fn fmt_pct(part: u64, whole: u64) -> String {
+    format!("{:.1}%", part as f64 * 100.0 / whole.max(1) as f64)
+}
+
+fn prepare(id: usize, size: u64, dir: &Path) -> Result<Scenario> {
+    let t = Instant::now();
+    eprintln!("compare: generating scenario {id} data ...");
+    let sc = match id {
+        1 => scenario_sparse(size, dir)?,
+        2 => scenario_db(size, dir)?,
+        3 => scenario_guest(size, dir)?,
+        4 => scenario_shifted(size, dir)?,
+        5 => scenario_touch(size, dir)?,
+        6 => scenario_identical(size, dir)?,
+        _ => unreachable!(),
+    };
+    // Flush the generated files, so their writeback does not land in a timed run.
+    // SAFETY: plain syscall.
+    unsafe { libc::sync() };
+    eprintln!(
+        "compare: scenario {id} data ready in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    Ok(sc)
+}
+
+fn image_facts(path: &Path, what: &str) -> Result<String> {
+    let len = fs::metadata(path)?.len();
+    let alloc = allocated(path)?;
+    Ok(format!(
+        "{what}: {} apparent, {} allocated ({} of it)",
+        fmt_bytes(len),
+        fmt_bytes(alloc),
+        fmt_pct(alloc, len)
+    ))
+}
+
+fn class_shares(segs: &[Seg], total: u64) -> String {
+    let sum = |c: Class| {
+        segs.iter()
+            .filter(|s| s.class == c)
+            .map(|s| s.len)
+            .sum::<u64>()
+    };
+    format!(
+        "layout: {} holes, {} written zeros, {} text, {} records, {} random",
+        fmt_pct(sum(Class::Hole), total),
+        fmt_pct(sum(Class::Zeros), total),
+        fmt_pct(sum(Class::Text), total),
+        fmt_pct(sum(Class::Records), total),
+        fmt_pct(sum(Class::Random), total),
+    )
+}
+
+fn scenario_sparse(size: u64, dir: &Path) -> Result<Scenario> {
+    let total = 4 * size;
+    let mut rng = Rng::new(0x5ca1_0001);
+    let segs = plan(&mut rng, total, SPARSE);
+    let new = dir.join("s1-sparse.img");
+    write_image(&new, &segs, 101)?;
+    set_mtime(&new, MTIME_NEW)?;
+    Ok(Scenario {
+        id: 1,
+        title: "first copy of a sparse image",
+        facts: vec![
+            image_facts(&new, "source")?,
+            class_shares(&segs, total),
+            "destination removed before every run (no pre-sync)".into(),
+        ],
+        old: None,
+        new: new.clone(),
+        touch: false,
+        sparse: true,
+        files: vec![new],
+    })
+}
+
+const PAGE: u64 = 8 * KIB;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PageKind {
+    Table,
+    Index,
+    Blob,
+    Free,
+}
+
+fn db_page(gen: &mut Gen, kind: PageKind, page_no: u64, lsn: u64, pages: u64, out: &mut [u8]) {
+    if kind == PageKind::Free {
+        out.fill(0);
+        return;
+    }
+    let (hdr, body) = out.split_at_mut(32);
+    hdr.fill(0);
+    hdr[0..8].copy_from_slice(&page_no.to_le_bytes());
+    hdr[8..16].copy_from_slice(&lsn.to_le_bytes());
+    hdr[16] = kind as u8;
+    hdr[20..24].copy_from_slice(&(gen.rng.next_u64() as u32).to_le_bytes());
+    match kind {
+        PageKind::Table => {
+            let half = body.len() / 2 / 64 * 64;
+            gen.fill(Class::Records, &mut body[..half]);
+            gen.fill(Class::Text, &mut body[half..]);
+        }
+        PageKind::Index => {
+            let mut key = page_no * 4096;
+            for e in body.chunks_mut(16) {
+                key += 1 + gen.rng.below(64);
+                let mut r = [0u8; 16];
+                r[0..8].copy_from_slice(&key.to_le_bytes());
+                r[8..12].copy_from_slice(&(gen.rng.below(pages) as u32).to_le_bytes());
+                r[12] = gen.rng.below(4) as u8;
+                let n = e.len();
+                e.copy_from_slice(&r[..n]);
+            }
+        }
+        PageKind::Blob => gen.fill(Class::Random, body),
+        PageKind::Free => unreachable!(),
+    }
+}
+
+fn scenario_db(size: u64, dir: &Path) -> Result<Scenario> {
+    let pages = size / PAGE;
+    let mut rng = Rng::new(0x5ca1_0002);
+    // Extents of 1-256 pages of one kind: 40% table, 20% index, 30% blob, 10% free.
+    let mut kinds = Vec::with_capacity(pages as usize);
+    while (kinds.len() as u64) < pages {
+        let kind = match rng.below(10) {
+            0..=3 => PageKind::Table,
+            4..=5 => PageKind::Index,
+            6..=8 => PageKind::Blob,
+            _ => PageKind::Free,
+        };
+        let n = rng.range(1, 257).min(pages - kinds.len() as u64);
+        kinds.resize(kinds.len() + n as usize, kind);
+    }
+    let old = dir.join("s2-old.db");
+    let new = dir.join("s2-new.db");
+    {
+        let mut w = SparseWriter::create(&old)?;
+        let mut gen = Gen::new(202);
+        let mut page = vec![0u8; PAGE as usize];
+        for (no, &k) in kinds.iter().enumerate() {
+            db_page(&mut gen, k, no as u64, no as u64 * 7, pages, &mut page);
+            // A database file is fully allocated: free pages are written zeros.
+            w.write_allocated(&page)?;
+        }
+        w.finish()?;
+    }
+    set_mtime(&old, MTIME_OLD)?;
+    copy_sparse(&old, &new)?;
+    let rewrites = ((3000.0 * size as f64 / GIB as f64).round() as u64).max(16);
+    let f = OpenOptions::new().write(true).open(&new)?;
+    let mut gen = Gen::new(2020);
+    let mut page = vec![0u8; PAGE as usize];
+    let mut touched = std::collections::HashSet::new();
+    for i in 0..rewrites {
+        let no = rng.below(pages);
+        let kind = match kinds[no as usize] {
+            PageKind::Free => PageKind::Table,
+            k => k,
+        };
+        db_page(&mut gen, kind, no, 1_000_000 + i, pages, &mut page);
+        f.write_all_at(&page, no * PAGE)?;
+        touched.insert(no);
+    }
+    drop(f);
+    set_mtime(&new, MTIME_NEW)?;
+    Ok(Scenario {
+        id: 2,
+        title: "database file, random 8 KiB page rewrites",
+        facts: vec![
+            image_facts(&new, "source")?,
+            format!(
+                "{} pages of 8 KiB: 40% table (records+text), 20% index, 30% blob (random), 10% free (zeros)",
+                pages
+            ),
+            format!(
+                "{rewrites} random page rewrites ({} distinct pages, {} changed)",
+                touched.len(),
+                fmt_bytes(touched.len() as u64 * PAGE)
+            ),
+        ],
+        old: Some(old.clone()),
+        new: new.clone(),
+        touch: false,
+        sparse: false,
+        files: vec![old, new],
+    })
+}
+
+/// The shared mixed image of scenarios 3-6.
+fn mixed_base(size: u64, dir: &Path, name: &str) -> Result<(PathBuf, Vec<Seg>)> {
+    let mut rng = Rng::new(0x5ca1_0003);
+    let segs = plan(&mut rng, size, MIXED);
+    let path = dir.join(name);
+    write_image(&path, &segs, 303)?;
+    Ok((path, segs))
+}
+
+/// A random 4 KiB-aligned offset inside a segment accepted by `want`.
+fn pick_in(
+    rng: &mut Rng,
+    segs: &[Seg],
+    total: u64,
+    want: impl Fn(Class) -> bool,
+) -> Option<(u64, Seg)> {
+    for _ in 0..100_000 {
+        let off = rng.below(total) / (4 * KIB) * (4 * KIB);
+        let i = segs.partition_point(|s| s.off + s.len <= off);
+        if let Some(s) = segs.get(i) {
+            if want(s.class) {
+                return Some((off, *s));
+            }
+        }
+    }
+    None
+}
+
+fn is_data(c: Class) -> bool {
+    matches!(c, Class::Text | Class::Records | Class::Random)
+}
+
+fn scenario_guest(size: u64, dir: &Path) -> Result<Scenario> {
+    let (old, segs) = mixed_base(size, dir, "s3-old.img")?;
+    set_mtime(&old, MTIME_OLD)?;
+    let new = dir.join("s3-new.img");
+    copy_sparse(&old, &new)?;
+    let f = OpenOptions::new().write(true).open(&new)?;
+    let mut rng = Rng::new(0x5ca1_0033);
+    let mut gen = Gen::new(3030);
+    let mut buf = vec![0u8; MIB as usize];
+    let aligned_len = |rng: &mut Rng| rng.range(16 * KIB, MIB + 1) / (4 * KIB) * (4 * KIB);
+
+    // ~2%: files replaced in place.
+    let (mut replaced, mut n_replaced) = (0u64, 0);
+    while replaced < size / 50 {
+        let Some((off, seg)) = pick_in(&mut rng, &segs, size, is_data) else {
+            break;
+        };
+        let len = aligned_len(&mut rng).min(seg.off + seg.len - off);
+        gen.fill(seg.class, &mut buf[..len as usize]);
+        f.write_all_at(&buf[..len as usize], off)?;
+        replaced += len;
+        n_replaced += 1;
+    }
+    // ~1%: new files in formerly free (zero) space.
+    let (mut added, mut n_added) = (0u64, 0);
+    while added < size / 100 {
+        let Some((off, seg)) = pick_in(&mut rng, &segs, size, |c| c == Class::Hole) else {
+            break;
+        };
+        let len = aligned_len(&mut rng).min(seg.off + seg.len - off);
+        let class = [Class::Text, Class::Records, Class::Random][rng.below(3) as usize];
+        gen.fill(class, &mut buf[..len as usize]);
+        f.write_all_at(&buf[..len as usize], off)?;
+        added += len;
+        n_added += 1;
+    }
+    // A deleted directory: a few MiB of data turned to zeros (discarded).
+    let zeroed = (4 * size / GIB * MIB).clamp(256 * KIB, 64 * MIB);
+    let (zoff, _) = pick_in(&mut rng, &segs, size, is_data).ok_or_else(|| anyhow!("no data"))?;
+    let zlen = zeroed.min(size - zoff);
+    punch_hole(&f, zoff, zlen)?;
+    drop(f);
+    set_mtime(&new, MTIME_NEW)?;
+    Ok(Scenario {
+        id: 3,
+        title: "guest filesystem changed in place",
+        facts: vec![
+            image_facts(&new, "source")?,
+            class_shares(&segs, size),
+            format!(
+                "{n_replaced} files replaced in place ({}, 16 KiB-1 MiB runs, 4 KiB aligned), \
+                 {n_added} new files in free space ({}), {} zeroed (deleted directory)",
+                fmt_bytes(replaced),
+                fmt_bytes(added),
+                fmt_bytes(zlen)
+            ),
+        ],
+        old: Some(old.clone()),
+        new: new.clone(),
+        touch: false,
+        sparse: true,
+        files: vec![old, new],
+    })
+}
+
+fn scenario_shifted(size: u64, dir: &Path) -> Result<Scenario> {
+    let (old, _) = mixed_base(size, dir, "s4-old.img")?;
+    set_mtime(&old, MTIME_OLD)?;
+    let new = dir.join("s4-new.img");
+    let mut rng = Rng::new(0x5ca1_0004);
+    let each = ((5.0 * size as f64 / GIB as f64).round() as u64).max(2);
+    // (offset, inserted length, deleted length), at least 200 KiB apart.
+    let mut edits: Vec<(u64, u64, u64)> = Vec::new();
+    for i in 0..2 * each {
+        loop {
+            let at = rng.below(size - 200 * KIB);
+            if edits.iter().all(|e| e.0.abs_diff(at) > 200 * KIB) {
+                let len = rng.range(KIB, 100 * KIB) | 1;
+                edits.push(if i % 2 == 0 {
+                    (at, len, 0)
+                } else {
+                    (at, 0, len)
+                });
+                break;
+            }
+        }
+    }
+    edits.sort();
+    let src = File::open(&old)?;
+    let mut w = SparseWriter::create(&new)?;
+    let mut gen = Gen::new(4040);
+    let mut pos = 0;
+    let (mut ins, mut del) = (0u64, 0u64);
+    for &(at, add, remove) in &edits {
+        copy_range(&src, pos, at, &mut w)?;
+        if add > 0 {
+            let class = [Class::Text, Class::Random][rng.below(2) as usize];
+            w.generate(&mut gen, class, add)?;
+            ins += add;
+        }
+        del += remove;
+        pos = at + remove;
+    }
+    copy_range(&src, pos, size, &mut w)?;
+    w.finish()?;
+    set_mtime(&new, MTIME_NEW)?;
+    Ok(Scenario {
+        id: 4,
+        title: "shifted layout (insertions/deletions)",
+        facts: vec![
+            image_facts(&new, "source")?,
+            format!(
+                "{each} insertions ({} in all) and {each} deletions ({} in all) of odd sizes \
+                 1-100 KiB at random offsets; new size {}",
+                fmt_bytes(ins),
+                fmt_bytes(del),
+                fmt_bytes(size + ins - del)
+            ),
+        ],
+        old: Some(old.clone()),
+        new: new.clone(),
+        touch: false,
+        sparse: true,
+        files: vec![old, new],
+    })
+}
+
+fn scenario_touch(size: u64, dir: &Path) -> Result<Scenario> {
+    let (img, segs) = mixed_base(size, dir, "s5.img")?;
+    set_mtime(&img, MTIME_OLD)?;
+    Ok(Scenario {
+        id: 5,
+        title: "unchanged content, newer mtime",
+        facts: vec![
+            image_facts(&img, "source")?,
+            class_shares(&segs, size),
+            "pre-sync with the old mtime, then the source is touched (content unchanged)".into(),
+        ],
+        old: Some(img.clone()),
+        new: img.clone(),
+        touch: true,
+        sparse: true,
+        files: vec![img],
+    })
+}
+
+fn scenario_identical(size: u64, dir: &Path) -> Result<Scenario> {
+    let (img, _) = mixed_base(size, dir, "s6.img")?;
+    set_mtime(&img, MTIME_NEW)?;
+    Ok(Scenario {
+        id: 6,
+        title: "destination identical, same mtime",
+        facts: vec![
+            image_facts(&img, "source")?,
+            "pre-sync, then the same file again: the size+mtime quick check should skip it".into(),
+        ],
+        old: Some(img.clone()),
+        new: img.clone(),
+        touch: false,
+        sparse: true,
+        files: vec![img],
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Running the tools
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tool {
+    Vmsync,
+    Rsync { inplace: bool },
+}
+
+struct Ctx {
+    work: PathBuf,
+    /// Snapshot of the binary under test (both ends run it).
+    vmsync: String,
+    dst_dir: PathBuf,
+    dst: PathBuf,
+    rsh: String,
+    timeout: Duration,
+    /// rsync accepts `--sparse` together with `--inplace`.
+    sparse_inplace: bool,
+    /// Seconds spent in untimed pre-syncs and verification.
+    overhead: f64,
+    _sshd: Sshd,
+}
+
+impl Ctx {
+    fn label(&self, tool: Tool, sparse: bool) -> String {
+        match tool {
+            Tool::Vmsync => "vmsync".into(),
+            Tool::Rsync { inplace } => {
+                let mut s = String::from("rsync");
+                if inplace {
+                    s.push_str(" --inplace");
+                }
+                if sparse && (!inplace || self.sparse_inplace) {
+                    s.push_str(" --sparse");
+                }
+                s
+            }
+        }
+    }
+}
+
+struct CmdOut {
+    ok: bool,
+    status: String,
+    stdout: String,
+    stderr: String,
+    secs: f64,
+}
+
+/// Runs `cmd` in its own process group with a timeout; times it from spawn
+/// to exit.
+fn run_cmd(mut cmd: Command, timeout: Duration) -> Result<CmdOut> {
+    check_interrupt()?;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let desc = format!("{cmd:?}");
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {desc}"))?;
+    let pgid = child.id() as i32;
+    CURRENT_PGID.store(pgid, Ordering::SeqCst);
+    let read = |mut r: Box<dyn std::io::Read + Send>| {
+        thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = r.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        })
+    };
+    let out = read(Box::new(child.stdout.take().unwrap()));
+    let err = read(Box::new(child.stderr.take().unwrap()));
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let status = match rx.recv_timeout(timeout) {
+        Ok(s) => s?,
+        Err(_) => {
+            // SAFETY: plain syscall on our own child's process group.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            let _ = rx.recv();
+            CURRENT_PGID.store(0, Ordering::SeqCst);
+            bail!("timed out after {timeout:?} and was killed: {desc}");
+        }
+    };
+    let secs = start.elapsed().as_secs_f64();
+    CURRENT_PGID.store(0, Ordering::SeqCst);
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    check_interrupt()?;
+    Ok(CmdOut {
+        ok: status.success(),
+        status: status.to_string(),
+        stdout,
+        stderr,
+        secs,
+    })
+}
+
+/// Quotes a word for the remote shell (the `--remote-path`/`--rsync-path`
+/// strings are run by it).
+fn sh_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+=:,@%".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Measured {
+    secs: f64,
+    wire: u64,
+    rss_client_kib: u64,
+    rss_server_kib: u64,
+    /// User + system CPU seconds of each end (the client's includes its ssh).
+    cpu_client: f64,
+    cpu_server: f64,
+    /// CPU seconds the whole machine was busy during the run (all processes).
+    machine_busy: f64,
+    /// Bytes each end wrote to files (GNU time %O, charged when pages are
+    /// dirtied, so it counts with or without fsync).
+    written_client: u64,
+    written_server: u64,
+    /// vmsync's `--json` object.
+    json: Option<Value>,
+}
+
+/// GNU time's output format: peak RSS (KiB), user and system CPU seconds,
+/// file system outputs (512-byte blocks).
+const TIME_FORMAT: &str = "%M %U %S %O";
+
+/// Reads GNU time's output (its last line; a line before it reports a
+/// non-zero exit): (peak RSS KiB, CPU seconds, bytes written).
+fn read_time(path: &Path) -> Result<(u64, f64, u64)> {
+    let text = fs::read_to_string(path)
+        .with_context(|| format!("GNU time output {} missing", path.display()))?;
+    let parse = || -> Option<(u64, f64, u64)> {
+        let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let rss = f.first()?.parse().ok()?;
+        let user: f64 = f.get(1)?.parse().ok()?;
+        let sys: f64 = f.get(2)?.parse().ok()?;
+        let blocks: u64 = f.get(3)?.parse().ok()?;
+        Some((rss, user + sys, blocks * 512))
+    };
+    parse().ok_or_else(|| anyhow!("cannot parse GNU time output {text:?}"))
+}
+
+/// CPU seconds the machine has been busy since boot (all CPUs, /proc/stat).
+fn machine_busy() -> f64 {
+    let hz = 100.0; // USER_HZ on Linux
+    fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().next()?.to_string();
+            let v: Vec<u64> = line
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            // user nice system idle iowait irq softirq steal
+            Some(
+                v.iter()
+                    .enumerate()
+                    .filter(|&(i, _)| i != 3 && i != 4 && i < 8)
+                    .map(|(_, x)| *x)
+                    .sum::<u64>() as f64
+                    / hz,
+            )
+        })
+        .unwrap_or(0.0)
+}
+
+fn rsync_total(stats: &str, key: &str) -> Result<u64> {
+    let line = stats
+        .lines()
+        .find(|l| l.starts_with(key))
+        .ok_or_else(|| anyhow!("rsync --stats has no {key:?} line:\n{stats}"))?;
+    let digits: String = line[key.len()..]
+        .trim_start_matches(':')
+        .trim()
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == ',' || *c == '.')
+        .filter(char::is_ascii_digit)
+        .collect();
+    digits
+        .parse()
+        .with_context(|| format!("cannot parse {line:?}"))
+}
+
+/// One sync of `src` to the destination with `tool`. A timed run also
+/// measures peak RSS on both ends.
+fn sync(ctx: &Ctx, tool: Tool, sparse: bool, src: &Path, timed: bool) -> Result<Measured> {
+    let rss_c = ctx.work.join("rss-client");
+    let rss_s = ctx.work.join("rss-server");
+    let _ = fs::remove_file(&rss_c);
+    let _ = fs::remove_file(&rss_s);
+    let remote_wrap = |prog: &str| {
+        if timed {
+            format!(
+                "{GNU_TIME} -f {} -o {} {}",
+                sh_quote(TIME_FORMAT),
+                sh_quote(&rss_s.to_string_lossy()),
+                sh_quote(prog)
+            )
+        } else {
+            sh_quote(prog)
+        }
+    };
+    let prog = match tool {
+        Tool::Vmsync => ctx.vmsync.as_str(),
+        Tool::Rsync { .. } => "rsync",
+    };
+    let mut cmd = if timed {
+        let mut c = Command::new(GNU_TIME);
+        c.arg("-f").arg(TIME_FORMAT).arg("-o").arg(&rss_c).arg(prog);
+        c
+    } else {
+        Command::new(prog)
+    };
+    let dst = format!("127.0.0.1:{}", ctx.dst.display());
+    match tool {
+        Tool::Vmsync => {
+            cmd.args([
+                "--json",
+                "-e",
+                &ctx.rsh,
+                "--remote-path",
+                // vmsync's receiver caches manifests, keyed by destination
+                // path, under $VMSYNC_CACHE_DIR (else ~/.cache/vmsync). Keep
+                // the cache in the work directory, the same for the pre-sync
+                // and the timed run, so it works as it would under cron and
+                // goes away with the work directory.
+                &format!(
+                    "VMSYNC_CACHE_DIR={} {}",
+                    sh_quote(&ctx.work.join("vmsync-cache").to_string_lossy()),
+                    remote_wrap(&ctx.vmsync)
+                ),
+            ]);
+            cmd.env("VMSYNC_CACHE_DIR", ctx.work.join("vmsync-cache"));
+        }
+        Tool::Rsync { inplace } => {
+            cmd.args([
+                "-e",
+                &ctx.rsh,
+                "-z",
+                "--compress-choice=zstd",
+                "--stats",
+                "-t",
+            ]);
+            if inplace {
+                cmd.arg("--inplace");
+            }
+            if sparse && (!inplace || ctx.sparse_inplace) {
+                cmd.arg("--sparse");
+            }
+            if timed {
+                cmd.arg("--rsync-path").arg(remote_wrap("rsync"));
+            }
+            cmd.env("LC_ALL", "C");
+        }
+    }
+    cmd.arg(src).arg(&dst);
+    let busy = machine_busy();
+    let out = run_cmd(cmd, ctx.timeout)?;
+    let busy = machine_busy() - busy;
+    if !out.ok {
+        bail!(
+            "{} failed ({}) syncing {} to {dst}\n--- stdout:\n{}\n--- stderr:\n{}",
+            ctx.label(tool, sparse),
+            out.status,
+            src.display(),
+            out.stdout,
+            out.stderr
+        );
+    }
+    let mut m = Measured {
+        secs: out.secs,
+        machine_busy: busy,
+        ..Measured::default()
+    };
+    match tool {
+        Tool::Vmsync => {
+            let v: Value = serde_json::from_str(out.stdout.trim())
+                .with_context(|| format!("vmsync --json printed {:?}", out.stdout))?;
+            m.wire = v
+                .get("wire_bytes")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| anyhow!("no wire_bytes in {v}"))?;
+            m.json = Some(v);
+        }
+        Tool::Rsync { .. } => {
+            m.wire = rsync_total(&out.stdout, "Total bytes sent")?
+                + rsync_total(&out.stdout, "Total bytes received")?;
+        }
+    }
+    if timed {
+        (m.rss_client_kib, m.cpu_client, m.written_client) = read_time(&rss_c)?;
+        (m.rss_server_kib, m.cpu_server, m.written_server) = read_time(&rss_s)?;
+    }
+    Ok(m)
+}
+
+/// Fails loudly unless `dst` has `src`'s size, mtime and bytes. Ranges that
+/// are holes in both files are skipped (they read as zeros in both).
+fn verify_identical(src: &Path, dst: &Path, what: &str) -> Result<()> {
+    let (ms, md) = (fs::metadata(src)?, fs::symlink_metadata(dst));
+    let md = md.with_context(|| format!("{what}: destination {} missing", dst.display()))?;
+    if !md.file_type().is_file() {
+        bail!(
+            "{what}: destination {} is not a regular file",
+            dst.display()
+        );
+    }
+    if ms.len() != md.len() {
+        bail!(
+            "{what}: DESTINATION DIFFERS: size {} != source size {}",
+            md.len(),
+            ms.len()
+        );
+    }
+    if (ms.mtime(), ms.mtime_nsec()) != (md.mtime(), md.mtime_nsec()) {
+        bail!(
+            "{what}: destination mtime {}.{:09} != source mtime {}.{:09}",
+            md.mtime(),
+            md.mtime_nsec(),
+            ms.mtime(),
+            ms.mtime_nsec()
+        );
+    }
+    let (a, b) = (File::open(src)?, File::open(dst)?);
+    let len = ms.len();
+    const CMP: usize = 8 << 20;
+    let (mut ba, mut bb) = (vec![0u8; CMP], vec![0u8; CMP]);
+    let mut pos = 0;
+    while pos < len {
+        check_interrupt()?;
+        let d = next_data(&a, pos)
+            .unwrap_or(len)
+            .min(next_data(&b, pos).unwrap_or(len));
+        if d > pos {
+            pos = d;
+            continue;
+        }
+        let n = (len - pos).min(CMP as u64) as usize;
+        a.read_exact_at(&mut ba[..n], pos)?;
+        b.read_exact_at(&mut bb[..n], pos)?;
+        if ba[..n] != bb[..n] {
+            let i = (0..n).find(|&i| ba[i] != bb[i]).unwrap_or(0);
+            bail!(
+                "{what}: DESTINATION DIFFERS from the source at offset {} ({} vs {})",
+                pos + i as u64,
+                dst.display(),
+                src.display()
+            );
+        }
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+/// Empties the destination directory (the destination and any temp files).
+fn clear_dst(ctx: &Ctx) -> Result<()> {
+    for e in fs::read_dir(&ctx.dst_dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            fs::remove_dir_all(&p)?;
+        } else {
+            fs::remove_file(&p)?;
+        }
+    }
+    Ok(())
+}
+
+/// Flushes the destination (untimed), so its writeback never lands in the
+/// next timed run and its block count is final.
+fn settle(path: &Path) -> Result<()> {
+    File::open(path)?.sync_all()?;
+    // SAFETY: plain syscall.
+    unsafe { libc::sync() };
+    Ok(())
+}
+
+/// Results of one tool (mode) in one scenario.
+#[derive(Default)]
+struct ModeStats {
+    label: String,
+    runs: Vec<Measured>,
+    dst_alloc: u64,
+    leftovers: Vec<String>,
+}
+
+impl ModeStats {
+    fn time(&self) -> f64 {
+        median(self.runs.iter().map(|r| r.secs).collect())
+    }
+    fn wire(&self) -> u64 {
+        median(self.runs.iter().map(|r| r.wire as f64).collect()) as u64
+    }
+    fn cpu(&self) -> (f64, f64) {
+        (
+            median(self.runs.iter().map(|r| r.cpu_client).collect()),
+            median(self.runs.iter().map(|r| r.cpu_server).collect()),
+        )
+    }
+    fn written(&self) -> (u64, u64) {
+        (
+            median(self.runs.iter().map(|r| r.written_client as f64).collect()) as u64,
+            median(self.runs.iter().map(|r| r.written_server as f64).collect()) as u64,
+        )
+    }
+    /// Mean share of the machine's CPUs used by other processes during the
+    /// timed runs (machine busy minus both tools' CPU; sshd's encryption is
+    /// in it too).
+    fn others(&self, ncpu: f64) -> f64 {
+        let v: Vec<f64> = self
+            .runs
+            .iter()
+            .map(|r| {
+                ((r.machine_busy - r.cpu_client - r.cpu_server) / (ncpu * r.secs.max(1e-3)))
+                    .clamp(0.0, 1.0)
+            })
+            .collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    }
+    fn busy(&self) -> f64 {
+        median(self.runs.iter().map(|r| r.machine_busy).collect())
+    }
+    fn rss(&self) -> (u64, u64) {
+        (
+            self.runs
+                .iter()
+                .map(|r| r.rss_client_kib)
+                .max()
+                .unwrap_or(0),
+            self.runs
+                .iter()
+                .map(|r| r.rss_server_kib)
+                .max()
+                .unwrap_or(0),
+        )
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+struct ScenarioResult {
+    sc: Scenario,
+    src_alloc: u64,
+    modes: Vec<ModeStats>,
+    secs: f64,
+}
+
+fn run_scenario(ctx: &mut Ctx, sc: Scenario, runs: usize) -> Result<ScenarioResult> {
+    let start = Instant::now();
+    let tools = [
+        Tool::Vmsync,
+        Tool::Rsync { inplace: false },
+        Tool::Rsync { inplace: true },
+    ];
+    let mut modes: Vec<ModeStats> = tools
+        .iter()
+        .map(|&t| ModeStats {
+            label: ctx.label(t, sc.sparse),
+            ..ModeStats::default()
+        })
+        .collect();
+    for run in 0..runs {
+        for (k, &tool) in tools.iter().enumerate() {
+            let label = modes[k].label.clone();
+            let what = format!("scenario {} run {} {label}", sc.id, run + 1);
+            // Reset: an empty destination, then (untimed) the old version synced
+            // by the tool under test itself.
+            let prep = Instant::now();
+            clear_dst(ctx)?;
+            if let Some(old) = &sc.old {
+                if sc.touch {
+                    set_mtime(old, MTIME_OLD)?;
+                }
+                sync(ctx, tool, sc.sparse, old, false)
+                    .with_context(|| format!("{what}: pre-sync of the old version"))?;
+                verify_identical(old, &ctx.dst, &format!("{what} (pre-sync)"))?;
+                settle(&ctx.dst)?;
+            }
+            if sc.touch {
+                set_mtime(&sc.new, MTIME_NEW)?;
+            }
+            // SAFETY: plain syscall.
+            unsafe { libc::sync() };
+            ctx.overhead += prep.elapsed().as_secs_f64();
+
+            let m = sync(ctx, tool, sc.sparse, &sc.new, true).with_context(|| what.clone())?;
+
+            let post = Instant::now();
+            verify_identical(&sc.new, &ctx.dst, &what)?;
+            settle(&ctx.dst)?;
+            let alloc = allocated(&ctx.dst)?;
+            let stray: Vec<String> = fs::read_dir(&ctx.dst_dir)?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| Some(n.as_str()) != ctx.dst.file_name().and_then(|s| s.to_str()))
+                .collect();
+            ctx.overhead += post.elapsed().as_secs_f64();
+            eprintln!(
+                "compare: {what}: {:.2} s (cpu {:.2}+{:.2}, busy {:.2}), wire {}, RSS {}/{}, dst alloc {}{} — identical",
+                m.secs,
+                m.cpu_client,
+                m.cpu_server,
+                m.machine_busy,
+                fmt_bytes(m.wire),
+                fmt_kib(m.rss_client_kib),
+                fmt_kib(m.rss_server_kib),
+                fmt_bytes(alloc),
+                if stray.is_empty() {
+                    String::new()
+                } else {
+                    format!(", LEFTOVER FILES {stray:?}")
+                }
+            );
+            let ms = &mut modes[k];
+            ms.dst_alloc = alloc;
+            for s in stray {
+                if !ms.leftovers.contains(&s) {
+                    ms.leftovers.push(s);
+                }
+            }
+            ms.runs.push(m);
+        }
+    }
+    clear_dst(ctx)?;
+    let src_alloc = allocated(&sc.new)?;
+    Ok(ScenarioResult {
+        sc,
+        src_alloc,
+        modes,
+        secs: start.elapsed().as_secs_f64(),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Setup checks
+// ---------------------------------------------------------------------------
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Installs a Debian package when running as root, or explains what is missing.
+fn ensure(present: bool, what: &str, package: &str) -> Result<()> {
+    if present {
+        return Ok(());
+    }
+    // SAFETY: plain syscall.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} is missing: install it (apt-get install -y {package}) and run again");
+    }
+    eprintln!("compare: {what} missing; apt-get install -y {package}");
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends", package])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if install() {
+        return Ok(());
+    }
+    let _ = Command::new("apt-get").arg("update").status();
+    if install() {
+        return Ok(());
+    }
+    bail!("{what} is missing and apt-get install -y {package} failed")
+}
+
+fn first_line(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| {
+            let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
+            s.push_str(&String::from_utf8_lossy(&o.stderr));
+            s.lines().next().unwrap_or("").trim().to_string()
+        })
+        .unwrap_or_else(|e| format!("({cmd}: {e})"))
+}
+
+/// Whether this rsync takes `--sparse` with `--inplace` (refused before 3.1.3).
+fn rsync_sparse_inplace_ok(dir: &Path) -> bool {
+    let a = dir.join("probe-a");
+    let b = dir.join("probe-b");
+    let _ = fs::write(&a, vec![0u8; 100_000]);
+    let ok = Command::new("rsync")
+        .args(["--sparse", "--inplace"])
+        .arg(&a)
+        .arg(&b)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    let _ = fs::remove_file(&a);
+    let _ = fs::remove_file(&b);
+    ok
+}
+
+/// Median time of `ssh 127.0.0.1 true`: the fixed cost of every run.
+fn ssh_baseline(sshd: &Sshd) -> Result<String> {
+    let rsh = sshd.rsh();
+    let words: Vec<&str> = rsh.split_whitespace().collect();
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let mut c = Command::new(words[0]);
+        c.args(&words[1..]).arg("127.0.0.1").arg("true");
+        let out = run_cmd(c, Duration::from_secs(60))?;
+        if !out.ok {
+            bail!(
+                "ssh to the test sshd failed ({}): {}\nsshd log:\n{}",
+                out.status,
+                out.stderr,
+                sshd.log()
+            );
+        }
+        times.push(out.secs);
+    }
+    Ok(fmt_secs(median(times)))
+}
+
+fn free_space(dir: &Path) -> Result<u64> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
+    // SAFETY: statvfs writes into a zeroed struct we own.
+    unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut s) != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(s.f_bavail as u64 * s.f_frsize as u64)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Report
+// ---------------------------------------------------------------------------
+
+fn fmt_bytes(b: u64) -> String {
+    let f = b as f64;
+    if b >= GIB {
+        format!("{:.2} GiB", f / GIB as f64)
+    } else if b >= MIB {
+        format!("{:.1} MiB", f / MIB as f64)
+    } else if b >= 10 * KIB {
+        format!("{:.0} KiB", f / KIB as f64)
+    } else if b >= KIB {
+        format!("{:.1} KiB", f / KIB as f64)
+    } else {
+        format!("{b} B")
+    }
+}
+
+fn fmt_kib(k: u64) -> String {
+    if k >= 1024 {
+        format!("{:.0} MiB", k as f64 / 1024.0)
+    } else {
+        format!("{k} KiB")
+    }
+}
+
+fn fmt_secs(s: f64) -> String {
+    if s < 1.0 {
+        format!("{:.3} s", s)
+    } else {
+        format!("{:.2} s", s)
+    }
+}
+
+fn fmt_ratio(a: f64, b: f64) -> String {
+    if b <= 0.0 {
+        "n/a".into()
+    } else {
+        format!("{:.2}×", a / b)
+    }
+}
+
+struct Env {
+    date: String,
+    machine: String,
+    vmsync: String,
+    rsync: String,
+    ssh: String,
+    fs: String,
+    command: String,
+    argv: String,
+    load_start: String,
+    calibration: String,
+    ssh_baseline: String,
+}
+
+fn cpu_model() -> String {
+    fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn mem_total() -> String {
+    fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<u64>().ok())
+        })
+        .map(|k| fmt_bytes(k * KIB))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn git_rev() -> String {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let rev = Command::new("git")
+        .args(["-C", dir, "rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let dirty = Command::new("git")
+        .args(["-C", dir, "status", "--porcelain", "--untracked-files=no"])
+        .output()
+        .ok()
+        .map(|o| !o.stdout.is_empty())
+        .unwrap_or(false);
+    // A fingerprint of the uncommitted changes, so a result can be tied to
+    // the exact tree it measured.
+    let diff = Command::new("git")
+        .args([
+            "-C",
+            dir,
+            "diff",
+            "HEAD",
+            "--",
+            "src",
+            "Cargo.toml",
+            "Cargo.lock",
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success() && !o.stdout.is_empty())
+        .map(|o| blake3::hash(&o.stdout).to_hex()[..12].to_string());
+    match (rev, dirty) {
+        (Some(r), false) => format!("git {r}"),
+        (Some(r), true) => match diff {
+            Some(d) => format!(
+                "git {r} + uncommitted changes (blake3 of `git diff HEAD -- src Cargo.toml Cargo.lock`: {d})"
+            ),
+            None => format!("git {r} + uncommitted changes outside src/ and the Cargo files"),
+        },
+        (None, _) => "not a git checkout".into(),
+    }
+}
+
+/// zstd -3 ratios of the generated data classes (what "compressible" means here).
+fn calibration() -> Result<String> {
+    let n = 16 * MIB as usize;
+    let mut buf = vec![0u8; n];
+    let mut parts = Vec::new();
+    let mut ratio = |name: &str, buf: &[u8]| -> Result<()> {
+        let z = zstd::bulk::compress(buf, 3)?;
+        parts.push(format!("{name} {:.2}:1", buf.len() as f64 / z.len() as f64));
+        Ok(())
+    };
+    for (name, class) in [
+        ("text", Class::Text),
+        ("records", Class::Records),
+        ("random", Class::Random),
+    ] {
+        Gen::new(7).fill(class, &mut buf);
+        ratio(name, &buf)?;
+    }
+    let mut g = Gen::new(8);
+    let half = n / 2 / 64 * 64;
+    g.fill(Class::Text, &mut buf[..half]);
+    g.fill(Class::Records, &mut buf[half..]);
+    ratio("text+records (the compressible 40%)", &buf)?;
+    let mut page = vec![0u8; PAGE as usize];
+    for (i, c) in buf.chunks_mut(PAGE as usize).enumerate() {
+        let kind = match i % 10 {
+            0..=3 => PageKind::Table,
+            4..=5 => PageKind::Index,
+            6..=8 => PageKind::Blob,
+            _ => PageKind::Free,
+        };
+        db_page(&mut g, kind, i as u64, i as u64, 100_000, &mut page);
+        c.copy_from_slice(&page);
+    }
+    ratio("database pages", &buf)?;
+    Ok(parts.join(", "))
+}
+
+fn render(
+    env: &Env,
+    opts: &Opts,
+    results: &[ScenarioResult],
+    total: f64,
+    load_end: &str,
+) -> String {
+    let ncpu = thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as f64;
+    let mut s = String::new();
+    let _ = writeln!(s, "# vmsync vs rsync: compare bench\n");
+    let _ = writeln!(
+        s,
+        "Generated by `benches/compare.rs` (see `benches/README.md`). Ratios are vmsync ÷ rsync: \
+         below 1.00× vmsync is faster / sends less.\n"
+    );
+    let _ = writeln!(s, "- date: {}", env.date);
+    let _ = writeln!(s, "- machine: {}", env.machine);
+    let _ = writeln!(s, "- vmsync: {}", env.vmsync);
+    let _ = writeln!(s, "- rsync: {} (same binary on both ends)", env.rsync);
+    let _ = writeln!(
+        s,
+        "- transport: {}; sshd on 127.0.0.1 with throwaway keys, default cipher, no ssh compression",
+        env.ssh
+    );
+    let _ = writeln!(
+        s,
+        "- connection setup: `ssh 127.0.0.1 true` takes {} (median of 5); every timed run pays it once",
+        env.ssh_baseline
+    );
+    let _ = writeln!(s, "- work dir: {}", env.fs);
+    let _ = writeln!(s, "- command: `{}`", env.command);
+    let _ = writeln!(
+        s,
+        "- size: {} (scenario 1: {} apparent); {} timed run(s) per tool and scenario, \
+         tools alternating; medians reported; peak RSS is the max over the runs",
+        fmt_bytes(opts.size),
+        fmt_bytes(4 * opts.size),
+        opts.runs
+    );
+    let _ = writeln!(s, "- generated data (zstd -3 ratios): {}", env.calibration);
+    let _ = writeln!(
+        s,
+        "- load average at start / end: {} / {}; total bench time {:.1} min",
+        env.load_start,
+        load_end,
+        total / 60.0
+    );
+    let shares: Vec<f64> = results
+        .iter()
+        .flat_map(|r| r.modes.iter().map(|m| m.others(ncpu)))
+        .collect();
+    let others = shares.iter().sum::<f64>() / shares.len().max(1) as f64;
+    let _ = writeln!(
+        s,
+        "- contention: during the timed runs, processes other than the two tools (sshd's \
+         encryption included, typically 5-15%) kept on average {:.0}% of the {} CPUs busy{}",
+        100.0 * others,
+        ncpu,
+        if others > 0.3 {
+            " — **the machine was shared; wall times are noisy, compare CPU seconds in the details**"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        s,
+        "- caches: none dropped; sources and destinations sit in the page cache \
+         (`sync` before every timed run, destination fsync'd after it, untimed)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| # | scenario | vmsync time | rsync time (best mode) | time ratio | vmsync wire | rsync wire | \
+         bytes ratio | src alloc | dst alloc vmsync / rsync | peak RSS vmsync client / server | \
+         peak RSS rsync client / server |"
+    );
+    let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    for r in results {
+        let v = &r.modes[0];
+        let best = r.modes[1..]
+            .iter()
+            .min_by(|a, b| a.time().total_cmp(&b.time()).then(a.wire().cmp(&b.wire())))
+            .unwrap();
+        let (vc, vs) = v.rss();
+        let (rc, rs) = best.rss();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} ({}) | {} | {} | {} | {} | {} | {} / {} | {} / {} | {} / {} |",
+            r.sc.id,
+            r.sc.title,
+            fmt_secs(v.time()),
+            fmt_secs(best.time()),
+            best.label,
+            fmt_ratio(v.time(), best.time()),
+            fmt_bytes(v.wire()),
+            fmt_bytes(best.wire()),
+            fmt_ratio(v.wire() as f64, best.wire() as f64),
+            fmt_bytes(r.src_alloc),
+            fmt_bytes(v.dst_alloc),
+            fmt_bytes(best.dst_alloc),
+            fmt_kib(vc),
+            fmt_kib(vs),
+            fmt_kib(rc),
+            fmt_kib(rs),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n## Details\n\n\
+         Per tool: median wall time and every run; median CPU seconds (user+system) of the \
+         client (including its ssh) and of the server process (sshd's own encryption work is \
+         in neither); \"machine busy\": CPU seconds the whole machine was busy during the \
+         run (at most CPUs × wall time); \"others' CPU share\": the part of the machine's \
+         CPU time used by anything but the two tools (sshd included), averaged over the runs; \
+         \"written\": bytes each end wrote to files (median; GNU time %O, counted when pages \
+         are dirtied, fsync or not).\n"
+    );
+    for r in results {
+        let _ = writeln!(s, "### {}. {}\n", r.sc.id, r.sc.title);
+        for f in &r.sc.facts {
+            let _ = writeln!(s, "- {f}");
+        }
+        let _ = writeln!(
+            s,
+            "- scenario wall time (incl. untimed resets and checks): {:.1} s\n",
+            r.secs
+        );
+        let _ = writeln!(
+            s,
+            "| tool | median time | all runs (s) | CPU client / server | machine busy | others' CPU share | written client / server | wire (median) | dst alloc | peak RSS client / server |"
+        );
+        let _ = writeln!(s, "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|");
+        for m in &r.modes {
+            let (c, sv) = m.rss();
+            let (cc, cs) = m.cpu();
+            let (wc, ws) = m.written();
+            let all: Vec<String> = m.runs.iter().map(|x| format!("{:.2}", x.secs)).collect();
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.2} s / {:.2} s | {:.2} s | {:.0}% | {} / {} | {} | {} | {} / {} |",
+                m.label,
+                fmt_secs(m.time()),
+                all.join(", "),
+                cc,
+                cs,
+                m.busy(),
+                100.0 * m.others(ncpu),
+                fmt_bytes(wc),
+                fmt_bytes(ws),
+                fmt_bytes(m.wire()),
+                fmt_bytes(m.dst_alloc),
+                fmt_kib(c),
+                fmt_kib(sv)
+            );
+        }
+        if let Some(v) = r.modes[0].runs.last().and_then(|m| m.json.as_ref()) {
+            let g = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+            let _ = writeln!(
+                s,
+                "\nvmsync `--json` (last run): reused {}, literal {}, zero {}, wire {}, up_to_date {}",
+                fmt_bytes(g("reused_bytes")),
+                fmt_bytes(g("literal_bytes")),
+                fmt_bytes(g("zero_bytes")),
+                fmt_bytes(g("wire_bytes")),
+                v.get("up_to_date").and_then(Value::as_bool).unwrap_or(false)
+            );
+        }
+        for m in &r.modes {
+            if !m.leftovers.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "\n**{} left files in the destination directory after a successful run:** {:?}",
+                    m.label, m.leftovers
+                );
+            }
+        }
+        let _ = writeln!(s);
+    }
+    let _ = writeln!(s, "<!-- argv: {} -->", env.argv);
+    s
+}
+
+// ---------------------------------------------------------------------------
+
+fn main() {
+    install_signal_thread();
+    let code = match real_main() {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("\ncompare: FAILED: {e:#}");
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                130
+            } else {
+                1
+            }
+        }
+    };
+    std::process::exit(code);
+}
+
+fn real_main() -> Result<()> {
+    let opts = parse_args()?;
+    if opts.calibrate {
+        println!("{}", calibration()?);
+        return Ok(());
+    }
+    let bench_start = Instant::now();
+    ensure(have("rsync"), "rsync", "rsync")?;
+    ensure(
+        Path::new(GNU_TIME).exists(),
+        "GNU time (/usr/bin/time)",
+        "time",
+    )?;
+    ensure(
+        have("ssh") && have("ssh-keygen"),
+        "the OpenSSH client",
+        "openssh-client",
+    )?;
+    ensure(
+        Path::new("/usr/sbin/sshd").exists(),
+        "the OpenSSH server",
+        "openssh-server",
+    )?;
+
+    let need = 7 * opts.size + GIB;
+    let free = free_space(Path::new(WORK_PARENT))?;
+    if free < need {
+        bail!(
+            "{WORK_PARENT} has {} free; this run needs about {}",
+            fmt_bytes(free),
+            fmt_bytes(need)
+        );
+    }
+    let work_td = tempfile::Builder::new()
+        .prefix("vmsync-bench-")
+        .tempdir_in(WORK_PARENT)
+        .context("create the work directory")?;
+    let work = work_td.path().to_path_buf();
+    let work_guard = if opts.keep {
+        let _ = work_td.keep();
+        None
+    } else {
+        Some(work_td)
+    };
+    eprintln!("compare: work directory {}", work.display());
+    let src_dir = work.join("src");
+    let dst_dir = work.join("dst");
+    fs::create_dir(&src_dir)?;
+    fs::create_dir(&dst_dir)?;
+    // Other work on the tree may rebuild target/release/vmsync during a long
+    // run: measure one snapshot of it throughout.
+    let vmsync_bin = work.join("vmsync");
+    fs::copy(VMSYNC, &vmsync_bin).with_context(|| format!("copy {VMSYNC}"))?;
+    let vmsync = vmsync_bin.to_string_lossy().into_owned();
+    let bin_hash = blake3::hash(&fs::read(&vmsync_bin)?).to_hex()[..12].to_string();
+
+    let sshd = Sshd::start().ok_or_else(|| {
+        anyhow!("sshd was not started (VMSYNC_SKIP_SSH=1?); the compare bench needs it")
+    })?;
+    eprintln!("compare: sshd listening on 127.0.0.1:{}", sshd.port());
+    let sparse_inplace = rsync_sparse_inplace_ok(&work);
+    let env = Env {
+        date: first_line("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]),
+        machine: format!(
+            "{} CPUs ({}), {} RAM, Linux {}",
+            thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
+            cpu_model(),
+            mem_total(),
+            first_line("uname", &["-r"])
+        ),
+        vmsync: format!(
+            "{} ({}; built as {VMSYNC}, binary blake3 {bin_hash}, copied before the run)",
+            first_line(&vmsync, &["--version"]),
+            git_rev()
+        ),
+        rsync: format!(
+            "{}{}",
+            first_line("rsync", &["--version"]),
+            if sparse_inplace {
+                ""
+            } else {
+                "; refuses --sparse with --inplace, so --inplace runs without --sparse"
+            }
+        ),
+        ssh: first_line("ssh", &["-V"]),
+        fs: format!(
+            "{} ({})",
+            WORK_PARENT,
+            first_line("findmnt", &["-n", "-o", "FSTYPE,SOURCE", "-T", WORK_PARENT])
+        ),
+        command: {
+            let mut c = String::from("cargo bench --bench compare");
+            if !opts.args.is_empty() {
+                c.push_str(" -- ");
+                c.push_str(&opts.args.join(" "));
+            }
+            c
+        },
+        argv: std::env::args().collect::<Vec<_>>().join(" "),
+        load_start: loadavg(),
+        calibration: calibration()?,
+        ssh_baseline: ssh_baseline(&sshd)?,
+    };
+    let dst = dst_dir.join("disk.img");
+    let timeout = Duration::from_secs(600 + (1200.0 * opts.size as f64 / GIB as f64) as u64);
+    let mut ctx = Ctx {
+        work: work.clone(),
+        vmsync,
+        dst_dir,
+        dst,
+        rsh: sshd.rsh(),
+        timeout,
+        sparse_inplace,
+        overhead: 0.0,
+        _sshd: sshd,
+    };
+    eprintln!(
+        "compare: size {} (scenario 1: {}), {} run(s), scenarios {:?}",
+        fmt_bytes(opts.size),
+        fmt_bytes(4 * opts.size),
+        opts.runs,
+        opts.scenarios
+    );
+
+    let mut results = Vec::new();
+    let mut gen_secs = 0.0;
+    for &id in &opts.scenarios {
+        let t = Instant::now();
+        let sc = prepare(id, opts.size, &src_dir)?;
+        gen_secs += t.elapsed().as_secs_f64();
+        let files = sc.files.clone();
+        let r = run_scenario(&mut ctx, sc, opts.runs)?;
+        if !opts.keep {
+            for f in files {
+                let _ = fs::remove_file(f);
+            }
+        }
+        results.push(r);
+    }
+    let total = bench_start.elapsed().as_secs_f64();
+    let report = render(&env, &opts, &results, total, &loadavg());
+    println!("{report}");
+    if let Some(dir) = opts.out.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    fs::write(&opts.out, &report).with_context(|| format!("write {}", opts.out.display()))?;
+    eprintln!(
+        "compare: wrote {} (total {:.1} min: data generation {:.1} s, untimed resets and checks {:.1} s)",
+        opts.out.display(),
+        total / 60.0,
+        gen_secs,
+        ctx.overhead
+    );
+    if opts.quick && opts.out.starts_with(env!("CARGO_MANIFEST_DIR")) {
+        eprintln!("compare: (--quick writes to target/ unless --out is given)");
+    }
+    drop(ctx);
+    drop(work_guard);
+    Ok(())
+}
