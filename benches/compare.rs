@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo bench --bench compare -- [--size-gib N] [--runs K] [--scenarios 1,2,...]
-//!                                [--out FILE] [--quick] [--keep] [--calibrate]
+//!                                [--out FILE] [--quick] [--keep] [--calibrate] [--vmsync-inplace]
 //! ```
 //!
 //! Generates deterministic disk-image-like files under /var/tmp, starts a
@@ -108,6 +108,8 @@ struct Opts {
     quick: bool,
     keep: bool,
     calibrate: bool,
+    /// Also time `vmsync --inplace` (details only; the table compares defaults).
+    vmsync_inplace: bool,
     /// What the user typed after `--` (cargo's own `--bench` removed).
     args: Vec<String>,
 }
@@ -119,6 +121,7 @@ fn parse_args() -> Result<Opts> {
     let mut scenarios: Vec<usize> = (1..=6).collect();
     let mut out: Option<PathBuf> = None;
     let (mut quick, mut keep, mut calibrate) = (false, false, false);
+    let mut vmsync_inplace = false;
     let mut args = Vec::new();
     let mut i = 0;
     while i < raw.len() {
@@ -180,6 +183,7 @@ fn parse_args() -> Result<Opts> {
             "--quick" => quick = true,
             "--keep" => keep = true,
             "--calibrate" => calibrate = true,
+            "--vmsync-inplace" => vmsync_inplace = true,
             "-h" | "--help" => {
                 println!(
                     "usage: cargo bench --bench compare -- [--size-gib N] [--runs K] \
@@ -217,6 +221,7 @@ fn parse_args() -> Result<Opts> {
         quick,
         keep,
         calibrate,
+        vmsync_inplace,
         args,
     })
 }
@@ -1144,7 +1149,7 @@ fn scenario_identical(size: u64, dir: &Path) -> Result<Scenario> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tool {
-    Vmsync,
+    Vmsync { inplace: bool },
     Rsync { inplace: bool },
 }
 
@@ -1166,7 +1171,13 @@ struct Ctx {
 impl Ctx {
     fn label(&self, tool: Tool, sparse: bool) -> String {
         match tool {
-            Tool::Vmsync => "vmsync".into(),
+            Tool::Vmsync { inplace } => {
+                if inplace {
+                    "vmsync --inplace".into()
+                } else {
+                    "vmsync".into()
+                }
+            }
             Tool::Rsync { inplace } => {
                 let mut s = String::from("rsync");
                 if inplace {
@@ -1356,7 +1367,7 @@ fn sync(ctx: &Ctx, tool: Tool, sparse: bool, src: &Path, timed: bool) -> Result<
         }
     };
     let prog = match tool {
-        Tool::Vmsync => ctx.vmsync.as_str(),
+        Tool::Vmsync { .. } => ctx.vmsync.as_str(),
         Tool::Rsync { .. } => "rsync",
     };
     let mut cmd = if timed {
@@ -1368,7 +1379,10 @@ fn sync(ctx: &Ctx, tool: Tool, sparse: bool, src: &Path, timed: bool) -> Result<
     };
     let dst = format!("127.0.0.1:{}", ctx.dst.display());
     match tool {
-        Tool::Vmsync => {
+        Tool::Vmsync { inplace } => {
+            if inplace {
+                cmd.arg("--inplace");
+            }
             cmd.args([
                 "--json",
                 "-e",
@@ -1428,7 +1442,7 @@ fn sync(ctx: &Ctx, tool: Tool, sparse: bool, src: &Path, timed: bool) -> Result<
         ..Measured::default()
     };
     match tool {
-        Tool::Vmsync => {
+        Tool::Vmsync { .. } => {
             let v: Value = serde_json::from_str(out.stdout.trim())
                 .with_context(|| format!("vmsync --json printed {:?}", out.stdout))?;
             m.wire = v
@@ -1610,13 +1624,21 @@ struct ScenarioResult {
     secs: f64,
 }
 
-fn run_scenario(ctx: &mut Ctx, sc: Scenario, runs: usize) -> Result<ScenarioResult> {
+fn run_scenario(
+    ctx: &mut Ctx,
+    sc: Scenario,
+    runs: usize,
+    vmsync_inplace: bool,
+) -> Result<ScenarioResult> {
     let start = Instant::now();
-    let tools = [
-        Tool::Vmsync,
+    let mut tools = vec![
+        Tool::Vmsync { inplace: false },
         Tool::Rsync { inplace: false },
         Tool::Rsync { inplace: true },
     ];
+    if vmsync_inplace {
+        tools.push(Tool::Vmsync { inplace: true });
+    }
     let mut modes: Vec<ModeStats> = tools
         .iter()
         .map(|&t| ModeStats {
@@ -2052,6 +2074,7 @@ fn render(
         let v = &r.modes[0];
         let best = r.modes[1..]
             .iter()
+            .filter(|m| m.label.starts_with("rsync"))
             .min_by(|a, b| a.time().total_cmp(&b.time()).then(a.wire().cmp(&b.wire())))
             .unwrap();
         let (vc, vs) = v.rss();
@@ -2304,7 +2327,7 @@ fn real_main() -> Result<()> {
         let sc = prepare(id, opts.size, &src_dir)?;
         gen_secs += t.elapsed().as_secs_f64();
         let files = sc.files.clone();
-        let r = run_scenario(&mut ctx, sc, opts.runs)?;
+        let r = run_scenario(&mut ctx, sc, opts.runs, opts.vmsync_inplace)?;
         if !opts.keep {
             for f in files {
                 let _ = fs::remove_file(f);
