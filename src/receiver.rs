@@ -20,7 +20,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 
 use anyhow::{Context, Result};
 use rayon::prelude::*;
@@ -169,22 +169,17 @@ where
     }))?;
     progress.set_total(info.size);
 
-    // Drain the connection from here on (see the module doc). Inline, we
-    // send nothing until the end, so a bounded queue is safe and is what
-    // keeps a fast sender from filling our memory.
-    let (tx, rx) = if inline {
-        let (tx, rx) = mpsc::sync_channel::<Result<Msg>>(64);
-        (Forward::Bounded(tx), rx)
-    } else {
-        let (tx, rx) = mpsc::channel::<Result<Msg>>();
-        (Forward::Unbounded(tx), rx)
-    };
+    // Drain the connection from here on (see the module doc), holding
+    // what arrives to a bounded number of bytes (see `Queue`).
+    let (tx, rx) = mpsc::channel::<Result<Msg>>();
+    let queue = Arc::new(Queue::new(inline, info.size, opts.params));
+    let q = queue.clone();
     std::thread::Builder::new()
         .name("receive".into())
         .spawn(move || loop {
-            let m = reader.read_msg();
+            let m = reader.read_msg().and_then(|m| q.admit(m));
             let stop = m.is_err();
-            if !tx.send(m) || stop {
+            if tx.send(m).is_err() || stop {
                 return;
             }
         })
@@ -198,8 +193,8 @@ where
         if inline { "inline" } else { "manifest" }
     );
     let mut basis = match regular {
-        Some(_) => Basis::index(&dest, opts, true)?,
-        None => None,
+        Some(_) if !inline => Basis::index(&dest, opts, true)?,
+        _ => None,
     };
     if let Some(b) = &basis {
         crate::vlog!(
@@ -281,6 +276,7 @@ where
                     .recv()
                     .map_err(|_| fail(Exit::Connection, "the connection ended unexpectedly"))??,
             };
+            queue.taken(&msg);
             match msg {
                 Msg::Manifest(payload) => {
                     if manifest_done {
@@ -307,7 +303,24 @@ where
                     run.advance()?;
                 }
                 Msg::Chunk(c) => {
-                    run.accept(c)?;
+                    // Take every chunk already here, to complete them together.
+                    let mut batch = vec![c];
+                    while batch.len() < 256 {
+                        match rx.try_recv() {
+                            Ok(Ok(m @ Msg::Chunk(_))) => {
+                                queue.taken(&m);
+                                if let Msg::Chunk(c) = m {
+                                    batch.push(c);
+                                }
+                            }
+                            Ok(other) => {
+                                stashed = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    run.accept(batch)?;
                     run.advance()?;
                 }
                 Msg::BlockHashes { index, hashes } => {
@@ -315,8 +328,11 @@ where
                     let mut batch = vec![(index, hashes)];
                     while batch.len() < 4096 {
                         match rx.try_recv() {
-                            Ok(Ok(Msg::BlockHashes { index, hashes })) => {
-                                batch.push((index, hashes))
+                            Ok(Ok(m @ Msg::BlockHashes { .. })) => {
+                                queue.taken(&m);
+                                if let Msg::BlockHashes { index, hashes } = m {
+                                    batch.push((index, hashes));
+                                }
                             }
                             Ok(other) => {
                                 stashed = Some(other);
@@ -409,18 +425,99 @@ where
     Ok(summary)
 }
 
-/// The reader thread's end of its queue.
-enum Forward {
-    Bounded(mpsc::SyncSender<Result<Msg>>),
-    Unbounded(mpsc::Sender<Result<Msg>>),
+/// Bounds what the reader thread may hold for the main thread, so a peer
+/// cannot fill our memory by sending faster than we write, or by sending
+/// what nobody asked for.
+///
+/// Chunk data (and piece hashes) count against a byte budget. Inline, the
+/// sender pushes everything unasked and we send nothing back until the end,
+/// so the reader simply waits for room. Otherwise the sender only sends what
+/// was requested, at most [`WINDOW`] bytes in flight, so twice that is a
+/// peer breaking the protocol, and waiting could deadlock against our own
+/// requests: it is an error. The manifest cannot be longer than the file's
+/// size allows ([`Validator`] checks the entries; this bounds the bytes
+/// queued before it looks).
+struct Queue {
+    inline: bool,
+    queued: Mutex<u64>,
+    room: Condvar,
+    manifest: Mutex<u64>,
+    manifest_limit: u64,
 }
 
-impl Forward {
-    /// False once the receiving side is gone.
-    fn send(&self, m: Result<Msg>) -> bool {
-        match self {
-            Forward::Bounded(t) => t.send(m).is_ok(),
-            Forward::Unbounded(t) => t.send(m).is_ok(),
+/// Chunk bytes the reader may queue ahead in inline mode.
+const INLINE_QUEUE: u64 = 32 << 20;
+/// Chunk bytes a well-behaved sender can have queued: the request window
+/// and a frame of slack, with room for compression overhead.
+const REQUEST_QUEUE: u64 = 2 * WINDOW + crate::protocol::MAX_FRAME as u64;
+
+impl Queue {
+    fn new(inline: bool, size: u64, params: ChunkParams) -> Queue {
+        // The most entries a manifest of `size` bytes can have, at most 37
+        // bytes each encoded, with generous room for batch headers.
+        let entries = size / u64::from(params.min()) + 2;
+        Queue {
+            inline,
+            queued: Mutex::new(0),
+            room: Condvar::new(),
+            manifest: Mutex::new(0),
+            manifest_limit: entries.saturating_mul(41).saturating_add(1 << 20),
+        }
+    }
+
+    /// Bytes of `m` that count against the chunk budget.
+    fn cost(m: &Msg) -> u64 {
+        match m {
+            Msg::Chunk(c) => c.payload.len() as u64 + 64,
+            Msg::BlockHashes { hashes, .. } => hashes.len() as u64 * 8 + 64,
+            _ => 0,
+        }
+    }
+
+    /// Admits `m` into the queue (reader side), waiting or failing as above.
+    fn admit(&self, m: Msg) -> Result<Msg> {
+        if let Msg::Manifest(p) = &m {
+            let mut total = self.manifest.lock().expect("queue lock");
+            *total += p.len() as u64;
+            if *total > self.manifest_limit {
+                return Err(fail(
+                    Exit::Protocol,
+                    format!(
+                        "protocol error: peer sent {} bytes of manifest, more than a file of this size can have",
+                        *total
+                    ),
+                ));
+            }
+        }
+        let n = Queue::cost(&m);
+        if n == 0 {
+            return Ok(m);
+        }
+        let mut q = self.queued.lock().expect("queue lock");
+        if self.inline {
+            while *q > 0 && *q + n > INLINE_QUEUE {
+                q = self.room.wait(q).expect("queue lock");
+            }
+        } else if *q + n > REQUEST_QUEUE {
+            return Err(fail(
+                Exit::Protocol,
+                format!(
+                    "protocol error: peer sent {} bytes of chunk data nobody asked for",
+                    *q + n
+                ),
+            ));
+        }
+        *q += n;
+        Ok(m)
+    }
+
+    /// The main thread took `m` off the queue.
+    fn taken(&self, m: &Msg) {
+        let n = Queue::cost(m);
+        if n > 0 {
+            let mut q = self.queued.lock().expect("queue lock");
+            *q = q.saturating_sub(n);
+            self.room.notify_all();
         }
     }
 }
@@ -724,6 +821,11 @@ impl Run<'_> {
                     self.progress.advance(len);
                 }
                 Kind::Data { len, hash } => {
+                    if self.inline {
+                        // On its way unasked.
+                        self.request(i, len);
+                        continue;
+                    }
                     if self.output().is_in_place() {
                         if self.copy_in_place(i, e.offset, len, &hash)? {
                             continue;
@@ -755,13 +857,6 @@ impl Run<'_> {
     /// The output; it exists once anything is to be written.
     fn output(&mut self) -> &mut Output {
         self.out.as_mut().expect("output made before writing")
-    }
-
-    /// Whether old destination data in `[start, end)` was overwritten
-    /// (only possible with --inplace, where the destination is the output).
-    fn is_dirty(&self, start: u64, end: u64) -> bool {
-        self.basis.as_ref().is_some_and(|b| b.alias)
-            && self.out.as_ref().is_some_and(|o| o.is_dirty(start, end))
     }
 
     /// Entry `e` is already in the old file at its own offset.
@@ -878,9 +973,6 @@ impl Run<'_> {
             .map(|(i, hashes)| make_plan(&self.entries[*i], hashes, basis, blocks, &dirty))
             .collect();
         for ((i, _), plan) in todo.into_iter().zip(plans) {
-            let Kind::Data { hash, .. } = self.entries[i].kind else {
-                unreachable!("only data entries are refined")
-            };
             let wire = plan.iter().filter(|p| **p == PieceSource::Wire).count();
             if wire == plan.len() {
                 // Nothing of it here: the whole chunk is the same bytes, one message.
@@ -890,8 +982,7 @@ impl Run<'_> {
             }
             self.state[i] = State::Pieces;
             if wire == 0 {
-                self.plans.insert(i, plan);
-                self.assemble(i, &hash, &[])?;
+                self.complete(vec![(i, Vec::new(), Some(plan))])?;
                 continue;
             }
             self.piece_requests.push(Msg::PieceRequest {
@@ -904,69 +995,73 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Builds chunk `i` from its plan and the wire pieces, verifies, writes.
-    /// A chunk that fails its hash (a piece matched by its short hash but
-    /// was different, or old data changed) is fetched whole instead.
-    fn assemble(&mut self, i: usize, hash: &ChunkHash, wire: &[u8]) -> Result<()> {
-        let e = self.entries[i];
-        let plan = self.plans.remove(&i).expect("a plan for pieces");
-        let basis = self.basis.as_ref().expect("refinement needs a basis");
-        let mut chunk = vec![0u8; e.len() as usize];
-        let mut ok = true;
-        // Pieces found at their own offset: one read for all of them.
-        let same = plan
-            .iter()
-            .filter(|p| matches!(p, PieceSource::Basis(_)))
-            .count()
-            > 1;
-        let same_end = e.end().min(basis.size);
-        if same && same_end > e.offset {
-            let n = (same_end - e.offset) as usize;
-            ok = !self.is_dirty(e.offset, same_end)
-                && read_full(&basis.file, &mut chunk[..n], e.offset).is_ok();
-        }
-        let mut wire_pos = 0usize;
-        let mut from_wire = 0u64;
-        for ((start, plen), src) in refine::pieces(e.offset, e.len() as u32).zip(&plan) {
-            if same && *src == PieceSource::Basis(start) {
-                continue; // read above
-            }
-            let a = (start - e.offset) as usize;
-            let dst = &mut chunk[a..a + plen as usize];
-            match *src {
-                PieceSource::Wire => {
-                    dst.copy_from_slice(&wire[wire_pos..wire_pos + plen as usize]);
-                    wire_pos += plen as usize;
-                    from_wire += u64::from(plen);
-                }
-                PieceSource::Basis(at) => {
-                    if self.is_dirty(at, at + u64::from(plen))
-                        || read_full(&basis.file, dst, at).is_err()
-                    {
-                        ok = false;
+    /// Finishes chunks whose data is here: a whole chunk from the wire, or
+    /// the wire pieces of a planned one (assembled with old data). Building,
+    /// verifying and writing run in parallel; a whole chunk that fails its
+    /// hash is a protocol error, an assembled one is fetched whole instead
+    /// (a piece matched by its short hash but differed, or old data changed).
+    fn complete(&mut self, items: Vec<(usize, Vec<u8>, Option<Vec<PieceSource>>)>) -> Result<()> {
+        let basis = self.basis.as_ref();
+        let out = self.out.as_ref().expect("output made before writing");
+        let alias = basis.is_some_and(|b| b.alias);
+        let dirty = |s: u64, e: u64| alias && out.is_dirty(s, e);
+        let entries = &self.entries;
+        // (written, bytes from the wire) per item.
+        let done: Vec<Result<(bool, u64)>> = items
+            .par_iter()
+            .map(|(i, data, plan)| {
+                let e = entries[*i];
+                let Kind::Data { hash, .. } = e.kind else {
+                    unreachable!("only data entries are completed")
+                };
+                let (chunk, from_wire) = match plan {
+                    None => (None, e.len()),
+                    Some(plan) => {
+                        let b = basis.expect("pieces need a basis");
+                        let (c, w) = build(&e, plan, data, b, &dirty);
+                        (c, w)
                     }
+                };
+                let bytes = chunk.as_deref().unwrap_or(data);
+                if plan.is_some() && chunk.is_none() {
+                    return Ok((false, from_wire));
                 }
-            }
-        }
-        let verified = if ok {
-            writer::verify(&chunk, hash)
-        } else {
-            None
-        };
-        let Some(v) = verified else {
-            self.state[i] = State::Requested;
-            self.requests.push(i as u64);
+                match writer::verify(bytes, &hash) {
+                    Some(v) => out.write(e.offset, v).map(|_| (true, from_wire)),
+                    None => Ok((false, from_wire)),
+                }
+            })
+            .collect();
+        for ((i, _, plan), r) in items.into_iter().zip(done) {
+            let (written, from_wire) = r?;
+            let e = self.entries[i];
             self.summary.literal_bytes += from_wire;
-            return Ok(());
-        };
-        let out = self.out.as_mut().expect("output made before writing");
-        out.write(e.offset, v)?;
-        out.mark_dirty(e.offset, e.end());
-        self.state[i] = State::Done;
-        self.outstanding -= e.len();
-        self.summary.literal_bytes += from_wire;
-        self.summary.reused_bytes += e.len() - from_wire;
-        self.progress.advance(e.len());
+            if !written {
+                if plan.is_none() {
+                    return Err(fail(
+                        Exit::Protocol,
+                        format!(
+                            "chunk {i} at offset {} failed its BLAKE3 check (corrupted in transit?); nothing of it was written",
+                            e.offset
+                        ),
+                    ));
+                }
+                // Fetch it whole; its bytes stay counted in the window.
+                self.state[i] = State::Requested;
+                self.requests.push(i as u64);
+                continue;
+            }
+            self.out
+                .as_mut()
+                .expect("output made before writing")
+                .mark_dirty(e.offset, e.end());
+            self.state[i] = State::Done;
+            self.outstanding -= e.len();
+            if plan.is_some() {
+                self.summary.reused_bytes += e.len() - from_wire;
+            }
+            self.progress.advance(e.len());
+        }
         Ok(())
     }
 
@@ -1108,97 +1203,67 @@ impl Run<'_> {
         Ok(false)
     }
 
-    /// A chunk from the sender: decode into a bounded buffer, verify, write.
-    fn accept(&mut self, c: crate::protocol::ChunkMsg) -> Result<()> {
-        let i = usize::try_from(c.index).unwrap_or(usize::MAX);
-        let (e, state) = match (self.entries.get(i), self.state.get(i)) {
-            (Some(e), Some(s)) => (*e, *s),
-            _ => {
+    /// Chunks from the sender: checked against what was asked for and
+    /// decoded into bounded buffers in arrival order (one zstd stream), then
+    /// completed together.
+    fn accept(&mut self, msgs: Vec<crate::protocol::ChunkMsg>) -> Result<()> {
+        let mut items = Vec::with_capacity(msgs.len());
+        for c in msgs {
+            let i = usize::try_from(c.index).unwrap_or(usize::MAX);
+            let (e, state) = match (self.entries.get(i), self.state.get(i)) {
+                (Some(e), Some(s)) => (*e, *s),
+                _ => {
+                    return Err(fail(
+                        Exit::Protocol,
+                        format!(
+                            "protocol error: peer sent chunk {} that is not in the manifest",
+                            c.index
+                        ),
+                    ))
+                }
+            };
+            let Kind::Data { len, .. } = e.kind else {
                 return Err(fail(
                     Exit::Protocol,
-                    format!(
-                        "protocol error: peer sent chunk {} that is not in the manifest",
-                        c.index
-                    ),
-                ))
-            }
-        };
-        let Kind::Data { len, hash } = e.kind else {
-            return Err(fail(
-                Exit::Protocol,
-                format!("protocol error: peer sent data for zero run {i}"),
-            ));
-        };
-        if c.pieces {
-            if state != State::Pieces {
-                return Err(fail(
-                    Exit::Protocol,
-                    format!("protocol error: unexpected pieces of chunk {i}"),
+                    format!("protocol error: peer sent data for zero run {i}"),
                 ));
-            }
-            let plan = &self.plans[&i];
-            let want: u64 = refine::pieces(e.offset, len)
-                .zip(plan)
-                .filter(|(_, p)| **p == PieceSource::Wire)
-                .map(|((_, l), _)| u64::from(l))
-                .sum();
+            };
+            let want = match (c.pieces, state) {
+                (true, State::Pieces) => refine::pieces(e.offset, len)
+                    .zip(&self.plans[&i])
+                    .filter(|(_, p)| **p == PieceSource::Wire)
+                    .map(|((_, l), _)| u64::from(l))
+                    .sum(),
+                (false, State::Requested) => u64::from(len),
+                _ => {
+                    return Err(fail(
+                        Exit::Protocol,
+                        format!(
+                        "protocol error: unexpected chunk {i} (not asked for, or not in that form)"
+                    ),
+                    ))
+                }
+            };
             if u64::from(c.raw_len) != want {
                 return Err(fail(
                     Exit::Protocol,
                     format!(
-                        "protocol error: {} bytes of pieces for chunk {i}, expected {want}",
+                        "protocol error: chunk {i} carries {} bytes, expected {want}",
                         c.raw_len
                     ),
                 ));
             }
             let data = self.decode(&c)?;
-            return self.assemble(i, &hash, &data);
+            // Mark it taken, so a duplicate in this batch is refused.
+            let plan = if c.pieces {
+                self.plans.remove(&i)
+            } else {
+                None
+            };
+            self.state[i] = State::Pending;
+            items.push((i, data, plan));
         }
-        if state != State::Requested || c.raw_len != len {
-            return Err(fail(
-                Exit::Protocol,
-                format!("protocol error: unexpected chunk {i} ({} bytes; expected a requested chunk of {len})", c.raw_len),
-            ));
-        }
-        let data: &[u8] = if c.compressed {
-            if self.decoder.is_none() {
-                self.decoder = Some(StreamDecoder::new()?);
-            }
-            self.buf.resize(len as usize, 0);
-            self.decoder
-                .as_mut()
-                .expect("just set")
-                .decode(&c.payload, &mut self.buf)?;
-            &self.buf
-        } else {
-            if c.payload.len() != len as usize {
-                return Err(fail(
-                    Exit::Protocol,
-                    format!(
-                        "protocol error: chunk {i} carries {} bytes, expected {len}",
-                        c.payload.len()
-                    ),
-                ));
-            }
-            &c.payload
-        };
-        let Some(v) = writer::verify(data, &hash) else {
-            return Err(fail(
-                Exit::Protocol,
-                format!(
-                    "chunk {i} at offset {} failed its BLAKE3 check (corrupted in transit?); nothing of it was written",
-                    e.offset
-                ),
-            ));
-        };
-        let out = self.out.as_mut().expect("output made before writing");
-        out.write(e.offset, v)?;
-        out.mark_dirty(e.offset, e.end());
-        self.state[i] = State::Done;
-        self.outstanding -= u64::from(len);
-        self.summary.literal_bytes += u64::from(len);
-        self.progress.advance(u64::from(len));
-        Ok(())
+        self.complete(items)
     }
 
     /// The raw bytes of a `CHUNK` payload, decompressed into a buffer of
@@ -1221,8 +1286,7 @@ impl Run<'_> {
         if self.decoder.is_none() {
             self.decoder = Some(StreamDecoder::new()?);
         }
-        let mut out = std::mem::take(&mut self.buf);
-        out.resize(c.raw_len as usize, 0);
+        let mut out = vec![0u8; c.raw_len as usize];
         self.decoder
             .as_mut()
             .expect("just set")
@@ -1301,4 +1365,50 @@ fn make_plan(
             PieceSource::Wire
         })
         .collect()
+}
+
+/// Chunk `e` assembled from its plan: old data (read once for the pieces at
+/// their own offset) and the `wire` pieces in order. `None` when old data it
+/// needs was overwritten this run or cannot be read. Also returns the bytes
+/// that came from the wire.
+fn build(
+    e: &Entry,
+    plan: &[PieceSource],
+    wire: &[u8],
+    basis: &Basis,
+    dirty: &(impl Fn(u64, u64) -> bool + Sync),
+) -> (Option<Vec<u8>>, u64) {
+    let mut chunk = vec![0u8; e.len() as usize];
+    let mut ok = true;
+    let same = plan
+        .iter()
+        .filter(|p| matches!(p, PieceSource::Basis(_)))
+        .count()
+        > 1;
+    let same_end = e.end().min(basis.size);
+    if same && same_end > e.offset {
+        let n = (same_end - e.offset) as usize;
+        ok =
+            !dirty(e.offset, same_end) && read_full(&basis.file, &mut chunk[..n], e.offset).is_ok();
+    }
+    let mut wire_pos = 0usize;
+    let mut from_wire = 0u64;
+    for ((start, plen), src) in refine::pieces(e.offset, e.len() as u32).zip(plan) {
+        let a = (start - e.offset) as usize;
+        let dst = &mut chunk[a..a + plen as usize];
+        match *src {
+            PieceSource::Wire => {
+                dst.copy_from_slice(&wire[wire_pos..wire_pos + plen as usize]);
+                wire_pos += plen as usize;
+                from_wire += u64::from(plen);
+            }
+            PieceSource::Basis(at) if same && at == start => {} // read above
+            PieceSource::Basis(at) => {
+                if dirty(at, at + u64::from(plen)) || read_full(&basis.file, dst, at).is_err() {
+                    ok = false;
+                }
+            }
+        }
+    }
+    (ok.then_some(chunk), from_wire)
 }

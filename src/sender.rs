@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 use anyhow::{Context, Result};
+use rayon::prelude::*;
 
 use crate::chunk::{ChunkParams, Cutter};
 use crate::compress::StreamEncoder;
@@ -194,6 +195,7 @@ where
     };
     let mut batch = Vec::new();
     let mut raw = Vec::new();
+    let mut refining = Recent::default();
     let mut run = || -> Result<Summary> {
         loop {
             let ev = rx
@@ -225,12 +227,26 @@ where
                     writer.flush()?;
                 }
                 Event::Peer(Msg::BlockRequest(idx)) => {
-                    for i in idx {
-                        let offset = load(src, &entries, i, &mut raw)?;
-                        writer.send(&Msg::BlockHashes {
-                            index: i,
-                            hashes: refine::piece_hashes(offset, &raw),
-                        })?;
+                    // Read serially, hash in parallel: the chunk check and
+                    // the piece hashes are most of the cost.
+                    let mut loaded = Vec::with_capacity(idx.len());
+                    for &i in &idx {
+                        let (offset, len, hash) = data_entry(&entries, i)?;
+                        let mut data = Vec::new();
+                        read_entry(src, offset, len, &mut data)?;
+                        loaded.push((i, offset, hash, data));
+                    }
+                    let answers: Vec<Option<Vec<refine::PieceHash>>> = loaded
+                        .par_iter()
+                        .map(|(_, offset, hash, data)| {
+                            (ChunkHash::of(data) == *hash)
+                                .then(|| refine::piece_hashes(*offset, data))
+                        })
+                        .collect();
+                    for ((i, _, _, data), hashes) in loaded.into_iter().zip(answers) {
+                        let hashes = hashes.ok_or_else(|| changed(&src.path))?;
+                        writer.send(&Msg::BlockHashes { index: i, hashes })?;
+                        refining.put(i, data);
                     }
                     writer.flush()?;
                 }
@@ -239,7 +255,14 @@ where
                     count,
                     bitmap,
                 }) => {
-                    let offset = load(src, &entries, index, &mut raw)?;
+                    // Usually still here from its BLOCK_REQUEST, already checked.
+                    let offset = match refining.take(index) {
+                        Some(data) => {
+                            raw = data;
+                            data_entry(&entries, index)?.0
+                        }
+                        None => load(src, &entries, index, &mut raw)?,
+                    };
                     if refine::piece_count(offset, raw.len() as u32) != count as usize {
                         return Err(fail(
                             Exit::Protocol,
@@ -287,30 +310,77 @@ fn peer_reason(rx: &mpsc::Receiver<Event>) -> Option<anyhow::Error> {
     None
 }
 
-/// Reads data entry `i` of the manifest into `buf`, re-checking its hash;
-/// returns its offset.
-fn load(src: &Source, entries: &[Entry], i: u64, buf: &mut Vec<u8>) -> Result<u64> {
-    let (offset, len, hash) = match entries.get(i as usize) {
+/// Offset, length and hash of data entry `i`, or a protocol error for a
+/// peer that asked for something that is not a data chunk of the manifest.
+fn data_entry(entries: &[Entry], i: u64) -> Result<(u64, u32, ChunkHash)> {
+    match entries.get(i as usize) {
         Some(Entry {
             offset,
             kind: Kind::Data { len, hash },
-        }) => (*offset, *len, *hash),
-        _ => {
-            return Err(fail(
-                Exit::Protocol,
-                format!(
-                    "protocol error: peer requested chunk {i}, which is not a data chunk of the manifest"
-                ),
-            ))
-        }
-    };
+        }) => Ok((*offset, *len, *hash)),
+        _ => Err(fail(
+            Exit::Protocol,
+            format!(
+                "protocol error: peer requested chunk {i}, which is not a data chunk of the manifest"
+            ),
+        )),
+    }
+}
+
+/// Reads `len` bytes at `offset` of the source into `buf`.
+fn read_entry(src: &Source, offset: u64, len: u32, buf: &mut Vec<u8>) -> Result<()> {
     buf.resize(len as usize, 0);
     read_full(&src.file, buf, offset)
-        .with_context(|| format!("reading source {}", src.path.display()))?;
+        .with_context(|| format!("reading source {}", src.path.display()))
+}
+
+/// Reads data entry `i` of the manifest into `buf`, re-checking its hash
+/// (exit 7 if the source changed since the scan); returns its offset.
+fn load(src: &Source, entries: &[Entry], i: u64, buf: &mut Vec<u8>) -> Result<u64> {
+    let (offset, len, hash) = data_entry(entries, i)?;
+    read_entry(src, offset, len, buf)?;
     if ChunkHash::of(buf) != hash {
         return Err(changed(&src.path));
     }
     Ok(offset)
+}
+
+/// Chunks whose piece hashes were just sent, kept (checked) for the
+/// `PIECE_REQUEST` that usually follows, so they are not read and hashed
+/// twice. Oldest dropped first beyond [`Recent::MAX_BYTES`].
+#[derive(Default)]
+struct Recent {
+    map: std::collections::HashMap<u64, Vec<u8>>,
+    order: std::collections::VecDeque<u64>,
+    bytes: usize,
+}
+
+impl Recent {
+    /// About the receiver's request window: what it may still ask pieces of.
+    const MAX_BYTES: usize = 96 << 20;
+
+    fn put(&mut self, i: u64, data: Vec<u8>) {
+        self.bytes += data.len();
+        if let Some(old) = self.map.insert(i, data) {
+            self.bytes -= old.len();
+        } else {
+            self.order.push_back(i);
+        }
+        while self.bytes > Self::MAX_BYTES {
+            let Some(k) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(d) = self.map.remove(&k) {
+                self.bytes -= d.len();
+            }
+        }
+    }
+
+    fn take(&mut self, i: u64) -> Option<Vec<u8>> {
+        let d = self.map.remove(&i)?;
+        self.bytes -= d.len();
+        Some(d)
+    }
 }
 
 /// `data` (a whole chunk, or the pieces asked for) as a `CHUNK` message.

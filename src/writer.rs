@@ -77,12 +77,19 @@ pub struct Output {
     committed: bool,
 }
 
-/// The hidden partial file for `dest`: `.NAME.vmsync-partial` beside it.
+/// The hidden partial file for `dest`: `.NAME.vmsync-partial` beside it, or
+/// `.vmsync-partial-HASH` when NAME is too long for that to be a file name.
 pub fn partial_path(dest: &Path) -> PathBuf {
+    const SUFFIX: &str = ".vmsync-partial";
     let name = dest.file_name().unwrap_or(OsStr::new("vmsync"));
     let mut p = std::ffi::OsString::from(".");
-    p.push(name);
-    p.push(".vmsync-partial");
+    if name.len() + 1 + SUFFIX.len() <= 255 {
+        p.push(name);
+        p.push(SUFFIX);
+    } else {
+        let h = blake3::hash(name.as_encoded_bytes());
+        p.push(format!("vmsync-partial-{}", &h.to_hex()[..32]));
+    }
     dest.with_file_name(p)
 }
 
@@ -441,6 +448,18 @@ impl RangeSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partial_names_fit_in_a_directory_entry() {
+        let short = partial_path(Path::new("/srv/disk.img"));
+        assert_eq!(short, Path::new("/srv/.disk.img.vmsync-partial"));
+        let long_name = "x".repeat(250);
+        let long = partial_path(&Path::new("/srv").join(&long_name));
+        let n = long.file_name().unwrap().len();
+        assert!(n <= 255, "{n}");
+        assert!(long.to_string_lossy().contains(".vmsync-partial-"));
+        assert_ne!(long, partial_path(&Path::new("/srv").join("y".repeat(250))));
+    }
 
     #[test]
     fn range_set_merges_and_overlaps() {
