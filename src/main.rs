@@ -12,7 +12,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.server {
         signals::set_quiet(true);
-        return ExitCode::from(server::serve(umask).code());
+        let code = server::serve(umask);
+        signals::hold_if_interrupted();
+        return ExitCode::from(code.code());
     }
     signals::set_json(cli.json);
     vmsync::log::init(if cli.quiet { 0 } else { cli.verbose });
@@ -20,6 +22,7 @@ fn main() -> ExitCode {
         let r = client::run(&cfg, umask)?;
         Ok((cfg, r))
     });
+    signals::hold_if_interrupted();
     let exit = match outcome {
         Ok((cfg, r)) => {
             report::print(&r, cfg.stats, cfg.json, cfg.quiet);

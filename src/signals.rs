@@ -18,6 +18,7 @@ static TEMP_FILES: Mutex<Vec<(PathBuf, bool)>> = Mutex::new(Vec::new());
 static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 static JSON: AtomicBool = AtomicBool::new(false);
 static QUIET: AtomicBool = AtomicBool::new(false);
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 fn signal_set() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset initializes it.
@@ -62,7 +63,20 @@ pub fn set_json(on: bool) {
     JSON.store(on, Ordering::Relaxed);
 }
 
+/// Called by the main thread before it reports anything: once a signal is
+/// being handled, stopping our child makes the main thread see a broken
+/// connection, and it must not report that (or exit with its code) while
+/// the signal thread cleans up and exits with 128 + N.
+pub fn hold_if_interrupted() {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
 fn on_signal(sig: libc::c_int) -> ! {
+    INTERRUPTED.store(true, Ordering::SeqCst);
     let children: Vec<u32> = CHILDREN.lock().map(|c| c.clone()).unwrap_or_default();
     for pid in &children {
         // SAFETY: plain syscalls on pids we spawned and have not reaped.
