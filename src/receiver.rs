@@ -43,6 +43,8 @@ use crate::writer::{self, Output};
 
 /// Most bytes of requested chunks in flight at once.
 pub const WINDOW: u64 = 64 << 20;
+/// Most decompressed bytes of received chunks completed together.
+const BATCH_RAW: u64 = 16 << 20;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RecvOptions {
@@ -303,13 +305,16 @@ where
                     run.advance()?;
                 }
                 Msg::Chunk(c) => {
-                    // Take every chunk already here, to complete them together.
+                    // Take the chunks already here, to complete them
+                    // together, up to a bound on their decompressed size.
+                    let mut raw = u64::from(c.raw_len);
                     let mut batch = vec![c];
-                    while batch.len() < 256 {
+                    while raw < BATCH_RAW {
                         match rx.try_recv() {
                             Ok(Ok(m @ Msg::Chunk(_))) => {
                                 queue.taken(&m);
                                 if let Msg::Chunk(c) = m {
+                                    raw += u64::from(c.raw_len);
                                     batch.push(c);
                                 }
                             }
