@@ -9,6 +9,10 @@
 //! * [`Sshd`], a throwaway OpenSSH server on 127.0.0.1;
 //! * [`Relay`], the fault-injecting `-e` command in `tests/fixtures/relay.py`;
 //! * [`Tmpfs`], a tiny mounted file system for a real "disk full" (root).
+//! * `peer.rs` beside this file: a scripted (lying) peer that drives a real
+//!   `vmsync --server` with the library's protocol types; include it with
+//!   `#[path = "common/peer.rs"] mod peer;` (it is not part of this module,
+//!   so a change to the protocol types can only break the tests using it).
 //!
 //! Every run gets `VMSYNC_CACHE_DIR` pointing into cargo's target tmp dir, so
 //! the receiver's manifest cache never lands in `~/.cache`. A run that takes
@@ -48,6 +52,8 @@ pub mod exit {
     pub const VERIFY: i32 = 6;
     pub const SIGINT: i32 = 130;
     pub const SIGTERM: i32 = 143;
+    pub const SOURCE_CHANGED: i32 = 7;
+    pub const LOCKED: i32 = 8;
 }
 
 /// Every key that `--json` must always print.
@@ -156,6 +162,7 @@ pub struct Vmsync {
     timeout: Duration,
     file_size_limit: Option<u64>,
     dir: Option<PathBuf>,
+    user: Option<(u32, u32)>,
 }
 
 /// Starts building an invocation of the binary under test.
@@ -169,6 +176,7 @@ pub fn vmsync() -> Vmsync {
         timeout: Duration::from_secs(timeout),
         file_size_limit: None,
         dir: None,
+        user: None,
     }
 }
 
@@ -208,6 +216,13 @@ impl Vmsync {
         self
     }
 
+    /// Runs as this user and group (needs root; see [`unprivileged_user`]),
+    /// with no supplementary groups.
+    pub fn run_as(mut self, uid: u32, gid: u32) -> Self {
+        self.user = Some((uid, gid));
+        self
+    }
+
     /// Runs the binary to completion.
     pub fn run(self) -> Run {
         let mut cmd = Command::new(bin());
@@ -222,6 +237,20 @@ impl Vmsync {
             .process_group(0);
         if let Some(dir) = &self.dir {
             cmd.current_dir(dir);
+        }
+        if let Some((uid, gid)) = self.user {
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(gid) != 0
+                        || libc::setuid(uid) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         if let Some(limit) = self.file_size_limit {
             // SAFETY: only async-signal-safe calls between fork and exec.
@@ -813,6 +842,23 @@ pub fn assert_no_stray_files(dir: &Path, expected: &[&str]) {
         "unexpected files left in {}: {stray:?} (all entries: {entries:?})",
         dir.display()
     );
+}
+
+/// For permission tests: `Some((uid, gid))` of `nobody` when running as root
+/// (root ignores file modes, so the test runs vmsync as `nobody` with
+/// [`Vmsync::run_as`]); `None` when not root, where modes apply as they are.
+pub fn unprivileged_user() -> Option<(u32, u32)> {
+    // SAFETY: plain syscall.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    // SAFETY: getpwnam with a NUL-terminated name; the fields are copied at once.
+    let pw = unsafe { libc::getpwnam(c"nobody".as_ptr()) };
+    if pw.is_null() {
+        return Some((65534, 65534));
+    }
+    // SAFETY: non-null result of getpwnam.
+    unsafe { Some(((*pw).pw_uid, (*pw).pw_gid)) }
 }
 
 /// Waits until a process has exited (gone or a zombie). Returns false on
