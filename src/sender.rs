@@ -195,7 +195,6 @@ where
     };
     let mut batch = Vec::new();
     let mut raw = Vec::new();
-    let mut refining = Recent::default();
     let mut run = || -> Result<Summary> {
         loop {
             let ev = rx
@@ -243,10 +242,9 @@ where
                                 .then(|| refine::piece_hashes(*offset, data))
                         })
                         .collect();
-                    for ((i, _, _, data), hashes) in loaded.into_iter().zip(answers) {
+                    for ((i, _, _, _), hashes) in loaded.into_iter().zip(answers) {
                         let hashes = hashes.ok_or_else(|| changed(&src.path))?;
                         writer.send(&Msg::BlockHashes { index: i, hashes })?;
-                        refining.put(i, data);
                     }
                     writer.flush()?;
                 }
@@ -255,14 +253,11 @@ where
                     count,
                     bitmap,
                 }) => {
-                    // Usually still here from its BLOCK_REQUEST, already checked.
-                    let offset = match refining.take(index) {
-                        Some(data) => {
-                            raw = data;
-                            data_entry(&entries, index)?.0
-                        }
-                        None => load(src, &entries, index, &mut raw)?,
-                    };
+                    // Not re-hashed: the receiver verifies the chunk it
+                    // assembles, and if the source changed since the
+                    // scan, fetches it whole, which `load` checks (exit 7).
+                    let (offset, len, _) = data_entry(&entries, index)?;
+                    read_entry(src, offset, len, &mut raw)?;
                     if refine::piece_count(offset, raw.len() as u32) != count as usize {
                         return Err(fail(
                             Exit::Protocol,
@@ -343,44 +338,6 @@ fn load(src: &Source, entries: &[Entry], i: u64, buf: &mut Vec<u8>) -> Result<u6
         return Err(changed(&src.path));
     }
     Ok(offset)
-}
-
-/// Chunks whose piece hashes were just sent, kept (checked) for the
-/// `PIECE_REQUEST` that usually follows, so they are not read and hashed
-/// twice. Oldest dropped first beyond [`Recent::MAX_BYTES`].
-#[derive(Default)]
-struct Recent {
-    map: std::collections::HashMap<u64, Vec<u8>>,
-    order: std::collections::VecDeque<u64>,
-    bytes: usize,
-}
-
-impl Recent {
-    /// About the receiver's request window: what it may still ask pieces of.
-    const MAX_BYTES: usize = 96 << 20;
-
-    fn put(&mut self, i: u64, data: Vec<u8>) {
-        self.bytes += data.len();
-        if let Some(old) = self.map.insert(i, data) {
-            self.bytes -= old.len();
-        } else {
-            self.order.push_back(i);
-        }
-        while self.bytes > Self::MAX_BYTES {
-            let Some(k) = self.order.pop_front() else {
-                break;
-            };
-            if let Some(d) = self.map.remove(&k) {
-                self.bytes -= d.len();
-            }
-        }
-    }
-
-    fn take(&mut self, i: u64) -> Option<Vec<u8>> {
-        let d = self.map.remove(&i)?;
-        self.bytes -= d.len();
-        Some(d)
-    }
 }
 
 /// `data` (a whole chunk, or the pieces asked for) as a `CHUNK` message.

@@ -215,10 +215,9 @@ impl Output {
         let data = data.bytes();
         match self.mode {
             // A fresh partial file is all holes: skip zero blocks to keep them holes.
-            Mode::Partial { fresh: true, .. } => {
-                write_skipping_zero_blocks(&self.file, offset, data)
-            }
-            _ => self.file.write_all_at(data, offset),
+            Mode::Partial { fresh: true, .. } => write_sparse(&self.file, offset, data, false),
+            // Elsewhere old data may lie under zero blocks: punch them.
+            _ => write_sparse(&self.file, offset, data, true),
         }
         .with_context(|| {
             format!(
@@ -332,27 +331,31 @@ pub fn mtime(info: &FileInfo) -> SystemTime {
     }
 }
 
-fn write_skipping_zero_blocks(file: &File, offset: u64, data: &[u8]) -> std::io::Result<()> {
+/// Writes `data` at `offset` leaving its all-zero 4 KiB blocks (at
+/// absolute offsets, so holes align with the filesystem's) as holes:
+/// skipped where the file is known to hold holes there already, punched
+/// otherwise (`punch`), so a region that became zero frees its blocks.
+fn write_sparse(file: &File, offset: u64, data: &[u8], punch: bool) -> std::io::Result<()> {
+    let block_end = |p: usize| {
+        let abs = offset + p as u64;
+        let next = ((abs / BLOCK as u64 + 1) * BLOCK as u64 - abs) as usize;
+        (p + next).min(data.len())
+    };
     let mut pos = 0usize;
     while pos < data.len() {
-        // Blocks follow absolute 4 KiB file offsets so holes align with the filesystem's.
-        let abs = offset + pos as u64;
-        let next = ((abs / BLOCK as u64 + 1) * BLOCK as u64 - abs) as usize;
-        let end = (pos + next).min(data.len());
-        // Extend the run of non-zero blocks as far as it goes, one write per run.
-        if is_zero(&data[pos..end]) {
-            pos = end;
-            continue;
+        // Extend a run of blocks of one kind as far as it goes: one write
+        // (or punch) per run.
+        let zero = is_zero(&data[pos..block_end(pos)]);
+        let mut run_end = block_end(pos);
+        while run_end < data.len() && is_zero(&data[run_end..block_end(run_end)]) == zero {
+            run_end = block_end(run_end);
         }
-        let mut run_end = end;
-        while run_end < data.len() {
-            let e = (run_end + BLOCK).min(data.len());
-            if is_zero(&data[run_end..e]) {
-                break;
-            }
-            run_end = e;
+        let at = offset + pos as u64;
+        match (zero, punch) {
+            (false, _) => file.write_all_at(&data[pos..run_end], at)?,
+            (true, true) => punch_or_write_zeros(file, at, (run_end - pos) as u64)?,
+            (true, false) => {}
         }
-        file.write_all_at(&data[pos..run_end], offset + pos as u64)?;
         pos = run_end;
     }
     Ok(())
@@ -502,12 +505,34 @@ mod tests {
         let mut data = vec![0u8; 256 * 1024];
         data[0] = 1;
         data[200 * 1024] = 2;
-        write_skipping_zero_blocks(&f, 4096, &data).unwrap();
+        write_sparse(&f, 4096, &data, false).unwrap();
         f.sync_all().unwrap();
         let mut back = vec![0u8; data.len()];
         f.read_exact_at(&mut back, 4096).unwrap();
         assert_eq!(back, data);
         // Two 4 KiB blocks of data, not 256 KiB.
         assert!(f.metadata().unwrap().blocks() * 512 <= 16 * 1024);
+
+        // Over old data, zero blocks are punched: the file reads back
+        // exactly and the old blocks are freed.
+        let g = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("g"))
+            .unwrap();
+        g.write_all_at(&vec![9u8; 1 << 20], 0).unwrap();
+        g.sync_all().unwrap();
+        write_sparse(&g, 4096, &data, true).unwrap();
+        g.sync_all().unwrap();
+        let mut back = vec![0u8; data.len()];
+        g.read_exact_at(&mut back, 4096).unwrap();
+        assert_eq!(back, data);
+        let alloc = g.metadata().unwrap().blocks() * 512;
+        assert!(
+            alloc <= (1 << 20) - 200 * 1024,
+            "zero blocks not punched: {alloc}"
+        );
     }
 }

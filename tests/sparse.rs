@@ -160,3 +160,34 @@ fn data_replaced_by_zeros_reads_back_as_zeros() {
         );
     }
 }
+
+#[test]
+fn inplace_frees_blocks_where_the_source_became_zero() {
+    // An old, fully allocated image; in the new one, zero 4 KiB blocks are
+    // scattered through every chunk and a 4 MiB region is a hole.
+    let pair = Pair::new();
+    let old = random_bytes(71, (16 * MIB) as usize);
+    pair.write_dst(&old);
+    let mut new = random_bytes(72, (16 * MIB) as usize);
+    for block in new.chunks_mut(64 * 1024) {
+        block[8192..16384].fill(0);
+    }
+    new[(4 * MIB) as usize..(8 * MIB) as usize].fill(0);
+    let extents: Vec<(u64, &[u8])> = vec![
+        (0, &new[..(4 * MIB) as usize]),
+        (8 * MIB, &new[(8 * MIB) as usize..]),
+    ];
+    sparse_file(&pair.src, 16 * MIB, &extents);
+
+    let v = sync(&pair, &["--inplace"]);
+    pair.assert_synced();
+    assert!(json_u64(&v, "zero_bytes") >= 4 * MIB - 512 * KIB, "{v}");
+    let (src, dst) = (allocated_bytes(&pair.src), allocated_bytes(&pair.dst));
+    // The source has its zero blocks written out inside data; the
+    // destination must not hold more than the source.
+    assert!(dst <= src, "dst allocates {dst} bytes, src {src}");
+    assert!(
+        dst < 11 * MIB,
+        "dst allocates {dst} bytes for ~10.5 MiB of data"
+    );
+}
