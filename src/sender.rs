@@ -227,24 +227,27 @@ where
                 }
                 Event::Peer(Msg::BlockRequest(idx)) => {
                     // Read serially, hash in parallel: the chunk check and
-                    // the piece hashes are most of the cost.
-                    let mut loaded = Vec::with_capacity(idx.len());
-                    for &i in &idx {
-                        let (offset, len, hash) = data_entry(&entries, i)?;
-                        let mut data = Vec::new();
-                        read_entry(src, offset, len, &mut data)?;
-                        loaded.push((i, offset, hash, data));
-                    }
-                    let answers: Vec<Option<Vec<refine::PieceHash>>> = loaded
-                        .par_iter()
-                        .map(|(_, offset, hash, data)| {
-                            (ChunkHash::of(data) == *hash)
-                                .then(|| refine::piece_hashes(*offset, data))
-                        })
-                        .collect();
-                    for ((i, _, _, _), hashes) in loaded.into_iter().zip(answers) {
-                        let hashes = hashes.ok_or_else(|| changed(&src.path))?;
-                        writer.send(&Msg::BlockHashes { index: i, hashes })?;
+                    // the piece hashes are most of the cost. In groups, so
+                    // a request for a whole window is not all in memory.
+                    for group in idx.chunks(64) {
+                        let mut loaded = Vec::with_capacity(group.len());
+                        for &i in group {
+                            let (offset, len, hash) = data_entry(&entries, i)?;
+                            let mut data = Vec::new();
+                            read_entry(src, offset, len, &mut data)?;
+                            loaded.push((i, offset, hash, data));
+                        }
+                        let answers: Vec<Option<Vec<refine::PieceHash>>> = loaded
+                            .par_iter()
+                            .map(|(_, offset, hash, data)| {
+                                (ChunkHash::of(data) == *hash)
+                                    .then(|| refine::piece_hashes(*offset, data))
+                            })
+                            .collect();
+                        for ((i, _, _, _), hashes) in loaded.into_iter().zip(answers) {
+                            let hashes = hashes.ok_or_else(|| changed(&src.path))?;
+                            writer.send(&Msg::BlockHashes { index: i, hashes })?;
+                        }
                     }
                     writer.flush()?;
                 }
