@@ -48,36 +48,16 @@ impl ChunkParams {
     /// The crate only debug-asserts its limits, and a non-power-of-two average
     /// is silently rounded to the nearest mask, so we refuse anything else.
     pub fn new(avg: u64) -> anyhow::Result<ChunkParams> {
-        if !avg.is_power_of_two() || avg < u64::from(MIN_AVG) || avg > u64::from(MAX_AVG) {
-            return Err(fail(
-                Exit::Usage,
-                format!(
-                    "invalid chunk size {avg}: must be a power of two from {} to {} (e.g. 64K)",
-                    crate::units::bytes(MIN_AVG.into()),
-                    crate::units::bytes(MAX_AVG.into())
-                ),
-            ));
-        }
         Ok(ChunkParams {
-            avg: avg as u32,
+            avg: power_of_two_in(avg, MAX_AVG, "chunk size")?,
             fixed: false,
         })
     }
 
     /// Fixed-size blocks: a power of two from 4 KiB to 4 MiB.
     pub fn fixed(size: u64) -> anyhow::Result<ChunkParams> {
-        if !size.is_power_of_two() || size < u64::from(MIN_AVG) || size > u64::from(MAX_CHUNK) {
-            return Err(fail(
-                Exit::Usage,
-                format!(
-                    "invalid block size {size}: must be a power of two from {} to {} (e.g. 64K)",
-                    crate::units::bytes(MIN_AVG.into()),
-                    crate::units::bytes(MAX_CHUNK.into())
-                ),
-            ));
-        }
         Ok(ChunkParams {
-            avg: size as u32,
+            avg: power_of_two_in(size, MAX_CHUNK, "block size")?,
             fixed: true,
         })
     }
@@ -118,6 +98,21 @@ impl ChunkParams {
             self.avg * 4
         }
     }
+}
+
+/// `n` if it is a power of two from [`MIN_AVG`] to `max`, else a usage error.
+fn power_of_two_in(n: u64, max: u32, what: &str) -> anyhow::Result<u32> {
+    if n.is_power_of_two() && n >= u64::from(MIN_AVG) && n <= u64::from(max) {
+        return Ok(n as u32);
+    }
+    Err(fail(
+        Exit::Usage,
+        format!(
+            "invalid {what} {n}: must be a power of two from {} to {} (e.g. 64K)",
+            crate::units::bytes(MIN_AVG.into()),
+            crate::units::bytes(max.into())
+        ),
+    ))
 }
 
 /// Finds cut points for one [`ChunkParams`].
