@@ -10,7 +10,14 @@
 //!
 //! A reader thread drains the connection into a channel, so the sender is
 //! never blocked writing while we write requests: the two ends cannot
-//! deadlock on full pipes.
+//! deadlock on full pipes. What it queues is bounded in bytes (`Queue`).
+//!
+//! Other sources of old data: the partial file an interrupted run left
+//! (resumed, written in place), and, for a chunk found nowhere whole, its
+//! 4 KiB pieces ([`crate::refine`]). A file whose content did not change is
+//! not rewritten: the partial file is only filled once the new file
+//! differs from the old one at the same offsets. The run holds the
+//! destination's lock ([`crate::lock`]) throughout.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
