@@ -34,7 +34,7 @@
 //! | 3    | `FILE_INFO`    | sender→recv   | size u64, mtime seconds i64, mtime nanoseconds u32, mode u32 |
 //! | 4    | `START`        | recv→sender   | u8: 0 = send the manifest, 1 = up to date (quick check), 2 = send the manifest with every data chunk inline (nothing to reuse) |
 //! | 5    | `MANIFEST`     | sender→recv   | a manifest batch, see [`crate::manifest`] |
-//! | 6    | `MANIFEST_END` | sender→recv   | entry count u64, file digest [32] |
+//! | 6    | `MANIFEST_END` | sender→recv   | entry count u64, file digest (32 bytes) |
 //! | 7    | `REQUEST`      | recv→sender   | count u32 (1 ≤ n ≤ [`MAX_REQUEST`]), n entry indices u64 |
 //! | 8    | `CHUNK`        | sender→recv   | entry index u64, raw length u32, encoding u8 (bit 0: zstd stream; bit 1: only the pieces asked for, concatenated), payload |
 //! | 9    | `DONE`         | recv→sender   | see [`Summary`] |
