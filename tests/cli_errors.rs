@@ -19,17 +19,6 @@ fn pair_with_old_dst() -> (Pair, Vec<u8>) {
     (pair, old)
 }
 
-#[track_caller]
-fn assert_dst_untouched(pair: &Pair, old: &[u8]) {
-    assert_content(&pair.dst, old);
-    assert_eq!(
-        mtime_ns(&pair.dst),
-        OLD_MTIME_NS,
-        "destination mtime changed"
-    );
-    assert_no_stray_files(&pair.dst_dir(), &["disk.img"]);
-}
-
 /// An executable "remote vmsync" that answers with endless garbage.
 fn garbage_server(dir: &Path) -> String {
     let path = dir.join("garbage-server.sh");
@@ -57,7 +46,7 @@ fn unknown_option_is_a_usage_error() {
     let r = run(&[&"--no-such-option", &pair.src, &pair.dst]);
     r.assert_code(exit::USAGE);
     assert!(r.stderr.contains("--no-such-option"), "{r}");
-    assert_dst_untouched(&pair, &old);
+    assert_old_destination(&pair, &old);
 }
 
 #[test]
@@ -79,7 +68,7 @@ fn bad_chunk_sizes_are_usage_errors() {
         let r = run(&[&"--chunk-size", &bad, &pair.src, &pair.dst]);
         assert_eq!(r.code, exit::USAGE, "--chunk-size {bad:?}\n{r}");
         assert_no_panic(&r);
-        assert_dst_untouched(&pair, &old);
+        assert_old_destination(&pair, &old);
     }
 }
 
@@ -91,7 +80,7 @@ fn bad_compression_level_is_a_usage_error() {
         assert_eq!(r.code, exit::USAGE, "-z {bad:?}\n{r}");
         assert_no_panic(&r);
     }
-    assert_dst_untouched(&pair, &old);
+    assert_old_destination(&pair, &old);
 }
 
 #[test]
@@ -111,7 +100,7 @@ fn missing_source_exits_3_naming_the_path() {
         v["error"].as_str().unwrap().contains("no-such-image.raw"),
         "JSON error should name the missing source: {v}"
     );
-    assert_dst_untouched(&pair, &old);
+    assert_old_destination(&pair, &old);
 }
 
 #[test]
@@ -155,7 +144,7 @@ fn full_disk_exits_3_and_keeps_the_old_destination() {
 
     r.assert_code(exit::IO);
     assert_json_contract(&r, &v);
-    assert_dst_untouched(&pair, &old);
+    assert_old_destination(&pair, &old);
 }
 
 /// Syncs an 8 MiB random source over a 1 MiB destination that lives on a
@@ -219,7 +208,7 @@ fn unknown_rsh_program_is_a_connection_error() {
     ]);
     r.assert_code(exit::CONNECTION);
     assert_json_contract(&r, &v);
-    assert_dst_untouched(&pair, &old);
+    assert_old_destination(&pair, &old);
 }
 
 #[test]
@@ -232,7 +221,7 @@ fn rsh_that_fails_at_once_is_a_connection_error() {
         &format!("127.0.0.1:{}", pair.dst.display()),
     ]);
     r.assert_code(exit::CONNECTION);
-    assert_dst_untouched(&pair, &old);
+    assert_old_destination(&pair, &old);
 }
 
 #[test]
@@ -249,7 +238,7 @@ fn missing_remote_vmsync_is_a_connection_error_naming_the_host() {
     ]);
     r.assert_code(exit::CONNECTION);
     assert!(r.stderr.contains("127.0.0.1"), "name the host: {r}");
-    assert_dst_untouched(&pair, &old);
+    assert_old_destination(&pair, &old);
 }
 
 #[test]
@@ -265,7 +254,7 @@ fn remote_that_exits_silently_is_a_connection_error() {
         &format!("127.0.0.1:{}", pair.dst.display()),
     ]);
     r.assert_code(exit::CONNECTION);
-    assert_dst_untouched(&pair, &old);
+    assert_old_destination(&pair, &old);
 }
 
 #[test]
@@ -282,7 +271,7 @@ fn peer_speaking_garbage_is_a_protocol_error() {
     ]);
     r.assert_code(exit::PROTOCOL);
     assert_json_contract(&r, &v);
-    assert_dst_untouched(&pair, &old);
+    assert_old_destination(&pair, &old);
 }
 
 #[test]

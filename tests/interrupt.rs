@@ -83,19 +83,6 @@ fn full_run_wire_bytes(dir: Direction) -> u64 {
     })
 }
 
-/// The destination is the old file (bytes and mtime), and nothing but a
-/// hidden `.disk.img.vmsync-partial*` is left beside it.
-#[track_caller]
-fn assert_old_destination(pair: &Pair, old: &[u8]) {
-    assert_content(&pair.dst, old);
-    assert_eq!(
-        mtime_ns(&pair.dst),
-        OLD_MTIME_NS,
-        "destination mtime changed"
-    );
-    assert_no_stray_files(&pair.dst_dir(), &["disk.img"]);
-}
-
 /// A normal run through the relay completes the sync and leaves nothing
 /// behind (a partial file from the interrupted run is used up or removed).
 fn resume(pair: &Pair, dir: Direction) {

@@ -723,6 +723,19 @@ pub const SOURCE_MTIME_NS: i128 = 1_600_000_000_123_456_789;
 /// The mtime given to pre-existing destinations.
 pub const OLD_MTIME_NS: i128 = 1_500_000_000_987_654_321;
 
+/// `pair.dst` is still the old file (bytes and mtime), and nothing but a
+/// hidden `.disk.img.vmsync-partial*` is left beside it.
+#[track_caller]
+pub fn assert_old_destination(pair: &Pair, old: &[u8]) {
+    assert_content(&pair.dst, old);
+    assert_eq!(
+        mtime_ns(&pair.dst),
+        OLD_MTIME_NS,
+        "destination mtime changed"
+    );
+    assert_no_stray_files(&pair.dst_dir(), &["disk.img"]);
+}
+
 /// Asserts that `dst` has the size and the nanosecond mtime of `src`.
 #[track_caller]
 pub fn assert_same_meta(src: &Path, dst: &Path) {
