@@ -156,4 +156,18 @@ pub struct Cli {
     /// Serve the protocol on stdin/stdout (started by the other end over ssh).
     #[arg(long, hide = true)]
     pub server: bool,
+
+    /// With --server: serve only paths beneath DIR, after resolving symlinks and `..` (for a
+    /// forced command in authorized_keys: command="vmsync --server --root /srv/images").
+    #[arg(
+        long,
+        value_name = "DIR",
+        requires = "server",
+        help_heading = "Server options"
+    )]
+    pub root: Option<std::path::PathBuf>,
+
+    /// With --server: refuse to write; only send files and answer --check.
+    #[arg(long, requires = "server", help_heading = "Server options")]
+    pub read_only: bool,
 }

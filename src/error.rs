@@ -63,6 +63,10 @@ pub const EXIT_CODES: &[(u8, &str)] = &[
         "the source changed while it was being read (use a snapshot)",
     ),
     (
+        8,
+        "the destination is locked by another vmsync run (its pid and host are named)",
+    ),
+    (
         130,
         "interrupted by SIGINT (143: SIGTERM, 129: SIGHUP); destination left unchanged",
     ),
@@ -189,6 +193,21 @@ pub fn message_of(err: &anyhow::Error) -> String {
 mod tests {
     use super::*;
     use anyhow::Context;
+
+    /// Every code the binary can exit with is explained in the table
+    /// (143 and 129 share the signal row).
+    #[test]
+    fn every_exit_code_is_documented() {
+        for code in 0..=255u8 {
+            let e = Exit::from_code(code);
+            if e.code() == code && code != 143 {
+                assert!(
+                    EXIT_CODES.iter().any(|(c, _)| *c == code),
+                    "exit code {code} ({e:?}) is missing from EXIT_CODES"
+                );
+            }
+        }
+    }
 
     #[test]
     fn failure_sets_exit_code_through_context() {

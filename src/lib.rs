@@ -15,17 +15,20 @@
 //! results; [`error`] holds the exit codes; [`signals`] cleans up on SIGINT
 //! and SIGTERM.
 
+pub mod bwlimit;
 pub mod cache;
 pub mod chunk;
 pub mod cli;
 pub mod client;
 pub mod compress;
 pub mod config;
+pub mod confine;
 pub mod error;
 pub mod hash;
 pub mod lock;
 pub mod log;
 pub mod manifest;
+pub mod metrics;
 pub mod progress;
 pub mod protocol;
 pub mod receiver;

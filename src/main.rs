@@ -12,7 +12,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.server {
         signals::set_quiet(true);
-        let code = server::serve(umask);
+        let limits = server::Limits {
+            root: cli.root.clone(),
+            read_only: cli.read_only,
+        };
+        let code = server::serve(umask, &limits);
         signals::hold_if_interrupted();
         return ExitCode::from(code.code());
     }

@@ -20,7 +20,6 @@
 //! destination's lock ([`crate::lock`]) throughout.
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -540,22 +539,10 @@ fn resolve_dest(dest: &Path, source_name: &[u8]) -> Result<PathBuf> {
     if !is_dir {
         return Ok(dest.to_path_buf());
     }
-    if source_name.is_empty()
-        || source_name == b"."
-        || source_name == b".."
-        || source_name.contains(&b'/')
-        || source_name.contains(&0)
-    {
-        return Err(fail(
-            Exit::Protocol,
-            format!(
-                "destination {} is a directory and the source name {:?} cannot be used in it",
-                dest.display(),
-                String::from_utf8_lossy(source_name)
-            ),
-        ));
-    }
-    Ok(dest.join(OsStr::from_bytes(source_name)))
+    Ok(dest.join(crate::confine::entry_name(
+        source_name,
+        &dest.display().to_string(),
+    )?))
 }
 
 fn check_parent(dest: &Path) -> Result<()> {

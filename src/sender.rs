@@ -58,6 +58,11 @@ impl Source {
         let file = File::open(path)
             .with_context(|| format!("cannot open source {}", path.display()))
             .exit_with(Exit::Io)?;
+        Source::from_file(file, path)
+    }
+
+    /// A source already opened (by a confined server); `path` names it in messages.
+    pub fn from_file(file: File, path: &Path) -> Result<Source> {
         let meta = file
             .metadata()
             .with_context(|| format!("cannot stat source {}", path.display()))

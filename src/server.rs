@@ -6,12 +6,13 @@
 //! the client in an `ERROR` message, which the client prints with the host
 //! name; the server itself prints nothing.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
 use crate::chunk::ChunkParams;
 use crate::compress::MAX_LEVEL;
+use crate::confine::Root;
 use crate::error::{exit_code_of, fail, message_of, Exit};
 use crate::progress::Progress;
 use crate::protocol::{flags, FrameReader, FrameWriter, Msg, Role};
@@ -19,11 +20,20 @@ use crate::receiver::{self, RecvOptions};
 use crate::sender::{self, SendOptions, Source};
 use crate::transport::bytes_path;
 
+/// What the server may touch (`--root`, `--read-only`).
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    /// Confine every path to this directory.
+    pub root: Option<PathBuf>,
+    /// Refuse to write: only sending and `--check` are served.
+    pub read_only: bool,
+}
+
 /// Serves one run on stdin/stdout; returns the exit code.
-pub fn serve(umask: u32) -> Exit {
+pub fn serve(umask: u32, limits: &Limits) -> Exit {
     let reader = FrameReader::new(std::io::stdin(), "client");
     let mut writer = FrameWriter::new(std::io::stdout(), "client");
-    match serve_on(reader, &mut writer, umask) {
+    match serve_on(reader, &mut writer, umask, limits) {
         Ok(()) => Exit::Ok,
         Err(e) => {
             let exit = exit_code_of(&e);
@@ -42,6 +52,7 @@ fn serve_on(
     mut reader: FrameReader<std::io::Stdin>,
     writer: &mut FrameWriter<std::io::Stdout>,
     umask: u32,
+    limits: &Limits,
 ) -> Result<()> {
     writer.write_hello()?;
     reader.read_hello()?;
@@ -62,10 +73,14 @@ fn serve_on(
         .map_err(|e| fail(Exit::Protocol, format!("protocol error: {e}")))?;
     crate::log::init(((open.flags & flags::VERBOSE) >> flags::VERBOSE_SHIFT) as u8);
     let path = bytes_path(&open.path);
+    let root = limits.root.as_deref().map(Root::open).transpose()?;
     let quiet = Progress::hidden();
     match open.role {
         Role::Send => {
-            let src = Source::open(&path)?;
+            let src = match &root {
+                Some(r) => Source::from_file(r.open_source(&path)?, &path)?,
+                None => Source::open(&path)?,
+            };
             let opts = SendOptions {
                 params,
                 compress_level: open.compress_level,
@@ -73,9 +88,25 @@ fn serve_on(
             sender::send(&src, reader, writer, &opts, &quiet)?;
         }
         Role::Receive => {
+            let check = open.flags & flags::CHECK != 0;
+            if limits.read_only && !check {
+                return Err(fail(
+                    Exit::Usage,
+                    format!(
+                        "cannot write {}: this server is read-only (--read-only)",
+                        path.display()
+                    ),
+                ));
+            }
+            let (path, source_name) = match &root {
+                // The name is already chosen: the receiver must not pick
+                // another by following a symlink to a directory.
+                Some(r) => (r.enter_destination(&path, &open.source_name)?, Vec::new()),
+                None => (path, open.source_name),
+            };
             let opts = RecvOptions {
                 params,
-                check: open.flags & flags::CHECK != 0,
+                check,
                 inplace: open.flags & flags::INPLACE != 0,
                 checksum: open.flags & flags::CHECKSUM != 0,
                 verify: open.flags & flags::VERIFY != 0,
@@ -84,7 +115,7 @@ fn serve_on(
             };
             receiver::receive(
                 Path::new(&path),
-                &open.source_name,
+                &source_name,
                 reader,
                 writer,
                 &opts,

@@ -1145,6 +1145,17 @@ impl Sshd {
         bin().display().to_string()
     }
 
+    /// Restricts the client key to `command` (a forced command with
+    /// `restrict`, as an admin would in authorized_keys); sshd reads the
+    /// file afresh on every connection.
+    pub fn force_command(&self, command: &str) {
+        let pubkey = fs::read_to_string(self.client_key.with_extension("pub")).unwrap();
+        write_file(
+            &self.dir.path().join("authorized_keys"),
+            format!("command=\"{command}\",restrict {pubkey}").as_bytes(),
+        );
+    }
+
     /// sshd's log so far, for failure messages.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().join("\n")

@@ -1,0 +1,1 @@
+//! Placeholder: `--bwlimit` support is being written.

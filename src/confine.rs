@@ -1,0 +1,214 @@
+//! `vmsync --server --root DIR [--read-only]`: a server confined to one
+//! directory tree, for a forced command in `authorized_keys`.
+//!
+//! Every path the client names is resolved with `openat2(2)` and
+//! `RESOLVE_BENEATH` from a descriptor of DIR, so `..`, absolute symlinks and
+//! symlinks that climb out are refused by the kernel during the lookup
+//! itself: there is no window between a check and the use of its result.
+//! An absolute client path is accepted only when it names something under
+//! DIR (it is then taken relative to DIR); a relative one is relative to DIR.
+//!
+//! A destination is entered, not re-resolved: the server resolves the
+//! destination's directory beneath DIR, makes it the working directory
+//! (`fchdir`), and hands the receiver a single file name. The receiver never
+//! follows a symlink at that name (it replaces the link, or refuses with
+//! `--inplace`), so nothing outside DIR is read or written. (`--read-only`,
+//! which refuses every role that writes, is enforced by [`crate::server`].)
+
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::error::{fail, Exit, WithExit};
+
+/// The directory a confined server may touch.
+#[derive(Debug)]
+pub struct Root {
+    dir: OwnedFd,
+    /// DIR with symlinks resolved, to recognise absolute client paths.
+    path: PathBuf,
+}
+
+/// How a lookup beneath the root failed.
+fn lookup_error(e: std::io::Error, shown: &str, what: &str) -> anyhow::Error {
+    match e.raw_os_error() {
+        Some(libc::EXDEV) | Some(libc::ELOOP) => refused(shown),
+        Some(libc::ENOSYS) => fail(
+            Exit::Io,
+            "--root needs openat2(2) (Linux 5.6 or later); this kernel lacks it",
+        ),
+        _ => Err::<(), _>(e)
+            .with_context(|| format!("cannot open {what} {shown}"))
+            .exit_with(Exit::Io)
+            .unwrap_err(),
+    }
+}
+
+fn refused(shown: &str) -> anyhow::Error {
+    fail(
+        Exit::Usage,
+        format!("{shown} is outside the directory this server is confined to (--root)"),
+    )
+}
+
+impl Root {
+    /// Opens DIR; it must exist and be a directory.
+    pub fn open(dir: &Path) -> Result<Root> {
+        let path = std::fs::canonicalize(dir)
+            .with_context(|| format!("--root {}", dir.display()))
+            .exit_with(Exit::Io)?;
+        let c = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| fail(Exit::Usage, "--root contains a NUL byte"))?;
+        // SAFETY: plain open(2) of a NUL-terminated path.
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("--root {}", path.display()))
+                .exit_with(Exit::Io);
+        }
+        // SAFETY: fd was just returned by open(2) and is owned by nobody else.
+        let dir = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Root { dir, path })
+    }
+
+    /// The client's path relative to the root (`.` for the root itself).
+    fn relative(&self, p: &Path) -> Result<PathBuf> {
+        let shown = p.display().to_string();
+        // Names with control characters are legal, but in a confined
+        // server they are far likelier an attack on a log than an image.
+        if p.as_os_str()
+            .as_bytes()
+            .iter()
+            .any(|b| b.is_ascii_control())
+        {
+            return Err(fail(
+                Exit::Usage,
+                format!("path {shown:?} contains a control character; refused"),
+            ));
+        }
+        let rel = if p.is_absolute() {
+            p.strip_prefix(&self.path)
+                .map_err(|_| refused(&shown))?
+                .to_path_buf()
+        } else {
+            p.to_path_buf()
+        };
+        Ok(if rel.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            rel
+        })
+    }
+
+    /// `openat2(root, rel, flags, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)`.
+    fn open_beneath(&self, rel: &Path, flags: i32) -> std::io::Result<OwnedFd> {
+        let c = CString::new(rel.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: open_how is plain data; all-zero is its documented default.
+        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+        how.flags = (flags | libc::O_CLOEXEC) as u64;
+        how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+        loop {
+            // SAFETY: valid dirfd, NUL-terminated path, and a correctly
+            // sized open_how that outlives the call.
+            let fd = unsafe {
+                libc::syscall(
+                    libc::SYS_openat2,
+                    self.dir.as_raw_fd(),
+                    c.as_ptr(),
+                    &how as *const libc::open_how,
+                    std::mem::size_of::<libc::open_how>(),
+                )
+            };
+            if fd >= 0 {
+                // SAFETY: a new descriptor owned by nobody else.
+                return Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+            }
+            let e = std::io::Error::last_os_error();
+            // EAGAIN: a concurrent rename raced the lookup; it is safe to retry.
+            if !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Opens a source file for reading, beneath the root.
+    pub fn open_source(&self, p: &Path) -> Result<File> {
+        let rel = self.relative(p)?;
+        let fd = self
+            .open_beneath(&rel, libc::O_RDONLY)
+            .map_err(|e| lookup_error(e, &p.display().to_string(), "source"))?;
+        Ok(File::from(fd))
+    }
+
+    /// Makes the destination's directory (beneath the root) the working
+    /// directory and returns the file name to receive into. A destination
+    /// that is a directory receives `source_name`.
+    pub fn enter_destination(&self, p: &Path, source_name: &[u8]) -> Result<PathBuf> {
+        let shown = p.display().to_string();
+        let rel = self.relative(p)?;
+        let trailing_slash = p.as_os_str().as_bytes().ends_with(b"/");
+        let (dir, name) = match self.open_beneath(&rel, libc::O_PATH | libc::O_DIRECTORY) {
+            Ok(dir) => (dir, entry_name(source_name, &shown)?),
+            // Not a directory: a file, nothing yet, or a symlink that
+            // leads out (EXDEV, ELOOP). In each case the name itself is the
+            // destination, in a directory that must lie beneath the root;
+            // the receiver replaces a link rather than following it.
+            Err(e)
+                if trailing_slash
+                    || !matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENOTDIR | libc::ENOENT | libc::EXDEV | libc::ELOOP)
+                    ) =>
+            {
+                return Err(lookup_error(e, &shown, "destination"))
+            }
+            Err(_) => {
+                let name = match rel.components().next_back() {
+                    Some(Component::Normal(n)) => n.to_os_string(),
+                    _ => return Err(refused(&shown)),
+                };
+                let parent = match rel.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                    _ => PathBuf::from("."),
+                };
+                let dir = self
+                    .open_beneath(&parent, libc::O_PATH | libc::O_DIRECTORY)
+                    .map_err(|e| lookup_error(e, &shown, "the directory of destination"))?;
+                (dir, name)
+            }
+        };
+        // SAFETY: fchdir on a descriptor we own; O_PATH descriptors are
+        // accepted by fchdir(2).
+        if unsafe { libc::fchdir(dir.as_raw_fd()) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("cannot enter the directory of {shown}"))
+                .exit_with(Exit::Io);
+        }
+        Ok(PathBuf::from(name))
+    }
+}
+
+/// `name` as one entry of the directory `dest`, which it must not leave.
+pub(crate) fn entry_name(name: &[u8], dest: &str) -> Result<std::ffi::OsString> {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
+        return Err(fail(
+            Exit::Protocol,
+            format!(
+                "destination {dest} is a directory and the source name {:?} cannot be used in it",
+                String::from_utf8_lossy(name)
+            ),
+        ));
+    }
+    Ok(OsStr::from_bytes(name).to_os_string())
+}

@@ -1,0 +1,1 @@
+//! Placeholder: `--metrics-file` support is being written.
