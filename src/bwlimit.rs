@@ -239,6 +239,13 @@ impl<W: Write> Limited<W> {
         }
     }
 
+    /// Replaces the limit (the server learns it from the client's `OPEN`,
+    /// after its writer exists).
+    pub fn set_limiter(&mut self, limiter: Limiter) {
+        self.slice = limiter.slice_len();
+        self.limiter = limiter;
+    }
+
     pub fn get_ref(&self) -> &W {
         &self.inner
     }

@@ -137,6 +137,29 @@ pub struct Cli {
     #[arg(long, value_name = "PATH", default_value = "vmsync")]
     pub remote_path: String,
 
+    /// Give up with exit code 4 when the other end sends nothing for SECONDS (1 to 86400).
+    ///
+    /// Both ends send keepalives while they are busy (indexing, fsync, verifying), so only a
+    /// peer that is gone or stuck trips it; the remote vmsync also exits when the client
+    /// has been silent that long. Default: wait forever, as rsync does.
+    #[arg(long, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::protocol::MAX_TIMEOUT)))]
+    pub timeout: Option<u32>,
+
+    /// Cap the rate at which each end sends, in bytes on the wire (after compression).
+    ///
+    /// A bare number is KiB/s, as in rsync; K, M and G suffixes are binary (`10M` = 10 MiB/s);
+    /// 0 means no limit.
+    #[arg(long, value_name = "RATE")]
+    pub bwlimit: Option<String>,
+
+    /// At the end of the run, write Prometheus metrics for this destination (last run and
+    /// last success time, exit code, duration, bytes) into PATH, for node_exporter's textfile
+    /// collector. Other destinations' series in the file are kept; the file is replaced
+    /// atomically.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_file: Option<std::path::PathBuf>,
+
     /// Print a summary: sizes, bytes reused, sent and on the wire, time, speed-up.
     #[arg(long)]
     pub stats: bool,

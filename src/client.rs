@@ -17,7 +17,7 @@ use crate::progress::Progress;
 use crate::protocol::{flags, FrameReader, FrameWriter, Msg, Open, Role, Summary};
 use crate::receiver::{self, RecvOptions};
 use crate::sender::{self, SendOptions, Source};
-use crate::transport::{self, Launch, Operand, Peer, PeerReader, PeerWriter, Remote};
+use crate::transport::{self, Launch, Operand, Peer, PeerReader, PeerWriter, Remote, Silence};
 
 /// The outcome of a run that completed.
 #[derive(Debug, Clone)]
@@ -42,9 +42,13 @@ impl Report {
 /// Runs the sync (or check) that `cfg` describes.
 pub fn run(cfg: &Config, umask: u32) -> Result<Report> {
     let start = Instant::now();
+    let silence = Silence::default();
+    silence.set(cfg.timeout_secs);
     let launch = Launch {
         rsh: &cfg.rsh,
         remote_path: &cfg.remote_path,
+        silence: silence.clone(),
+        bwlimit: cfg.bwlimit,
     };
     let mut progress = Progress::new(!cfg.quiet && !cfg.json);
     let mut open_flags = 0;
@@ -78,6 +82,8 @@ pub fn run(cfg: &Config, umask: u32) -> Result<Report> {
                     .file_name()
                     .map(|n| n.as_bytes().to_vec())
                     .unwrap_or_default(),
+                timeout_secs: cfg.timeout_secs,
+                bwlimit: cfg.bwlimit,
             };
             let opts = SendOptions {
                 params: cfg.params,
@@ -107,6 +113,8 @@ pub fn run(cfg: &Config, umask: u32) -> Result<Report> {
                 chunking: cfg.params.code(),
                 path: r.path.clone(),
                 source_name: Vec::new(),
+                timeout_secs: cfg.timeout_secs,
+                bwlimit: cfg.bwlimit,
             };
             let opts = RecvOptions {
                 params: cfg.params,
@@ -160,10 +168,15 @@ fn session(
     let mut reader = FrameReader::new(r, &peer.name);
     let mut writer = FrameWriter::new(w, &peer.name);
     progress.watch_wire(peer.counter.clone());
+    let timeout = open.timeout_secs;
     let result = writer
         .write_hello()
         .and_then(|_| reader.read_hello())
         .and_then(|_| writer.send_now(&Msg::Open(open)))
+        .and_then(|_| match timeout {
+            0 => Ok(()),
+            t => writer.keep_alive(transport::keepalive_interval(t)),
+        })
         .and_then(|_| role(reader, &mut writer, progress));
     let wire = peer.counter.get();
     drop(writer); // closes the child's stdin: a server still running sees the end
@@ -172,13 +185,19 @@ fn session(
             peer.finish()?;
             Ok((s, wire))
         }
-        Err(e) => Err(explain(e, peer)),
+        Err(e) => Err(explain(e, peer, &launch.silence)),
     }
 }
 
 /// Adds how the child ended to a connection error ("ssh could not
 /// connect", "remote vmsync not found"); reaps it in any case.
-fn explain(e: anyhow::Error, peer: Peer) -> anyhow::Error {
+fn explain(e: anyhow::Error, peer: Peer, silence: &Silence) -> anyhow::Error {
+    if silence.tripped() {
+        // Whatever error the stopped child caused, the cause is the silence.
+        let name = peer.name.clone();
+        peer.explain();
+        return fail(Exit::Connection, format!("{name}: {}", silence.message()));
+    }
     let why = peer.explain();
     if exit_code_of(&e) == Exit::Connection {
         let msg = crate::error::message_of(&e);

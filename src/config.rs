@@ -29,6 +29,10 @@ pub struct Config {
     pub stats: bool,
     pub json: bool,
     pub quiet: bool,
+    /// `--timeout` in seconds; 0 = none.
+    pub timeout_secs: u32,
+    /// `--bwlimit` in bytes/s; 0 = none.
+    pub bwlimit: u64,
 }
 
 fn usage(msg: impl Into<String>) -> anyhow::Error {
@@ -59,6 +63,12 @@ impl Config {
             )?,
         };
         let rsh = split_command(&cli.rsh).map_err(|e| usage(format!("--rsh: {e}")))?;
+        let bwlimit = match &cli.bwlimit {
+            Some(r) => crate::bwlimit::parse_rate(r)
+                .map_err(|e| usage(format!("--bwlimit: {e}")))?
+                .unwrap_or(0),
+            None => 0,
+        };
         if cli.remote_path.trim().is_empty() {
             return Err(usage("--remote-path is empty"));
         }
@@ -77,6 +87,8 @@ impl Config {
             stats: cli.stats,
             json: cli.json,
             quiet: cli.quiet,
+            timeout_secs: cli.timeout.unwrap_or(0),
+            bwlimit,
         })
     }
 

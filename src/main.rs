@@ -1,6 +1,7 @@
 //! The `vmsync` binary: parse, validate, run, map the outcome to an exit code.
 
 use std::process::ExitCode;
+use std::time::Instant;
 
 use clap::Parser;
 
@@ -22,17 +23,29 @@ fn main() -> ExitCode {
     }
     signals::set_json(cli.json);
     vmsync::log::init(if cli.quiet { 0 } else { cli.verbose });
+    let start = Instant::now();
     let outcome = Config::from_cli(&cli).and_then(|cfg| {
         let r = client::run(&cfg, umask)?;
         Ok((cfg, r))
     });
     signals::hold_if_interrupted();
-    let exit = match outcome {
+    let exit = match &outcome {
         Ok((cfg, r)) => {
-            report::print(&r, cfg.stats, cfg.json, cfg.quiet);
+            report::print(r, cfg.stats, cfg.json, cfg.quiet);
             r.exit()
         }
-        Err(e) => report::error(&e, cli.json),
+        Err(e) => report::error(e, cli.json),
     };
+    if let (Some(path), Some(src), Some(dst)) = (&cli.metrics_file, &cli.src, &cli.dst) {
+        report::write_metrics(
+            path,
+            &src.to_string_lossy(),
+            &dst.to_string_lossy(),
+            cli.check,
+            outcome.as_ref().ok().map(|(_, r)| r),
+            exit,
+            start.elapsed(),
+        );
+    }
     ExitCode::from(exit.code())
 }

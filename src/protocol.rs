@@ -29,7 +29,7 @@
 //!
 //! | type | name           | direction     | payload |
 //! |------|----------------|---------------|---------|
-//! | 1    | `OPEN`         | client→server | role u8 (0 server sends, 1 server receives), flags u32, compress level u8, chunking u32 (see `ChunkParams::code`), path bytes, source name bytes |
+//! | 1    | `OPEN`         | client→server | role u8 (0 server sends, 1 server receives), flags u32, compress level u8, chunking u32 (see `ChunkParams::code`), path bytes, source name bytes, timeout seconds u32 (0 = none; ≤ [`MAX_TIMEOUT`]), bandwidth limit bytes/s u64 (0 = none) |
 //! | 2    | `ERROR`        | either        | exit code u8, message bytes (UTF-8, ≤ 64 KiB) |
 //! | 3    | `FILE_INFO`    | sender→recv   | size u64, mtime seconds i64, mtime nanoseconds u32, mode u32 |
 //! | 4    | `START`        | recv→sender   | u8: 0 = send the manifest, 1 = up to date (quick check), 2 = send the manifest with every data chunk inline (nothing to reuse) |
@@ -41,6 +41,7 @@
 //! | 10   | `BLOCK_REQUEST`| recv→sender   | count u32 (1 ≤ n ≤ [`MAX_REQUEST`]), n entry indices u64: send piece hashes |
 //! | 11   | `BLOCK_HASHES` | sender→recv   | entry index u64, count u32 (≤ [`MAX_PIECES`]), count × 8-byte piece hash |
 //! | 12   | `PIECE_REQUEST`| recv→sender   | entry index u64, piece count u32 (≤ [`MAX_PIECES`]), bitmap of ⌈count/8⌉ bytes: pieces to send |
+//! | 13   | `KEEPALIVE`    | either        | empty: "still here, busy"; skipped by [`FrameReader::read_msg`] |
 //!
 //! A run: hello both ways; `OPEN`; the sender sends `FILE_INFO`; the
 //! receiver answers `START`; the sender streams `MANIFEST`…`MANIFEST_END`
@@ -50,8 +51,15 @@
 //! answers `PIECE_REQUEST` for the pieces it did not find, which come back
 //! as a `CHUNK` carrying only those pieces; the receiver ends with `DONE`. `ERROR` may come at any
 //! point and ends the run with its exit code.
+//!
+//! With `--timeout T` (sent in `OPEN`), each end treats T seconds without a
+//! byte from the other as a dead peer, and sends `KEEPALIVE` whenever it has
+//! written nothing for T/4 (while it indexes a large basis, fsyncs, or
+//! verifies), so only a peer that is truly gone or stuck trips the timeout.
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
@@ -60,7 +68,7 @@ use crate::hash::{ChunkHash, HASH_LEN};
 use crate::refine::{PieceHash, MAX_PIECES, PIECE_HASH_LEN};
 
 /// Version of this protocol; bump on any change to the tables above.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Magic at the start of a hello.
 pub const MAGIC: &[u8; 8] = b"VMSYNC\r\n";
 /// Largest frame (type + payload) either end accepts or sends.
@@ -71,6 +79,8 @@ pub const MAX_REQUEST: usize = 65536;
 pub const MAX_PATH: usize = 4096;
 /// Longest error message.
 pub const MAX_MESSAGE: usize = 64 * 1024;
+/// Longest `--timeout`, in seconds (a day).
+pub const MAX_TIMEOUT: u32 = 86_400;
 /// Most difference ranges listed in `DONE` (the total is always exact).
 pub const MAX_RANGES: usize = 4096;
 
@@ -86,6 +96,7 @@ const T_DONE: u8 = 9;
 const T_BLOCK_REQUEST: u8 = 10;
 const T_BLOCK_HASHES: u8 = 11;
 const T_PIECE_REQUEST: u8 = 12;
+const T_KEEPALIVE: u8 = 13;
 
 /// `CHUNK` encoding bits.
 const ENC_ZSTD: u8 = 1;
@@ -135,6 +146,10 @@ pub struct Open {
     pub path: Vec<u8>,
     /// File name of the source, for a destination that is a directory.
     pub source_name: Vec<u8>,
+    /// Seconds of silence after which either end gives up; 0 = never.
+    pub timeout_secs: u32,
+    /// The server's cap on its own sending rate, bytes/s; 0 = none.
+    pub bwlimit: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,6 +208,7 @@ pub enum Msg {
         count: u32,
         bitmap: Vec<u8>,
     },
+    KeepAlive,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,6 +236,7 @@ impl Msg {
             Msg::BlockRequest(_) => "BLOCK_REQUEST",
             Msg::BlockHashes { .. } => "BLOCK_HASHES",
             Msg::PieceRequest { .. } => "PIECE_REQUEST",
+            Msg::KeepAlive => "KEEPALIVE",
         }
     }
 
@@ -249,6 +266,8 @@ impl Msg {
                 out.extend_from_slice(&o.chunking.to_le_bytes());
                 put_bytes(out, &o.path);
                 put_bytes(out, &o.source_name);
+                out.extend_from_slice(&o.timeout_secs.to_le_bytes());
+                out.extend_from_slice(&o.bwlimit.to_le_bytes());
             }
             Msg::Error { exit, message } => {
                 out.push(T_ERROR);
@@ -309,6 +328,7 @@ impl Msg {
                 out.extend_from_slice(&count.to_le_bytes());
                 out.extend_from_slice(bitmap);
             }
+            Msg::KeepAlive => out.push(T_KEEPALIVE),
             Msg::Chunk(c) => {
                 out.push(T_CHUNK);
                 out.extend_from_slice(&c.index.to_le_bytes());
@@ -367,6 +387,11 @@ impl Msg {
                 let chunking = r.u32()?;
                 let path = r.bytes(MAX_PATH)?.to_vec();
                 let source_name = r.bytes(MAX_PATH)?.to_vec();
+                let timeout_secs = r.u32()?;
+                if timeout_secs > MAX_TIMEOUT {
+                    return Err(malformed(format!("OPEN with a timeout of {timeout_secs} s")));
+                }
+                let bwlimit = r.u64()?;
                 Msg::Open(Open {
                     role,
                     flags,
@@ -374,6 +399,8 @@ impl Msg {
                     chunking,
                     path,
                     source_name,
+                    timeout_secs,
+                    bwlimit,
                 })
             }
             T_ERROR => {
@@ -447,6 +474,7 @@ impl Msg {
                     bitmap,
                 }
             }
+            T_KEEPALIVE => Msg::KeepAlive,
             T_CHUNK => {
                 let index = r.u64()?;
                 let raw_len = r.u32()?;
@@ -631,6 +659,15 @@ impl<R: Read> FrameReader<R> {
     /// Reads one message. End of stream is a connection error: every run
     /// ends with an explicit message, so a silent close means the peer died.
     pub fn read_msg(&mut self) -> Result<Msg> {
+        loop {
+            match self.read_any()? {
+                Msg::KeepAlive => continue,
+                m => return Ok(m),
+            }
+        }
+    }
+
+    fn read_any(&mut self) -> Result<Msg> {
         let mut len = [0u8; 4];
         self.inner
             .read_exact(&mut len)
@@ -668,17 +705,34 @@ impl<R: Read> FrameReader<R> {
     }
 }
 
-/// Writes frames.
+/// Writes frames. The stream sits behind a lock so that a keepalive thread
+/// ([`FrameWriter::keep_alive`]) can slip a whole `KEEPALIVE` frame in
+/// between two messages, never inside one.
 pub struct FrameWriter<W: Write> {
-    inner: BufWriter<W>,
+    out: Arc<Mutex<Out<W>>>,
     buf: Vec<u8>,
     peer: String,
+}
+
+struct Out<W: Write> {
+    inner: BufWriter<W>,
+    /// When bytes last went to the pipe (a flush), for the keepalive.
+    last_flush: Instant,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while writing leaves at worst a broken stream, which the
+    // peer detects; it is no reason to panic again here.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl<W: Write> FrameWriter<W> {
     pub fn new(inner: W, peer: &str) -> Self {
         FrameWriter {
-            inner: BufWriter::with_capacity(256 * 1024, inner),
+            out: Arc::new(Mutex::new(Out {
+                inner: BufWriter::with_capacity(256 * 1024, inner),
+                last_flush: Instant::now(),
+            })),
             buf: Vec::new(),
             peer: peer.to_string(),
         }
@@ -689,9 +743,10 @@ impl<W: Write> FrameWriter<W> {
         h.extend_from_slice(MAGIC);
         h.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
         h.extend_from_slice(&0u32.to_le_bytes());
-        self.inner
+        let mut out = lock(&self.out);
+        out.inner
             .write_all(&h)
-            .and_then(|_| self.inner.flush())
+            .and_then(|_| out.inner.flush())
             .map_err(|e| conn_err(e, &self.peer, "sending the handshake"))
     }
 
@@ -699,20 +754,16 @@ impl<W: Write> FrameWriter<W> {
     pub fn send(&mut self, msg: &Msg) -> Result<()> {
         let mut buf = std::mem::take(&mut self.buf);
         msg.encode(&mut buf);
-        let r = self.write_frame(&buf);
+        let r = write_frame(&mut lock(&self.out).inner, &buf)
+            .map_err(|e| conn_err(e, &self.peer, "sending"));
         self.buf = buf;
         r
     }
 
-    fn write_frame(&mut self, frame: &[u8]) -> Result<()> {
-        self.inner
-            .write_all(&(frame.len() as u32).to_le_bytes())
-            .and_then(|_| self.inner.write_all(frame))
-            .map_err(|e| conn_err(e, &self.peer, "sending"))
-    }
-
     pub fn flush(&mut self) -> Result<()> {
-        self.inner
+        let mut out = lock(&self.out);
+        out.last_flush = Instant::now();
+        out.inner
             .flush()
             .map_err(|e| conn_err(e, &self.peer, "sending"))
     }
@@ -722,6 +773,69 @@ impl<W: Write> FrameWriter<W> {
         self.send(msg)?;
         self.flush()
     }
+
+    /// Runs `f` on the underlying stream, after flushing what is buffered.
+    pub fn with_inner<T>(&mut self, f: impl FnOnce(&mut W) -> T) -> Result<T> {
+        let mut out = lock(&self.out);
+        out.inner
+            .flush()
+            .map_err(|e| conn_err(e, &self.peer, "sending"))?;
+        Ok(f(out.inner.get_mut()))
+    }
+}
+
+#[cfg(test)]
+impl<W: Write> FrameWriter<W> {
+    fn into_bytes(self) -> W {
+        let out = Arc::try_unwrap(self.out)
+            .ok()
+            .expect("no keepalive thread in tests");
+        out.into_inner()
+            .unwrap_or_else(PoisonError::into_inner)
+            .inner
+            .into_inner()
+            .ok()
+            .expect("flush")
+    }
+}
+
+impl<W: Write + Send + 'static> FrameWriter<W> {
+    /// Sends `KEEPALIVE` whenever nothing has been sent for `every`, from a
+    /// thread that ends with this writer. The peer's `--timeout` then fires
+    /// only when we are gone, not while we index, fsync or verify.
+    pub fn keep_alive(&self, every: Duration) -> Result<()> {
+        let out = Arc::downgrade(&self.out);
+        let tick = (every / 2).max(Duration::from_millis(10));
+        std::thread::Builder::new()
+            .name("keepalive".into())
+            .spawn(move || {
+                let mut frame = Vec::new();
+                Msg::KeepAlive.encode(&mut frame);
+                loop {
+                    std::thread::sleep(tick);
+                    // Holding only a weak reference lets the writer's drop
+                    // close the pipe, which is how the peer learns we ended.
+                    let Some(out) = out.upgrade() else { return };
+                    let mut out = lock(&out);
+                    if out.last_flush.elapsed() < every {
+                        continue;
+                    }
+                    out.last_flush = Instant::now();
+                    let sent = write_frame(&mut out.inner, &frame).and_then(|_| out.inner.flush());
+                    if sent.is_err() {
+                        // The main thread meets the same error on its next write.
+                        return;
+                    }
+                }
+            })
+            .map(drop)
+            .map_err(|e| fail(Exit::Io, format!("cannot start a thread: {e}")))
+    }
+}
+
+fn write_frame<W: Write>(w: &mut W, frame: &[u8]) -> io::Result<()> {
+    w.write_all(&(frame.len() as u32).to_le_bytes())
+        .and_then(|_| w.write_all(frame))
 }
 
 #[cfg(test)]
@@ -742,6 +856,35 @@ mod tests {
         assert!(Msg::decode(&buf).is_err() || matches!(m, Msg::Manifest(_) | Msg::Chunk(_)));
     }
 
+    /// An idle writer with a keepalive says `KEEPALIVE` on its own, as a
+    /// whole frame, and its reader never returns one.
+    #[test]
+    fn idle_writer_sends_keepalives_that_readers_skip() {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0; 2];
+        // SAFETY: pipe(2) fills the two descriptors, which we then own.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let (r, w) = unsafe {
+            (
+                std::fs::File::from_raw_fd(fds[0]),
+                std::fs::File::from_raw_fd(fds[1]),
+            )
+        };
+        let mut writer = FrameWriter::new(w, "test");
+        writer.keep_alive(Duration::from_millis(20)).unwrap();
+        let mut raw = [0u8; 5];
+        (&r).read_exact(&mut raw).unwrap();
+        assert_eq!(raw, [1, 0, 0, 0, T_KEEPALIVE]);
+        writer.send_now(&Msg::Start(StartMode::Inline)).unwrap();
+        let mut reader = FrameReader::new(r, "test");
+        assert_eq!(reader.read_msg().unwrap(), Msg::Start(StartMode::Inline));
+        drop(writer);
+        // The keepalive thread holds no strong reference: dropping the
+        // writer closes the pipe, whatever it had sent.
+        let e = reader.read_msg().unwrap_err();
+        assert_eq!(exit_code_of(&e), Exit::Connection);
+    }
+
     #[test]
     fn messages_round_trip() {
         round_trip(Msg::Open(Open {
@@ -751,7 +894,10 @@ mod tests {
             chunking: 65536,
             path: b"/srv/a b/disk.img".to_vec(),
             source_name: b"disk.img".to_vec(),
+            timeout_secs: 600,
+            bwlimit: 10 << 20,
         }));
+        round_trip(Msg::KeepAlive);
         round_trip(Msg::Error {
             exit: 3,
             message: "no space left".into(),
@@ -831,7 +977,7 @@ mod tests {
     fn truncated_stream_is_connection_error() {
         let mut w = FrameWriter::new(Vec::new(), "peer");
         w.send_now(&Msg::Start(StartMode::Manifest)).unwrap();
-        let bytes = w.inner.into_inner().unwrap();
+        let bytes = w.into_bytes();
         for cut in 0..bytes.len() {
             let mut r = FrameReader::new(&bytes[..cut], "peer");
             let e = r.read_msg().unwrap_err();
@@ -845,13 +991,17 @@ mod tests {
     fn handshake_checks_magic_and_version() {
         let mut w = FrameWriter::new(Vec::new(), "peer");
         w.write_hello().unwrap();
-        let good = w.inner.into_inner().unwrap();
+        let good = w.into_bytes();
         assert!(FrameReader::new(&good[..], "p").read_hello().is_ok());
         let mut newer = good.clone();
-        newer[8] = 2;
+        newer[8..12].copy_from_slice(&(PROTOCOL_VERSION + 1).to_le_bytes());
         let e = FrameReader::new(&newer[..], "p").read_hello().unwrap_err();
         assert_eq!(exit_code_of(&e), Exit::Protocol);
-        assert!(e.to_string().contains("v1") && e.to_string().contains("v2"));
+        let (ours, theirs) = (
+            format!("v{PROTOCOL_VERSION}"),
+            format!("v{}", PROTOCOL_VERSION + 1),
+        );
+        assert!(e.to_string().contains(&ours) && e.to_string().contains(&theirs));
         let e = FrameReader::new(&b"Welcome to host\n"[..], "p")
             .read_hello()
             .unwrap_err();

@@ -153,3 +153,40 @@ pub fn error(e: &anyhow::Error, json_out: bool) -> Exit {
     eprintln!("vmsync: error: {msg}");
     exit
 }
+
+/// `--metrics-file`: records this run for the destination `dst`. A failure
+/// to write is a warning on stderr (which cron mails), not the run's
+/// failure: the sync itself may well have succeeded.
+pub fn write_metrics(
+    path: &std::path::Path,
+    src: &str,
+    dst: &str,
+    check: bool,
+    report: Option<&Report>,
+    exit: Exit,
+    duration: std::time::Duration,
+) {
+    let s = report.map(|r| &r.summary);
+    let run = crate::metrics::RunMetrics {
+        source: src.to_string(),
+        destination: dst.to_string(),
+        check,
+        exit_code: exit.code(),
+        end_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64()),
+        duration_secs: duration.as_secs_f64(),
+        source_bytes: report.map_or(0, |r| r.source_bytes),
+        wire_bytes: report.map_or(0, |r| r.wire_bytes),
+        literal_bytes: s.map_or(0, |s| s.literal_bytes),
+        reused_bytes: s.map_or(0, |s| s.reused_bytes),
+        differing_bytes: if check {
+            s.map(|s| s.differing_bytes)
+        } else {
+            None
+        },
+    };
+    if let Err(e) = crate::metrics::write_textfile(path, &run) {
+        eprintln!("vmsync: warning: {}", message_of(&e));
+    }
+}

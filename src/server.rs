@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
+use crate::bwlimit::{Limited, Limiter};
 use crate::chunk::ChunkParams;
 use crate::compress::MAX_LEVEL;
 use crate::confine::Root;
@@ -18,7 +19,8 @@ use crate::progress::Progress;
 use crate::protocol::{flags, FrameReader, FrameWriter, Msg, Role};
 use crate::receiver::{self, RecvOptions};
 use crate::sender::{self, SendOptions, Source};
-use crate::transport::bytes_path;
+use crate::signals;
+use crate::transport::{bytes_path, keepalive_interval, Silence, Watched};
 
 /// What the server may touch (`--root`, `--read-only`).
 #[derive(Debug, Clone, Default)]
@@ -31,9 +33,17 @@ pub struct Limits {
 
 /// Serves one run on stdin/stdout; returns the exit code.
 pub fn serve(umask: u32, limits: &Limits) -> Exit {
-    let reader = FrameReader::new(std::io::stdin(), "client");
-    let mut writer = FrameWriter::new(std::io::stdout(), "client");
-    match serve_on(reader, &mut writer, umask, limits) {
+    let silence = Silence::default();
+    // The client is gone: nobody is left to tell, and the main thread may
+    // be blocked writing to it.
+    let stdin = Watched::new(
+        std::io::stdin(),
+        silence.clone(),
+        Some(Box::new(|| signals::abandon(Exit::Connection.code()))),
+    );
+    let reader = FrameReader::new(stdin, "client");
+    let mut writer = FrameWriter::new(Limited::new(std::io::stdout(), Limiter::new(0)), "client");
+    match serve_on(reader, &mut writer, umask, limits, &silence) {
         Ok(()) => Exit::Ok,
         Err(e) => {
             let exit = exit_code_of(&e);
@@ -48,11 +58,15 @@ pub fn serve(umask: u32, limits: &Limits) -> Exit {
     }
 }
 
+type ClientReader = Watched<std::io::Stdin>;
+type ClientWriter = Limited<std::io::Stdout>;
+
 fn serve_on(
-    mut reader: FrameReader<std::io::Stdin>,
-    writer: &mut FrameWriter<std::io::Stdout>,
+    mut reader: FrameReader<ClientReader>,
+    writer: &mut FrameWriter<ClientWriter>,
     umask: u32,
     limits: &Limits,
+    silence: &Silence,
 ) -> Result<()> {
     writer.write_hello()?;
     reader.read_hello()?;
@@ -68,6 +82,13 @@ fn serve_on(
             Exit::Protocol,
             format!("compression level {} out of range", open.compress_level),
         ));
+    }
+    if open.timeout_secs > 0 {
+        silence.set(open.timeout_secs);
+        writer.keep_alive(keepalive_interval(open.timeout_secs))?;
+    }
+    if open.bwlimit > 0 {
+        writer.with_inner(|w| w.set_limiter(Limiter::new(open.bwlimit)))?;
     }
     let params = ChunkParams::from_code(open.chunking)
         .map_err(|e| fail(Exit::Protocol, format!("protocol error: {e}")))?;

@@ -108,6 +108,15 @@ fn on_signal(sig: libc::c_int) -> ! {
     std::process::exit(code);
 }
 
+/// Ends the process at once with `code`, cleaning up as for a signal: for
+/// a server whose client is gone (`--timeout`), where the main thread may
+/// be blocked writing to it and would never see the error.
+pub fn abandon(code: u8) -> ! {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+    remove_temp_files();
+    std::process::exit(i32::from(code));
+}
+
 fn remove_temp_files() {
     if let Ok(files) = TEMP_FILES.lock() {
         for (f, only_if_empty) in files.iter() {

@@ -8,15 +8,17 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use anyhow::Result;
 
+use crate::bwlimit::{Limited, Limiter};
 use crate::error::{fail, Exit};
 use crate::signals;
 
@@ -179,6 +181,108 @@ impl<T: Write> Write for Counted<T> {
     }
 }
 
+/// How long the peer may stay silent before we give up (`--timeout`).
+/// Shared, because the server learns it from `OPEN`, after its reader exists.
+#[derive(Clone, Default, Debug)]
+pub struct Silence {
+    /// Milliseconds; 0 = wait forever.
+    limit_ms: Arc<AtomicU64>,
+    tripped: Arc<AtomicBool>,
+}
+
+impl Silence {
+    pub fn set(&self, secs: u32) {
+        self.limit_ms
+            .store(u64::from(secs) * 1000, Ordering::Relaxed);
+    }
+
+    /// The peer stayed silent past the limit (and the run was ended for it).
+    pub fn tripped(&self) -> bool {
+        self.tripped.load(Ordering::SeqCst)
+    }
+
+    /// Why the run ended, for the user.
+    pub fn message(&self) -> String {
+        let secs = self.limit_ms.load(Ordering::Relaxed) / 1000;
+        format!("nothing received for {secs} s (--timeout {secs})")
+    }
+}
+
+/// How often an end that has sent nothing says `KEEPALIVE`, for a peer
+/// that gives up after `timeout_secs` of silence: often enough that a
+/// delayed keepalive or two does not trip it.
+pub fn keepalive_interval(timeout_secs: u32) -> std::time::Duration {
+    std::time::Duration::from_millis(u64::from(timeout_secs) * 1000 / 4)
+}
+
+/// A pipe from the peer whose reads give up after [`Silence`]: a peer that
+/// vanished without closing (a dead network path, a stopped process) ends
+/// the run instead of hanging it. `on_silence` runs first, to unblock a
+/// thread that may be stuck writing to the same peer.
+pub struct Watched<R> {
+    inner: R,
+    fd: RawFd,
+    silence: Silence,
+    on_silence: Option<Box<dyn Fn() + Send>>,
+}
+
+impl<R: AsRawFd> Watched<R> {
+    pub fn new(inner: R, silence: Silence, on_silence: Option<Box<dyn Fn() + Send>>) -> Self {
+        let fd = inner.as_raw_fd();
+        Watched {
+            inner,
+            fd,
+            silence,
+            on_silence,
+        }
+    }
+}
+
+impl<R: Read> Read for Watched<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let limit = self.silence.limit_ms.load(Ordering::Relaxed);
+        if limit > 0 {
+            let mut pfd = libc::pollfd {
+                fd: self.fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(limit);
+            loop {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                let ms = left.as_millis().min(i32::MAX as u128) as i32;
+                // SAFETY: one valid pollfd for the duration of the call.
+                let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+                if r > 0 {
+                    break;
+                }
+                if r < 0 {
+                    let e = io::Error::last_os_error();
+                    if e.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(e);
+                }
+                self.silence.tripped.store(true, Ordering::SeqCst);
+                if let Some(f) = &self.on_silence {
+                    f();
+                }
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    self.silence.message(),
+                ));
+            }
+        }
+        self.inner.read(buf)
+    }
+}
+
+impl<T: AsRawFd> AsRawFd for Counted<T> {
+    fn as_raw_fd(&self) -> RawFd {
+        self.inner.as_raw_fd()
+    }
+}
+
 /// The running child that is the other end.
 pub struct Peer {
     child: Child,
@@ -190,13 +294,17 @@ pub struct Peer {
     pub counter: Counter,
 }
 
-pub type PeerReader = Counted<ChildStdout>;
-pub type PeerWriter = Counted<ChildStdin>;
+pub type PeerReader = Watched<Counted<ChildStdout>>;
+pub type PeerWriter = Limited<Counted<ChildStdin>>;
 
 /// How to start the remote end.
 pub struct Launch<'a> {
     pub rsh: &'a [String],
     pub remote_path: &'a str,
+    /// `--timeout`, applied to our reads from the start.
+    pub silence: Silence,
+    /// `--bwlimit` for what we send, bytes/s; 0 = none.
+    pub bwlimit: u64,
 }
 
 /// Starts the other end: ssh to `remote`, or this binary when `None`.
@@ -233,6 +341,7 @@ pub fn spawn(remote: Option<&Remote>, launch: &Launch) -> Result<(Peer, PeerRead
         )
     })?;
     signals::register_child(child.id());
+    let pid = child.id();
     let counter = Counter::default();
     let stdin = child.stdin.take().expect("piped stdin");
     let stdout = child.stdout.take().expect("piped stdout");
@@ -253,14 +362,31 @@ pub fn spawn(remote: Option<&Remote>, launch: &Launch) -> Result<(Peer, PeerRead
             last_stderr,
             counter: counter.clone(),
         },
-        Counted {
-            inner: stdout,
-            counter: counter.clone(),
-        },
-        Counted {
-            inner: stdin,
-            counter,
-        },
+        Watched::new(
+            Counted {
+                inner: stdout,
+                counter: counter.clone(),
+            },
+            launch.silence.clone(),
+            // A writer blocked on a peer that stopped reading would never
+            // see the timeout: stopping the child breaks its pipe.
+            Some(Box::new(move || {
+                // SAFETY: plain syscall on our own child, not yet reaped
+                // (the Peer that reaps it outlives the session's reads).
+                // SIGCONT too: a stopped child would hold SIGTERM pending.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGTERM);
+                    libc::kill(pid as libc::pid_t, libc::SIGCONT);
+                }
+            })),
+        ),
+        Limited::new(
+            Counted {
+                inner: stdin,
+                counter,
+            },
+            Limiter::new(launch.bwlimit),
+        ),
     ))
 }
 

@@ -674,8 +674,8 @@ fn unknown_message_type_is_a_protocol_error() {
 
     // Mid-session.
     let (dest, _, mut s) = started_fresh();
-    let _ = s.send_raw(&[3, 0, 0, 0, 13, 1, 2]);
-    s.finish().assert_protocol_error(&["13"]);
+    let _ = s.send_raw(&[3, 0, 0, 0, 99, 1, 2]);
+    s.finish().assert_protocol_error(&["99"]);
     dest.assert_nothing_written();
 }
 
@@ -713,14 +713,17 @@ fn misplaced_messages_are_protocol_errors() {
 #[test]
 fn newer_protocol_version_is_refused_naming_both_versions() {
     let mut s = Server::spawn();
-    let _ = s.send_raw(&hello_bytes(2, 0));
+    let ours = format!("v{}", vmsync::protocol::PROTOCOL_VERSION);
+    let newer = vmsync::protocol::PROTOCOL_VERSION + 1;
+    let _ = s.send_raw(&hello_bytes(newer, 0));
     s.expect_hello();
-    s.finish().assert_protocol_error(&["v1", "v2"]);
+    s.finish()
+        .assert_protocol_error(&[&ours, &format!("v{newer}")]);
 
     let mut s = Server::spawn();
     let _ = s.send_raw(&hello_bytes(u32::MAX, 0));
     s.expect_hello();
-    s.finish().assert_protocol_error(&["v1", "v4294967295"]);
+    s.finish().assert_protocol_error(&[&ours, "v4294967295"]);
 }
 
 #[test]
@@ -1947,4 +1950,59 @@ fn check_mode_compares_without_writing_and_rejects_lies() {
         dest.assert_untouched();
         assert!(!dest.partial().exists());
     }
+}
+
+// ---------------------------------------------------------------------------
+// A client that goes silent (--timeout)
+// ---------------------------------------------------------------------------
+
+/// A client that stops talking without closing the connection (a dead
+/// network path) must not leave a server behind: with the client's
+/// `--timeout` in `OPEN`, the server gives up on its own with exit 4,
+/// having said `KEEPALIVE` meanwhile, and writes nothing.
+#[test]
+fn a_client_that_goes_silent_makes_the_server_exit_with_4() {
+    let dest = Dest::fresh();
+    let src = Source::new(random_bytes(7, 64 * 1024), 64 * 1024);
+    let (mut s, mode) = receiver_with(&dest, src.info(), |o| o.timeout_secs = 1);
+    assert_eq!(mode, StartMode::Inline);
+    let mut keepalives = 0;
+    loop {
+        match s.recv() {
+            In::Msg(Msg::KeepAlive) => keepalives += 1,
+            In::Eof => break,
+            other => panic!("expected keepalives then the end, got {other:?}"),
+        }
+    }
+    let o = s.finish();
+    o.assert_code(exit::CONNECTION);
+    assert!(keepalives >= 1, "the waiting server said nothing\n{o}");
+    dest.assert_nothing_written();
+}
+
+/// Keepalives either way, mixed into a session, change nothing: the
+/// server skips the client's and the session completes.
+#[test]
+fn keepalives_are_invisible_to_a_session_that_completes() {
+    let dest = Dest::fresh();
+    let src = Source::new(random_bytes(8, 300 * 1024), 64 * 1024);
+    let (mut s, mode) = receiver_with(&dest, src.info(), |o| o.timeout_secs = 1);
+    assert_eq!(mode, StartMode::Inline);
+    // Our own keepalives, interleaved with the session's messages.
+    let _ = s.send(&Msg::KeepAlive);
+    let mut chunker = Chunker::compressed();
+    send_inline(&mut s, &src, &mut chunker);
+    let _ = s.send(&Msg::KeepAlive);
+    loop {
+        match s.recv() {
+            In::Msg(Msg::KeepAlive) => {}
+            In::Msg(Msg::Done(d)) => {
+                assert_eq!(d.source_bytes, 300 * 1024);
+                break;
+            }
+            other => panic!("expected DONE, got {other:?}"),
+        }
+    }
+    s.finish().assert_code(exit::OK);
+    assert_content(&dest.path, &src.data);
 }

@@ -30,21 +30,26 @@ fn arb_open() -> impl Strategy<Value = Open> {
         vec(any::<u8>(), 0..64),
         vec(any::<u8>(), 0..32),
         any::<bool>(),
+        (0..=vmsync::protocol::MAX_TIMEOUT, any::<u64>()),
     )
-        .prop_map(|(send, f, level, chunking, path, name, long)| {
-            let mut path = path;
-            if long {
-                path.resize(MAX_PATH, b'p');
-            }
-            Open {
-                role: if send { Role::Send } else { Role::Receive },
-                flags: f & flags::ALL,
-                compress_level: level,
-                chunking,
-                path,
-                source_name: name,
-            }
-        })
+        .prop_map(
+            |(send, f, level, chunking, path, name, long, (timeout_secs, bwlimit))| {
+                let mut path = path;
+                if long {
+                    path.resize(MAX_PATH, b'p');
+                }
+                Open {
+                    role: if send { Role::Send } else { Role::Receive },
+                    flags: f & flags::ALL,
+                    compress_level: level,
+                    chunking,
+                    path,
+                    source_name: name,
+                    timeout_secs,
+                    bwlimit,
+                }
+            },
+        )
 }
 
 fn arb_summary() -> impl Strategy<Value = Summary> {
@@ -123,6 +128,7 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
                 bitmap,
             }
         }),
+        Just(Msg::KeepAlive),
     ]
 }
 
@@ -200,6 +206,8 @@ proptest! {
                 prop_assert_eq!(exit_code_of(&e), expected);
                 prop_assert!(e.to_string().contains(message.as_str()));
             }
+            // Keepalives are consumed by the reader, never returned.
+            Msg::KeepAlive => {}
             _ => prop_assert_eq!(&r.read_msg().unwrap(), &m),
         }
         prop_assert_eq!(r.read_msg().unwrap(), Msg::Start(StartMode::Manifest));

@@ -580,3 +580,55 @@ fn destination_with_a_long_but_valid_name_syncs() {
     assert_same_content(&pair.src, &dst);
     assert_eq!(dir_entries(&pair.dst_dir()), ["n".repeat(250)]);
 }
+
+// ---------------------------------------------------------------------------
+// --timeout: a peer that is gone without closing the connection
+// ---------------------------------------------------------------------------
+
+/// The relay (our "ssh") stops itself mid-transfer: nothing moves either
+/// way and nothing is closed, as on a dead network path. With `--timeout 2`
+/// the client gives up with exit 4 and says why; the old destination is
+/// intact, and no process is left behind. Both directions (push and pull).
+#[test]
+fn timeout_ends_a_run_whose_peer_went_silent() {
+    for pull in [false, true] {
+        let pair = Pair::new();
+        let old = random_bytes(31, (4 * MIB) as usize);
+        pair.write_dst(&old);
+        pair.write_src(&random_bytes(32, (16 * MIB) as usize));
+        // $PPID of the hook's shell is the relay itself; it stops in the
+        // direction the data flows.
+        let opts = format!(
+            "--run-before-byte 2000000 --run-direction {} --run 'kill -STOP $PPID'",
+            if pull { "down" } else { "up" }
+        );
+        let (src, dst) = if pull {
+            (remote(&pair.src), pair.dst.display().to_string())
+        } else {
+            (pair.src.display().to_string(), remote(&pair.dst))
+        };
+        let (run, v) = via_relay(pair.tmp.path(), &opts, &["--timeout", "2"], &src, &dst);
+        run.assert_code(exit::CONNECTION);
+        assert_error_mentions(&run, &v, &["nothing received for 2 s", "--timeout"]);
+        assert_old_destination(&pair, &old);
+    }
+}
+
+/// `--timeout` is not a deadline: a run much longer than it completes, the
+/// busy end's keepalives covering its quiet phases (here: --verify re-reads
+/// and fsyncs the whole file before answering).
+#[test]
+fn timeout_does_not_end_a_healthy_run() {
+    let pair = Pair::new();
+    pair.write_src(&mixed_bytes(33, (48 * MIB) as usize));
+    let (run, v) = via_relay(
+        pair.tmp.path(),
+        "",
+        &["--timeout", "1", "--verify"],
+        &pair.src.display().to_string(),
+        &remote(&pair.dst),
+    );
+    run.assert_ok();
+    assert!(json_bool(&v, "verified"));
+    pair.assert_synced();
+}

@@ -605,6 +605,8 @@ pub fn open_receive(dest: &Path) -> Open {
         chunking: AVG,
         path: dest.as_os_str().as_bytes().to_vec(),
         source_name: b"disk.img".to_vec(),
+        timeout_secs: 0,
+        bwlimit: 0,
     }
 }
 
@@ -617,6 +619,8 @@ pub fn open_send(src: &Path) -> Open {
         chunking: AVG,
         path: src.as_os_str().as_bytes().to_vec(),
         source_name: Vec::new(),
+        timeout_secs: 0,
+        bwlimit: 0,
     }
 }
 
