@@ -48,6 +48,10 @@ pub const EXAMPLES: &[(&str, &str)] = &[
         "vmsync -e 'ssh -p 2222 -i ~/.ssh/backup' disk.img backup:/srv/",
         "use another ssh port and key",
     ),
+    (
+        "vmsync --bwlimit 20M --timeout 300 disk.img backup:/srv/images/",
+        "daytime sync: at most 20 MiB/s, give up if the link dies for 5 minutes",
+    ),
 ];
 
 /// The text after the options in `--help`: examples and exit codes.
@@ -75,11 +79,11 @@ pub fn after_help() -> String {
 )]
 pub struct Cli {
     /// Source file: a local path or [user@]host:path.
-    #[arg(value_name = "SRC", required_unless_present = "server")]
+    #[arg(value_name = "SRC", required_unless_present_any = ["server", "completions"])]
     pub src: Option<OsString>,
 
     /// Destination file or directory: a local path or [user@]host:path.
-    #[arg(value_name = "DST", required_unless_present = "server")]
+    #[arg(value_name = "DST", required_unless_present_any = ["server", "completions"])]
     pub dst: Option<OsString>,
 
     /// Compare only: change nothing; exit 0 if identical, 1 if not, listing differing byte ranges.
@@ -159,6 +163,16 @@ pub struct Cli {
     /// atomically.
     #[arg(long, value_name = "PATH")]
     pub metrics_file: Option<std::path::PathBuf>,
+
+    /// Append a timestamped record of the run (its phases and outcome) to PATH, whatever -v
+    /// says.
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<std::path::PathBuf>,
+
+    /// Print a completion script for SHELL on stdout and exit (e.g. `vmsync --completions
+    /// bash > /etc/bash_completion.d/vmsync`).
+    #[arg(long, value_name = "SHELL", exclusive = true)]
+    pub completions: Option<clap_complete::Shell>,
 
     /// Print a summary: sizes, bytes reused, sent and on the wire, time, speed-up.
     #[arg(long)]

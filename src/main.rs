@@ -21,8 +21,25 @@ fn main() -> ExitCode {
         signals::hold_if_interrupted();
         return ExitCode::from(code.code());
     }
+    if let Some(shell) = cli.completions {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut cmd, "vmsync", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
     signals::set_json(cli.json);
     vmsync::log::init(if cli.quiet { 0 } else { cli.verbose });
+    if let Some(path) = &cli.log_file {
+        match vmsync::log::open_file(path) {
+            Ok(()) => vmsync::log::to_file(&format!(
+                "start: {}",
+                std::env::args_os()
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )),
+            Err(e) => eprintln!("vmsync: warning: {}", vmsync::error::message_of(&e)),
+        }
+    }
     let start = Instant::now();
     let outcome = Config::from_cli(&cli).and_then(|cfg| {
         let r = client::run(&cfg, umask)?;
@@ -36,6 +53,7 @@ fn main() -> ExitCode {
         }
         Err(e) => report::error(e, cli.json),
     };
+    report::log_outcome(outcome.as_ref().map(|(_, r)| r), exit);
     if let (Some(path), Some(src), Some(dst)) = (&cli.metrics_file, &cli.src, &cli.dst) {
         report::write_metrics(
             path,

@@ -190,3 +190,26 @@ pub fn write_metrics(
         eprintln!("vmsync: warning: {}", message_of(&e));
     }
 }
+
+/// The `--log-file` line that says how the run ended.
+pub fn log_outcome(outcome: Result<&Report, &anyhow::Error>, exit: Exit) {
+    let what = match outcome {
+        Ok(r) if r.check && r.summary.identical => "identical".to_string(),
+        Ok(r) if r.check => format!(
+            "files differ: {} in {} ranges",
+            bytes(r.summary.differing_bytes),
+            r.summary.range_count
+        ),
+        Ok(r) if r.summary.up_to_date => "up to date (size and mtime match)".to_string(),
+        Ok(r) => format!(
+            "synced {}: {} reused, {} sent, {} on the wire, {:.2} s",
+            bytes(r.source_bytes),
+            bytes(r.summary.reused_bytes),
+            bytes(r.summary.literal_bytes),
+            bytes(r.wire_bytes),
+            r.duration.as_secs_f64()
+        ),
+        Err(e) => format!("error: {}", message_of(e)),
+    };
+    crate::log::to_file(&format!("exit {}: {what}", exit.code()));
+}

@@ -402,6 +402,7 @@ fn forward_stderr(stderr: impl Read, prefix: &str, keep: &Mutex<Vec<String>>) {
                 let text = String::from_utf8_lossy(&line);
                 let text = text.trim_end();
                 eprintln!("{prefix}: {text}");
+                crate::log::to_file(&format!("{prefix}: {text}"));
                 if let Ok(mut k) = keep.lock() {
                     if k.len() == 8 {
                         k.remove(0);

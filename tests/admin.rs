@@ -149,7 +149,68 @@ fn bad_bwlimit_and_timeout_values_are_usage_errors() {
     ] {
         let run = vmsync().args(args).arg(&pair.src).arg(&pair.dst).run();
         run.assert_code(exit::USAGE);
-        assert!(run.stderr.contains(args[0].split('=').next().unwrap()), "{run}");
+        assert!(
+            run.stderr.contains(args[0].split('=').next().unwrap()),
+            "{run}"
+        );
         assert!(!pair.dst.exists());
+    }
+}
+
+#[test]
+fn completions_are_generated_for_each_shell() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let run = vmsync().args(["--completions", shell]).run();
+        run.assert_ok();
+        for flag in ["check", "timeout", "bwlimit", "metrics-file"] {
+            assert!(run.stdout.contains(flag), "{shell} completions lack {flag}");
+        }
+        if shell == "bash" {
+            let dir = tempdir();
+            let script = dir.path().join("vmsync.bash");
+            std::fs::write(&script, &run.stdout).unwrap();
+            let st = std::process::Command::new("bash")
+                .arg("-n")
+                .arg(&script)
+                .status()
+                .unwrap();
+            assert!(st.success(), "bash -n rejects the completion script");
+        }
+    }
+    vmsync()
+        .args(["--completions", "tcsh"])
+        .run()
+        .assert_code(exit::USAGE);
+}
+
+#[test]
+fn log_file_records_each_run_and_its_outcome() {
+    let pair = Pair::new();
+    pair.write_src(&mixed_bytes(44, (2 * MIB) as usize));
+    let log = pair.tmp.path().join("vmsync.log");
+    run(&[&"-q", &"--log-file", &log, &pair.src, &pair.dst]).assert_ok();
+    let missing = pair.tmp.path().join("missing.img");
+    run(&[&"-q", &"--log-file", &log, &missing, &pair.dst]).assert_code(exit::IO);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let starts: Vec<&&str> = lines.iter().filter(|l| l.contains("] start: ")).collect();
+    assert_eq!(starts.len(), 2, "one start line per run:\n{text}");
+    let ok = lines
+        .iter()
+        .find(|l| l.contains("exit 0: synced"))
+        .unwrap_or_else(|| panic!("no success line:\n{text}"));
+    assert!(ok.contains("2.00 MiB"), "{ok}");
+    let failed = lines
+        .iter()
+        .find(|l| l.contains("exit 3: error:"))
+        .unwrap_or_else(|| panic!("no failure line:\n{text}"));
+    assert!(failed.contains("missing.img"), "{failed}");
+    // Phase lines are there without -v; every line is stamped (UTC, pid).
+    assert!(lines.len() > 4, "phase lines missing:\n{text}");
+    for l in &lines {
+        assert!(
+            l.len() > 26 && l.as_bytes()[4] == b'-' && l[..24].ends_with('Z'),
+            "unstamped line {l:?}"
+        );
     }
 }

@@ -45,8 +45,8 @@ fn render() -> String {
         ));
     }
     ex.push_str(&roff_escape(
-        ".PP\nA nightly cron job that syncs, then checks, and alerts on failure:\n.PP\n.nf\n\
-         0 2 * * * vmsync -q --verify /var/lib/libvirt/images/db.img backup:/srv/images/ || logger -t vmsync failed\n.fi\n",
+        ".PP\nA nightly cron job: silent unless it fails, gives up on a dead link, and leaves a log and metrics for alerting:\n.PP\n.nf\n\
+         0 2 * * * vmsync -q --timeout 600 --log-file /var/log/vmsync.log --metrics-file /var/lib/prometheus/node-exporter/vmsync.prom /var/lib/libvirt/images/db.img backup:/srv/images/\n.fi\n.PP\nexamples/nightly-backup.sh in the source tree is a complete script (with a weekly --check) for cron or a systemd timer.\n",
     ));
     section(&mut out, "EXAMPLES", &ex);
 
@@ -73,7 +73,42 @@ fn render() -> String {
              Every length, count and offset received from the peer is checked against a hard \
              limit before memory is allocated for it, decompression is bounded, and a chunk whose \
              hash does not match is never written. The receiver does not follow a symlink at the \
-             destination path: it replaces the link (or refuses, with --inplace).\n",
+             destination path: it replaces the link (or refuses, with --inplace).\n\
+             .PP\n\
+             To confine a backup key to one directory, make the server a forced command in the \
+             backup host's authorized_keys:\n\
+             .PP\n.nf\n\
+             command=\"vmsync --server --root /srv/images\",restrict ssh-ed25519 AAAA... backup@vmhost\n\
+             .fi\n.PP\n\
+             Every client path is then resolved beneath /srv/images with openat2(2) and \
+             RESOLVE_BENEATH, so '..', absolute paths elsewhere and symlinks leading out are \
+             refused during the lookup itself (exit 2). Add --read-only for a key that may only \
+             pull and --check. examples/authorized_keys.example has both lines.\n",
+        ),
+    );
+    section(
+        &mut out,
+        "FILES",
+        &roff_escape(
+            ".TP\n.I .NAME.vmsync-partial\n\
+             Beside the destination: the new file being assembled, kept after a failure or a \
+             signal so the next run resumes from it (--no-partial removes it); also the file \
+             whose lock makes a second sync of the same destination exit 8.\n\
+             .TP\n.I $VMSYNC_CACHE_DIR, else $XDG_CACHE_HOME/vmsync, else ~/.cache/vmsync\n\
+             The receiver's manifest cache: the chunk list of each destination it wrote, keyed \
+             by device, inode, size, mtime and ctime, so the next run need not re-read an \
+             unchanged destination. Safe to delete at any time.\n\
+             .TP\n.I examples/\n\
+             In the source tree: a nightly backup script for cron and systemd, authorized_keys \
+             lines, and Prometheus alert rules for --metrics-file.\n",
+        ),
+    );
+    section(
+        &mut out,
+        "ENVIRONMENT",
+        &roff_escape(
+            ".TP\n.B VMSYNC_CACHE_DIR\n\
+             Where the receiver keeps its manifest cache (see FILES).\n",
         ),
     );
     section(
@@ -104,6 +139,9 @@ fn man_page_is_current() {
         "SECURITY",
         "\\-\\-check",
         "\\-\\-inplace",
+        "\\-\\-root",
+        "\\-\\-timeout",
+        "FILES",
     ] {
         assert!(fresh.contains(needle), "man page lacks {needle}");
     }
