@@ -36,13 +36,10 @@ pub fn serve(umask: u32, limits: &Limits) -> Exit {
     let silence = Silence::default();
     // The client is gone: nobody is left to tell, and the main thread may
     // be blocked writing to it.
-    let stdin = Watched::new(
-        std::io::stdin(),
-        silence.clone(),
-        Some(Box::new(|| signals::abandon(Exit::Connection.code()))),
-    );
-    let reader = FrameReader::new(stdin, "client");
-    let mut writer = FrameWriter::new(Limited::new(std::io::stdout(), Limiter::new(0)), "client");
+    silence.on_trip(Box::new(|| signals::abandon(Exit::Connection.code())));
+    let reader = FrameReader::new(Watched::new(std::io::stdin(), silence.clone()), "client");
+    let stdout = Watched::new(std::io::stdout(), silence.clone());
+    let mut writer = FrameWriter::new(Limited::new(stdout, Limiter::new(0)), "client");
     match serve_on(reader, &mut writer, umask, limits, &silence) {
         Ok(()) => Exit::Ok,
         Err(e) => {
@@ -59,7 +56,7 @@ pub fn serve(umask: u32, limits: &Limits) -> Exit {
 }
 
 type ClientReader = Watched<std::io::Stdin>;
-type ClientWriter = Limited<std::io::Stdout>;
+type ClientWriter = Limited<Watched<std::io::Stdout>>;
 
 fn serve_on(
     mut reader: FrameReader<ClientReader>,

@@ -181,29 +181,98 @@ impl<T: Write> Write for Counted<T> {
     }
 }
 
-/// How long the peer may stay silent before we give up (`--timeout`).
-/// Shared, because the server learns it from `OPEN`, after its reader exists.
-#[derive(Clone, Default, Debug)]
-pub struct Silence {
+/// How long the peer may stay silent before we give up (`--timeout`), and
+/// what giving up does. Shared (clones are the same), because the server
+/// learns the limit from `OPEN`, after its pipes are wrapped.
+///
+/// Two ways to be stuck on a peer: waiting to read ([`Watched`] polls with
+/// the limit) and waiting to write, when the peer stopped reading and the
+/// pipe is full. The second is caught by a watchdog thread ([`Silence::set`])
+/// that looks at how long the current write has been blocked; a writer that
+/// is merely slow still returns from each (bounded) write in time.
+#[derive(Clone, Default)]
+pub struct Silence(Arc<SilenceInner>);
+
+#[derive(Default)]
+struct SilenceInner {
     /// Milliseconds; 0 = wait forever.
-    limit_ms: Arc<AtomicU64>,
-    tripped: Arc<AtomicBool>,
+    limit_ms: AtomicU64,
+    tripped: AtomicBool,
+    /// When the write in progress started (ms on [`clock_ms`]); 0 = none.
+    writing_since: AtomicU64,
+    /// Run once when the limit is passed: it must unblock every thread
+    /// that waits on the peer (stop the child, or end the process).
+    on_trip: Mutex<Option<Box<dyn Fn() + Send>>>,
+}
+
+impl std::fmt::Debug for Silence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Silence")
+            .field("limit_ms", &self.0.limit_ms.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Milliseconds on a monotonic clock, never 0.
+fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + 1
 }
 
 impl Silence {
+    /// Sets the limit and, for a limit, starts the write watchdog.
     pub fn set(&self, secs: u32) {
-        self.limit_ms
-            .store(u64::from(secs) * 1000, Ordering::Relaxed);
+        let limit = u64::from(secs) * 1000;
+        self.0.limit_ms.store(limit, Ordering::Relaxed);
+        if limit == 0 {
+            return;
+        }
+        let weak = Arc::downgrade(&self.0);
+        let tick = std::time::Duration::from_millis((limit / 4).max(10));
+        let _ = std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || loop {
+                std::thread::sleep(tick);
+                let Some(inner) = weak.upgrade() else { return };
+                let since = inner.writing_since.load(Ordering::SeqCst);
+                if since != 0 && clock_ms().saturating_sub(since) > limit {
+                    Silence(inner).trip();
+                    return;
+                }
+            });
+    }
+
+    /// What to do when the limit passes (see [`SilenceInner::on_trip`]).
+    pub fn on_trip(&self, f: Box<dyn Fn() + Send>) {
+        *self.0.on_trip.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+    }
+
+    fn trip(&self) {
+        if !self.0.tripped.swap(true, Ordering::SeqCst) {
+            if let Some(f) = self
+                .0
+                .on_trip
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+            {
+                f();
+            }
+        }
     }
 
     /// The peer stayed silent past the limit (and the run was ended for it).
     pub fn tripped(&self) -> bool {
-        self.tripped.load(Ordering::SeqCst)
+        self.0.tripped.load(Ordering::SeqCst)
     }
 
     /// Why the run ended, for the user.
     pub fn message(&self) -> String {
-        let secs = self.limit_ms.load(Ordering::Relaxed) / 1000;
+        let secs = self.0.limit_ms.load(Ordering::Relaxed) / 1000;
         format!("nothing received for {secs} s (--timeout {secs})")
     }
 }
@@ -215,32 +284,31 @@ pub fn keepalive_interval(timeout_secs: u32) -> std::time::Duration {
     std::time::Duration::from_millis(u64::from(timeout_secs) * 1000 / 4)
 }
 
-/// A pipe from the peer whose reads give up after [`Silence`]: a peer that
-/// vanished without closing (a dead network path, a stopped process) ends
-/// the run instead of hanging it. `on_silence` runs first, to unblock a
-/// thread that may be stuck writing to the same peer.
-pub struct Watched<R> {
-    inner: R,
+/// Largest single write while a timeout is set: a blocking pipe write
+/// returns only when all of it is taken, and the watchdog must see a slow
+/// but live peer make progress within the limit.
+const WATCHED_WRITE: usize = 64 * 1024;
+
+/// A pipe to or from the peer under [`Silence`]: reads give up after the
+/// limit, writes are timed for the watchdog. A peer that vanished without
+/// closing (a dead network path, a stopped process) then ends the run
+/// instead of hanging it.
+pub struct Watched<T> {
+    inner: T,
     fd: RawFd,
     silence: Silence,
-    on_silence: Option<Box<dyn Fn() + Send>>,
 }
 
-impl<R: AsRawFd> Watched<R> {
-    pub fn new(inner: R, silence: Silence, on_silence: Option<Box<dyn Fn() + Send>>) -> Self {
+impl<T: AsRawFd> Watched<T> {
+    pub fn new(inner: T, silence: Silence) -> Self {
         let fd = inner.as_raw_fd();
-        Watched {
-            inner,
-            fd,
-            silence,
-            on_silence,
-        }
+        Watched { inner, fd, silence }
     }
 }
 
 impl<R: Read> Read for Watched<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let limit = self.silence.limit_ms.load(Ordering::Relaxed);
+        let limit = self.silence.0.limit_ms.load(Ordering::Relaxed);
         if limit > 0 {
             let mut pfd = libc::pollfd {
                 fd: self.fd,
@@ -263,10 +331,7 @@ impl<R: Read> Read for Watched<R> {
                     }
                     return Err(e);
                 }
-                self.silence.tripped.store(true, Ordering::SeqCst);
-                if let Some(f) = &self.on_silence {
-                    f();
-                }
+                self.silence.trip();
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     self.silence.message(),
@@ -274,6 +339,26 @@ impl<R: Read> Read for Watched<R> {
             }
         }
         self.inner.read(buf)
+    }
+}
+
+impl<W: Write> Write for Watched<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.silence.0.limit_ms.load(Ordering::Relaxed) == 0 {
+            return self.inner.write(buf);
+        }
+        let buf = &buf[..buf.len().min(WATCHED_WRITE)];
+        self.silence
+            .0
+            .writing_since
+            .store(clock_ms(), Ordering::SeqCst);
+        let r = self.inner.write(buf);
+        self.silence.0.writing_since.store(0, Ordering::SeqCst);
+        r
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -295,7 +380,7 @@ pub struct Peer {
 }
 
 pub type PeerReader = Watched<Counted<ChildStdout>>;
-pub type PeerWriter = Limited<Counted<ChildStdin>>;
+pub type PeerWriter = Limited<Watched<Counted<ChildStdin>>>;
 
 /// How to start the remote end.
 pub struct Launch<'a> {
@@ -342,6 +427,17 @@ pub fn spawn(remote: Option<&Remote>, launch: &Launch) -> Result<(Peer, PeerRead
     })?;
     signals::register_child(child.id());
     let pid = child.id();
+    // A thread blocked reading or writing a peer that went silent is freed
+    // by stopping the child, which closes its pipes. SIGCONT too: a stopped
+    // child would keep SIGTERM pending.
+    launch.silence.on_trip(Box::new(move || {
+        // SAFETY: plain syscalls on our own child, which the Peer reaps
+        // only after the session (and its reads and writes) ended.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            libc::kill(pid as libc::pid_t, libc::SIGCONT);
+        }
+    }));
     let counter = Counter::default();
     let stdin = child.stdin.take().expect("piped stdin");
     let stdout = child.stdout.take().expect("piped stdout");
@@ -368,23 +464,15 @@ pub fn spawn(remote: Option<&Remote>, launch: &Launch) -> Result<(Peer, PeerRead
                 counter: counter.clone(),
             },
             launch.silence.clone(),
-            // A writer blocked on a peer that stopped reading would never
-            // see the timeout: stopping the child breaks its pipe.
-            Some(Box::new(move || {
-                // SAFETY: plain syscall on our own child, not yet reaped
-                // (the Peer that reaps it outlives the session's reads).
-                // SIGCONT too: a stopped child would hold SIGTERM pending.
-                unsafe {
-                    libc::kill(pid as libc::pid_t, libc::SIGTERM);
-                    libc::kill(pid as libc::pid_t, libc::SIGCONT);
-                }
-            })),
         ),
         Limited::new(
-            Counted {
-                inner: stdin,
-                counter,
-            },
+            Watched::new(
+                Counted {
+                    inner: stdin,
+                    counter,
+                },
+                launch.silence.clone(),
+            ),
             Limiter::new(launch.bwlimit),
         ),
     ))
