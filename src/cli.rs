@@ -97,7 +97,7 @@ pub struct Cli {
 
     /// Write into the existing destination instead of a temporary file renamed over it.
     ///
-    /// For block-device-like targets and low free space. RISK: the destination is modified as
+    /// For low free space (a block device destination is always written in place). RISK: the destination is modified as
     /// the sync runs, so an interrupted run (signal, dropped connection, full disk, crash)
     /// leaves a file that is neither the old nor the new version until a later run completes.
     /// Unchanged chunks are left where they are; moved chunks are copied only from regions not

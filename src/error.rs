@@ -56,7 +56,7 @@ pub const EXIT_CODES: &[(u8, &str)] = &[
     ),
     (
         6,
-        "--verify found the written file different from the source (destination not replaced)",
+        "--verify found the written file different from the source (not replaced; in place or on a device: rerun to repair)",
     ),
     (
         7,

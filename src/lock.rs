@@ -12,6 +12,12 @@
 //! file the next run resumes from (the kernel drops the lock). A process
 //! that locked a file which was meanwhile renamed or removed notices by
 //! comparing inodes and tries again, so removal never lets two holders in.
+//!
+//! A block device destination has no partial file (it is written in place,
+//! and nothing may be created in `/dev`): the lock is a `flock` on the device
+//! node itself, exclusive for a sync and shared for `--check`. A device node
+//! takes no user extended attributes, so the holder is looked up in
+//! `/proc/locks` instead (same host by construction: the lock is local).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -26,11 +32,14 @@ use crate::writer::partial_path;
 
 const HOLDER_XATTR: &[u8] = b"user.vmsync.holder\0";
 
-/// A held lock on `dest`'s partial file.
+/// A held lock on `dest`'s partial file, or on `dest` itself for a block
+/// device.
 pub struct Lock {
     file: File,
     path: PathBuf,
     exclusive: bool,
+    /// Locked on the device node: nothing to clean up.
+    device: bool,
     /// An exclusive holder's partial file is removed on a signal if it is
     /// still empty (nothing to resume from).
     _guard: Option<TempGuard>,
@@ -76,26 +85,7 @@ impl Lock {
             } else {
                 libc::LOCK_SH
             };
-            // SAFETY: flock on a valid fd.
-            if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
-                let err = std::io::Error::last_os_error();
-                if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                    let who = match holder(&file) {
-                        Some(h) => format!("another vmsync ({h})"),
-                        None => "another vmsync".to_string(),
-                    };
-                    return Err(fail(
-                        Exit::Locked,
-                        format!(
-                            "{} is being synced by {who}; wait for it to finish",
-                            dest.display()
-                        ),
-                    ));
-                }
-                return Err(err)
-                    .with_context(|| format!("cannot lock {}", path.display()))
-                    .exit_with(Exit::Io);
-            }
+            try_flock(&file, op, dest, &path, || holder(&file))?;
             // The holder before us may have renamed or removed the file after
             // we opened it: then this lock guards nothing, so start again.
             let same = match (file.metadata(), std::fs::symlink_metadata(&path)) {
@@ -113,6 +103,7 @@ impl Lock {
                 file,
                 path,
                 exclusive,
+                device: false,
                 _guard: guard,
             }));
         }
@@ -122,7 +113,50 @@ impl Lock {
         ))
     }
 
-    /// The locked partial file (read-write for an exclusive lock).
+    /// Locks the block device `dest` itself: exclusive for a sync, shared
+    /// for a check. The device is opened read-only and never followed
+    /// through a symlink; the writer opens it again for writing (see
+    /// [`crate::writer::Output::device`]), after the lock is held, so two
+    /// syncs of one device always meet here and the second gets exit 8.
+    pub fn device(dest: &Path, exclusive: bool) -> Result<Lock> {
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(dest)
+            .with_context(|| format!("cannot open destination device {}", dest.display()))
+            .exit_with(Exit::Io)?;
+        let meta = file
+            .metadata()
+            .with_context(|| format!("cannot stat destination device {}", dest.display()))
+            .exit_with(Exit::Io)?;
+        if !crate::scan::is_block_device(&meta) {
+            return Err(fail(
+                Exit::Io,
+                format!(
+                    "destination {} stopped being a block device while it was opened",
+                    dest.display()
+                ),
+            ));
+        }
+        let op = if exclusive {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        };
+        try_flock(&file, op, dest, dest, || {
+            lock_holder(&meta).map(|pid| format!("pid {pid} on {}", hostname()))
+        })?;
+        Ok(Lock {
+            file,
+            path: dest.to_path_buf(),
+            exclusive,
+            device: true,
+            _guard: None,
+        })
+    }
+
+    /// The locked partial file (read-write for an exclusive lock), or the
+    /// locked device (read-only).
     pub fn file(&self) -> &File {
         &self.file
     }
@@ -136,7 +170,7 @@ impl Drop for Lock {
     /// An empty partial file holds nothing to resume from: remove it (while
     /// still holding the lock; see the module doc for why that is safe).
     fn drop(&mut self) {
-        if !self.exclusive {
+        if !self.exclusive || self.device {
             return;
         }
         let same_and_empty = match (self.file.metadata(), std::fs::symlink_metadata(&self.path)) {
@@ -177,6 +211,26 @@ fn holder(file: &File) -> Option<String> {
     (n > 0).then(|| String::from_utf8_lossy(&buf[..n as usize]).into_owned())
 }
 
+/// The pid holding an exclusive `flock` on the file `meta` describes, from
+/// `/proc/locks` (lines like `1: FLOCK  ADVISORY  WRITE 1234 00:05:678 0 EOF`;
+/// waiting requests are marked `->` and skipped).
+fn lock_holder(meta: &std::fs::Metadata) -> Option<u32> {
+    let text = std::fs::read_to_string("/proc/locks").ok()?;
+    let want = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(meta.dev()),
+        libc::minor(meta.dev()),
+        meta.ino()
+    );
+    text.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            [_, "FLOCK", _, "WRITE", pid, id, ..] if *id == want => pid.parse().ok(),
+            _ => None,
+        }
+    })
+}
+
 fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: buf is valid for its length; gethostname NUL-terminates on success.
@@ -187,10 +241,55 @@ fn hostname() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
+/// `flock(op | LOCK_NB)` on `file` (which guards `dest`); when another
+/// process holds it, exit 8 naming that holder (`who`, e.g. its pid and host).
+fn try_flock(
+    file: &File,
+    op: libc::c_int,
+    dest: &Path,
+    locked: &Path,
+    who: impl FnOnce() -> Option<String>,
+) -> Result<()> {
+    // SAFETY: flock on a valid fd.
+    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        let who = match who() {
+            Some(h) => format!("another vmsync ({h})"),
+            None => "another vmsync".to_string(),
+        };
+        return Err(fail(
+            Exit::Locked,
+            format!(
+                "{} is being synced by {who}; wait for it to finish",
+                dest.display()
+            ),
+        ));
+    }
+    Err(err)
+        .with_context(|| format!("cannot lock {}", locked.display()))
+        .exit_with(Exit::Io)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::error::exit_code_of;
+
+    #[test]
+    fn flock_holder_is_found_in_proc_locks() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = File::create(dir.path().join("node")).unwrap();
+        let meta = f.metadata().unwrap();
+        assert_eq!(lock_holder(&meta), None);
+        // SAFETY: flock on a valid fd.
+        assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+        if std::path::Path::new("/proc/locks").exists() {
+            assert_eq!(lock_holder(&meta), Some(std::process::id()));
+        }
+    }
 
     #[test]
     fn second_exclusive_holder_is_refused() {

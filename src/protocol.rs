@@ -31,7 +31,7 @@
 //! |------|----------------|---------------|---------|
 //! | 1    | `OPEN`         | client→server | role u8 (0 server sends, 1 server receives), flags u32, compress level u8, chunking u32 (see `ChunkParams::code`), path bytes, source name bytes, timeout seconds u32 (0 = none; ≤ [`MAX_TIMEOUT`]), bandwidth limit bytes/s u64 (0 = none) |
 //! | 2    | `ERROR`        | either        | exit code u8, message bytes (UTF-8, ≤ 64 KiB) |
-//! | 3    | `FILE_INFO`    | sender→recv   | size u64, mtime seconds i64, mtime nanoseconds u32, mode u32 |
+//! | 3    | `FILE_INFO`    | sender→recv   | size u64, mtime seconds i64, mtime nanoseconds u32, mode u32 (full `st_mode`: `S_IFBLK` marks a block device source, never quick-checked, whose mtime is the time of the copy) |
 //! | 4    | `START`        | recv→sender   | u8: 0 = send the manifest, 1 = up to date (quick check), 2 = send the manifest with every data chunk inline (nothing to reuse) |
 //! | 5    | `MANIFEST`     | sender→recv   | a manifest batch, see [`crate::manifest`] |
 //! | 6    | `MANIFEST_END` | sender→recv   | entry count u64, file digest (32 bytes) |

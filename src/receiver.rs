@@ -18,6 +18,17 @@
 //! not rewritten: the partial file is only filled once the new file
 //! differs from the old one at the same offsets. The run holds the
 //! destination's lock ([`crate::lock`]) throughout.
+//!
+//! A block device at the destination path (not behind a symlink: a link to
+//! a device is refused, never followed nor replaced) is written in place
+//! whatever the options ([`Output::device`]): it is its own basis, scanned
+//! up to the source's size, and a chunk moved within it is copied only from
+//! a range not yet overwritten. It has no partial file and no manifest-cache
+//! entry, its lock is on the device node, and it is always compared by
+//! content: there is no quick check against a device, nor for a device
+//! source, whose mtime is only the time of the copy. `--check` compares a
+//! device up to the source's size, so a larger device that starts with the
+//! source is identical.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -104,36 +115,92 @@ where
     };
     if let Some(m) = &existing {
         let t = m.file_type();
-        if !(t.is_file() || t.is_symlink()) {
-            let what = if t.is_block_device() {
-                "a block device (not supported yet)"
-            } else {
-                "not a regular file"
-            };
+        if t.is_symlink() && std::fs::metadata(&dest).is_ok_and(|m| scan::is_block_device(&m)) {
+            // Not followed, and not replaced either: a link to a device
+            // (`/dev/vg/disk`) replaced by an image file would put the image
+            // in /dev and leave the device unwritten.
             return Err(fail(
                 Exit::Io,
-                format!("destination {} is {what}", dest.display()),
+                format!(
+                    "destination {} is a symlink to a block device; vmsync does not write \
+                     through symlinks: give the device's own path (the link's target)",
+                    dest.display()
+                ),
+            ));
+        }
+        if !(t.is_file() || t.is_symlink() || t.is_block_device()) {
+            return Err(fail(
+                Exit::Io,
+                format!(
+                    "destination {} is neither a regular file nor a block device",
+                    dest.display()
+                ),
             ));
         }
     }
     // A symlink is never followed: its target is not the basis, and the
     // atomic rename replaces the link itself.
     let regular = existing.as_ref().filter(|m| m.file_type().is_file());
+    // A block device is written in place (see `writer`), never replaced.
+    let device = existing.as_ref().is_some_and(scan::is_block_device);
 
     check_parent(&dest)?;
-    let lock = if opts.check {
+    let lock = if device {
+        Some(Lock::device(&dest, !opts.check)?)
+    } else if opts.check {
         Lock::shared(&dest)?
     } else {
         Some(Lock::exclusive(&dest)?)
     };
     if opts.check {
+        let target = match (&lock, regular) {
+            (Some(l), _) if device => {
+                let file = l.file().try_clone().context("duplicate a file handle")?;
+                let size = scan::device_size(&file)
+                    .with_context(|| format!("cannot get the size of device {}", dest.display()))
+                    .exit_with(Exit::Io)?;
+                // Only the source's size is compared: a larger device is
+                // identical when it starts with the source.
+                Some((file, size.min(info.size)))
+            }
+            (_, Some(m)) => Some((
+                open_nofollow(&dest)
+                    .with_context(|| format!("cannot open destination {}", dest.display()))
+                    .exit_with(Exit::Io)?,
+                m.len(),
+            )),
+            _ => None,
+        };
         writer.send_now(&Msg::Start(StartMode::Manifest))?;
-        let summary = check(&dest, regular, &info, &mut reader, opts, progress)?;
+        let summary = check(target, &info, &mut reader, opts, progress)?;
         writer.send_now(&Msg::Done(summary.clone()))?;
         return Ok(summary);
     }
+    let lock = lock.expect("a sync holds the exclusive lock");
+    // Opened (and refused when in use or too small) before anything is
+    // said to the sender or written.
+    let device_out = if device {
+        let out = Output::device(&dest, lock.file(), info.size)?;
+        let dev_size = out.device_size().unwrap_or(info.size);
+        if dev_size > info.size {
+            crate::vlog!(
+                1,
+                "receiver: {} is a block device of {dev_size} bytes: writing the source's {} bytes at its start, leaving the last {} bytes as they are",
+                dest.display(),
+                info.size,
+                dev_size - info.size
+            );
+        }
+        Some(out)
+    } else {
+        None
+    };
 
-    if !opts.checksum {
+    // A device source's mtime is the time of the copy (see `sender`), and
+    // a device destination has none worth comparing: both are compared by
+    // content.
+    let source_is_device = info.mode & libc::S_IFMT == libc::S_IFBLK;
+    if !opts.checksum && !source_is_device {
         if let Some(m) = regular {
             if m.len() == info.size
                 && m.mtime() == info.mtime_sec
@@ -164,12 +231,16 @@ where
             ),
         ));
     }
-    let lock = lock.expect("a sync holds the exclusive lock");
-    let partial_len = lock.file().metadata().map_or(0, |m| m.len());
+    let partial_len = if device {
+        0
+    } else {
+        lock.file().metadata().map_or(0, |m| m.len())
+    };
     let resume = !opts.no_partial && !opts.inplace && partial_len > 0;
     // Nothing here to reuse: have every chunk sent unasked, saving the
-    // sender a second read and us the request round trips.
-    let inline = regular.is_none_or(|m| m.len() == 0) && !resume;
+    // sender a second read and us the request round trips. A device always
+    // has old contents to compare with.
+    let inline = !device && regular.is_none_or(|m| m.len() == 0) && !resume;
     writer.send_now(&Msg::Start(if inline {
         StartMode::Inline
     } else {
@@ -200,8 +271,17 @@ where
         info.size,
         if inline { "inline" } else { "manifest" }
     );
-    let mut basis = match regular {
-        Some(_) if !inline => Basis::index(&dest, opts, true)?,
+    let mut basis = match (&device_out, regular) {
+        // Only the part that will be overwritten: a device larger than the
+        // source is not read past the source's size.
+        (Some(out), _) if info.size > 0 => Some(Basis::scan(
+            out.file().try_clone().context("duplicate a file handle")?,
+            info.size,
+            None,
+            &dest,
+            opts,
+        )?),
+        (None, Some(_)) if !inline => Basis::index(&dest, opts, true)?,
         _ => None,
     };
     if let Some(b) = &basis {
@@ -237,7 +317,12 @@ where
     // With a basis, the partial file is made only once the new file turns out
     // to differ from the old one at the same offsets: an unchanged file (a
     // newer mtime, say) is then not rewritten at all.
-    let out = if opts.inplace {
+    let out = if device_out.is_some() {
+        if let Some(b) = &mut basis {
+            b.alias = true;
+        }
+        device_out
+    } else if opts.inplace {
         if let Some(b) = &mut basis {
             b.alias = true;
         }
@@ -402,10 +487,15 @@ where
         }
         let diffs = cmp.finish(size);
         if let Some((s, e)) = diffs.iter().next() {
+            let outcome = if device || opts.inplace {
+                "it was written in place, so it holds neither version: run again to repair it"
+            } else {
+                "the destination was not replaced"
+            };
             return Err(fail(
                 Exit::Verify,
                 format!(
-                    "verification failed: {} differs from the source in {} bytes (first at offset {s}..{e}); the destination was not replaced",
+                    "verification failed: {} differs from the source in {} bytes (first at offset {s}..{e}); {outcome}",
                     dest.display(),
                     diffs.total()
                 ),
@@ -427,7 +517,10 @@ where
         }
     };
     // Best effort: without a cache entry the next run reads the file instead.
-    let _ = cache::store(&dest, &written, opts.params, &entries);
+    // Never for a device (see `Basis::scan`).
+    if !device {
+        let _ = cache::store(&dest, &written, opts.params, &entries);
+    }
     crate::vlog!(1, "receiver: committed {}", dest.display());
     summary.verified = opts.verify;
     summary.source_bytes = info.size;
@@ -567,26 +660,18 @@ fn drop_cache(file: &File) {
     }
 }
 
-/// `--check`: compare the destination with the manifest as it streams in.
+/// `--check`: compare the destination (`target`: the open file and the size
+/// to compare, `None` when there is none) with the manifest as it streams in.
 fn check<R: Read>(
-    dest: &Path,
-    regular: Option<&std::fs::Metadata>,
+    target: Option<(File, u64)>,
     info: &FileInfo,
     reader: &mut FrameReader<R>,
     opts: &RecvOptions,
     progress: &Progress,
 ) -> Result<Summary> {
     progress.set_total(info.size);
-    let file = match regular {
-        Some(_) => Some(
-            open_nofollow(dest)
-                .with_context(|| format!("cannot open destination {}", dest.display()))
-                .exit_with(Exit::Io)?,
-        ),
-        None => None,
-    };
-    let dest_size = regular.map_or(0, |m| m.len());
-    let mut cmp = file.as_ref().map(|f| Comparer::new(f, dest_size));
+    let exists = target.is_some();
+    let mut cmp = target.as_ref().map(|(f, size)| Comparer::new(f, *size));
     let mut validator = Validator::new(info.size, opts.params);
     let mut batch = Vec::new();
     loop {
@@ -618,7 +703,7 @@ fn check<R: Read>(
     };
     Ok(Summary {
         source_bytes: info.size,
-        identical: regular.is_some() && diffs.is_empty(),
+        identical: exists && diffs.is_empty(),
         differing_bytes: diffs.total(),
         range_count: diffs.len() as u64,
         ranges: diffs
@@ -667,7 +752,22 @@ impl Basis {
             .metadata()
             .with_context(|| format!("cannot stat {}", dest.display()))
             .exit_with(Exit::Io)?;
-        let size = meta.len();
+        let cached = use_cache
+            .then(|| cache::load(dest, &meta, opts.params))
+            .flatten();
+        Basis::scan(file, meta.len(), cached, dest, opts).map(Some)
+    }
+
+    /// Indexes the first `size` bytes of `file`: from `cached` entries, or
+    /// by reading it. (Never a device from the cache: a device's content
+    /// changes without its node's times moving, so no cache key holds.)
+    fn scan(
+        file: File,
+        size: u64,
+        cached: Option<Vec<Entry>>,
+        dest: &Path,
+        opts: &RecvOptions,
+    ) -> Result<Basis> {
         let mut index = ChunkHashMap::default();
         let mut at = HashMap::new();
         let mut chunks = Vec::new();
@@ -676,9 +776,6 @@ impl Basis {
             index.entry(h).or_insert((offset, len));
             at.insert(offset, h);
         };
-        let cached = use_cache
-            .then(|| cache::load(dest, &meta, opts.params))
-            .flatten();
         let from_cache = cached.is_some();
         match cached {
             Some(entries) => {
@@ -702,7 +799,7 @@ impl Basis {
                 .with_context(|| format!("reading destination {}", dest.display()))?;
             }
         }
-        Ok(Some(Basis {
+        Ok(Basis {
             file,
             size,
             chunks,
@@ -710,7 +807,7 @@ impl Basis {
             at,
             from_cache,
             alias: false,
-        }))
+        })
     }
 }
 
@@ -814,7 +911,12 @@ impl Run<'_> {
             }
             match e.kind {
                 Kind::Zero { len } => {
-                    self.output().zero(e.offset, len)?;
+                    // A device cannot keep holes; where its scan found
+                    // zeros (and nothing was written since), it already
+                    // reads as zeros: touch nothing.
+                    if !(self.is_device() && self.zero_in_place(&e)) {
+                        self.output().zero(e.offset, len)?;
+                    }
                     self.summary.zero_bytes += len;
                     self.state[i] = State::Done;
                     self.progress.advance(len);
@@ -856,6 +958,24 @@ impl Run<'_> {
     /// The output; it exists once anything is to be written.
     fn output(&mut self) -> &mut Output {
         self.out.as_mut().expect("output made before writing")
+    }
+
+    /// The output is a block device.
+    fn is_device(&self) -> bool {
+        self.out.as_ref().is_some_and(|o| o.device_size().is_some())
+    }
+
+    /// Zero entry `e` lies where the output's own old contents (an aliased
+    /// basis) were scanned as zeros, and nothing has been written there.
+    fn zero_in_place(&self, e: &Entry) -> bool {
+        self.basis
+            .as_ref()
+            .is_some_and(|b| b.alias && e.end() <= b.size)
+            && !self.old_data_overlaps(e)
+            && !self
+                .out
+                .as_ref()
+                .is_some_and(|o| o.is_dirty(e.offset, e.end()))
     }
 
     /// Entry `e` is already in the old file at its own offset.

@@ -6,11 +6,16 @@
 //! same length a byte-by-byte pass would find. So a file with holes and a
 //! file with the same bytes written out as zeros give the same records.
 //!
+//! A block device has no holes to ask about (and its `st_size` is 0; see
+//! [`device_size`]): all of it is read, and its runs of zeros become zero
+//! chunks through the zero check like zeros written out in a file, so an
+//! empty device still sends no data.
+//!
 //! Cutting is serial (a gear hash cannot be split); hashing and zero checks
 //! of a segment's chunks run in parallel on rayon's pool.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
 
 use anyhow::{Context, Result};
@@ -49,12 +54,18 @@ pub struct Extents {
 
 impl Extents {
     /// Asks the kernel where the data is. Filesystems without hole support
-    /// (or files the call fails on) are reported as one data extent.
+    /// (or files the call fails on) are reported as one data extent, and so
+    /// is anything but a regular file: on a block device the answer would
+    /// only ever be "all data", and a device mapper or driver that gets it
+    /// wrong must not turn data into zeros.
     pub fn of(file: &File, size: u64) -> Extents {
         let all = Extents {
             data: vec![(0, size)],
             cursor: 0,
         };
+        if !file.metadata().is_ok_and(|m| m.is_file()) {
+            return all;
+        }
         let fd = file.as_raw_fd();
         let mut data = Vec::new();
         let mut pos: u64 = 0;
@@ -271,6 +282,24 @@ impl Segment {
             .collect();
         (recs, self.buf, self.start)
     }
+}
+
+/// Whether `meta` is a block device (`/dev/sdb`, an LVM volume, a loop device).
+pub fn is_block_device(meta: &std::fs::Metadata) -> bool {
+    meta.file_type().is_block_device()
+}
+
+/// The size of the block device open as `file`, from the device itself:
+/// the `st_size` of a device node is 0. `lseek(SEEK_END)` works for every
+/// block driver and needs no per-architecture ioctl number; it moves the
+/// descriptor's offset, which nothing here uses (all I/O is positioned).
+pub fn device_size(file: &File) -> std::io::Result<u64> {
+    // SAFETY: lseek on a valid fd has no memory-safety preconditions.
+    let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
+    if end < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(end as u64)
 }
 
 /// `read_exact_at` that names the problem: a file that shrank under us

@@ -7,6 +7,10 @@
 //! interleaving manifest batches with requested chunks. Every chunk is
 //! re-hashed when it is read for sending, so a source that changed since the
 //! scan is caught here (exit 7) and never sent under a stale hash.
+//!
+//! The source is a regular file or a block device. A device's size comes
+//! from the device (its node's `st_size` is 0), and that size is all that is
+//! checked for change: a device node's times say nothing about its content.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -35,17 +39,26 @@ pub struct Source {
     stamp: Stamp,
 }
 
-/// What must not change while we read: size, mtime, ctime.
+/// What must not change while we read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
+enum Stamp {
+    /// A regular file: size, mtime, ctime.
+    File {
+        size: u64,
+        mtime: (i64, i64),
+        ctime: (i64, i64),
+    },
+    /// A block device: only its size means anything. The times of a device
+    /// node say nothing about writes to the device, and would raise false
+    /// alarms when they move for other reasons (a chmod, udev). A write to
+    /// the device while it is read is caught only where a chunk is read
+    /// twice (re-hashed when sent on request): read from a snapshot.
+    Device { size: u64 },
 }
 
 impl Stamp {
     fn of(m: &std::fs::Metadata) -> Stamp {
-        Stamp {
+        Stamp::File {
             size: m.len(),
             mtime: (m.mtime(), m.mtime_nsec()),
             ctime: (m.ctime(), m.ctime_nsec()),
@@ -61,7 +74,8 @@ impl Source {
         Source::from_file(file, path)
     }
 
-    /// A source already opened (by a confined server); `path` names it in messages.
+    /// A source already opened (by a confined server); `path` names it in
+    /// messages. A regular file or a block device.
     pub fn from_file(file: File, path: &Path) -> Result<Source> {
         let meta = file
             .metadata()
@@ -76,10 +90,37 @@ impl Source {
                 ),
             ));
         }
+        if scan::is_block_device(&meta) {
+            let size = scan::device_size(&file)
+                .with_context(|| format!("cannot get the size of source device {}", path.display()))
+                .exit_with(Exit::Io)?;
+            // The node's mtime is not the content's: send the time the copy
+            // is taken, so the destination file says when it was made and no
+            // receiver's quick check (size + mtime) can match a stale copy.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            return Ok(Source {
+                info: FileInfo {
+                    size,
+                    mtime_sec: now.as_secs() as i64,
+                    mtime_nsec: now.subsec_nanos(),
+                    // With its S_IFBLK type bits: the receiver skips the
+                    // quick check for a device source.
+                    mode: meta.mode(),
+                },
+                stamp: Stamp::Device { size },
+                file,
+                path: path.to_path_buf(),
+            });
+        }
         if !meta.is_file() {
             return Err(fail(
                 Exit::Io,
-                format!("source {} is not a regular file", path.display()),
+                format!(
+                    "source {} is neither a regular file nor a block device",
+                    path.display()
+                ),
             ));
         }
         Ok(Source {
@@ -95,14 +136,28 @@ impl Source {
         })
     }
 
-    /// Fails with exit 7 if size, mtime or ctime moved since `open`.
+    /// Fails with exit 7 if the stamp (see [`Stamp`]) moved since `open`.
     fn check_unchanged(&self) -> Result<()> {
-        let now = self
-            .file
-            .metadata()
-            .with_context(|| format!("cannot stat source {}", self.path.display()))
-            .exit_with(Exit::Io)?;
-        if Stamp::of(&now) != self.stamp {
+        let now = match self.stamp {
+            Stamp::Device { .. } => Stamp::Device {
+                size: scan::device_size(&self.file)
+                    .with_context(|| {
+                        format!(
+                            "cannot get the size of source device {}",
+                            self.path.display()
+                        )
+                    })
+                    .exit_with(Exit::Io)?,
+            },
+            Stamp::File { .. } => Stamp::of(
+                &self
+                    .file
+                    .metadata()
+                    .with_context(|| format!("cannot stat source {}", self.path.display()))
+                    .exit_with(Exit::Io)?,
+            ),
+        };
+        if now != self.stamp {
             return Err(changed(&self.path));
         }
         Ok(())

@@ -6,6 +6,10 @@
 //! read as zeros (holes are skipped without reading). Ranges that differ are
 //! merged into a [`RangeSet`], so a user sees "bytes 4096..8192 differ", not
 //! a list of chunk numbers.
+//!
+//! A block device has no holes and is read throughout. Its size is the
+//! whole device, so the receiver hands it over as at most the source's size:
+//! a device larger than the source compares equal when it starts with it.
 
 use std::fs::File;
 
@@ -27,6 +31,8 @@ pub struct Comparer<'a> {
 }
 
 impl<'a> Comparer<'a> {
+    /// Compares the first `file_size` bytes of `file`; anything it holds
+    /// past that is not looked at.
     pub fn new(file: &'a File, file_size: u64) -> Comparer<'a> {
         let ext = Extents::of(file, file_size);
         Comparer {

@@ -18,6 +18,19 @@
 //! copying from the old contents, since a range already overwritten no longer
 //! holds what the basis index says. An interrupted in-place run leaves a mix
 //! of old and new data; the next run repairs it.
+//!
+//! **Block device** ([`Output::device`]): always in place, since there is
+//! nothing to rename and no room beside it; nothing is created, truncated or
+//! sized. It is opened with `O_EXCL`, which the kernel refuses (EBUSY) for a
+//! device that is mounted or held by LVM, RAID or another exclusive user, so
+//! a live filesystem is never written under. A device smaller than the
+//! source is refused before anything is written; of a larger one only the
+//! source's size is written. A hole cannot be left in a device, so zero
+//! ranges are made to read as zeros, but only where the device does not
+//! already hold zeros (read and compared first: reading is cheaper than
+//! writing on most devices and keeps thin-provisioned volumes thin), by
+//! `fallocate(PUNCH_HOLE)` where the device supports it, else by writing
+//! zeros. The mtime of a device node is left alone.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -64,6 +77,11 @@ enum Mode {
     },
     /// The destination itself (`--inplace`).
     InPlace,
+    /// A block device, written in place from offset 0.
+    Device {
+        /// The whole device, at least the source's size.
+        size: u64,
+    },
 }
 
 /// The file being written.
@@ -192,8 +210,84 @@ impl Output {
         })
     }
 
+    /// The block device `dest`, locked by [`crate::lock::Lock::device`] as
+    /// `locked`, opened for writing `size` bytes at its start. Refused (exit
+    /// 3, before anything is written) when it is in use (EBUSY: mounted, or
+    /// held by another driver), not writable, or smaller than `size`.
+    pub fn device(dest: &Path, locked: &File, size: u64) -> Result<Output> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_EXCL)
+            .open(dest)
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::EBUSY) {
+                    fail(
+                        Exit::Io,
+                        format!(
+                            "destination device {} is in use (mounted, or held by LVM, RAID, \
+                             device mapper or another program that opened it exclusively); \
+                             vmsync writes only to a device nobody else holds",
+                            dest.display()
+                        ),
+                    )
+                } else {
+                    anyhow::Error::new(e).context(format!(
+                        "cannot open destination device {} for writing",
+                        dest.display()
+                    ))
+                }
+            })
+            .exit_with(Exit::Io)?;
+        // The path may have been replaced since it was locked.
+        let same = match (file.metadata(), locked.metadata()) {
+            (Ok(a), Ok(b)) => crate::scan::is_block_device(&a) && a.rdev() == b.rdev(),
+            _ => false,
+        };
+        if !same {
+            return Err(fail(
+                Exit::Io,
+                format!(
+                    "destination {} changed while it was being opened",
+                    dest.display()
+                ),
+            ));
+        }
+        let dev_size = crate::scan::device_size(&file)
+            .with_context(|| format!("cannot get the size of device {}", dest.display()))
+            .exit_with(Exit::Io)?;
+        if dev_size < size {
+            return Err(fail(
+                Exit::Io,
+                format!(
+                    "destination device {} is too small: it holds {dev_size} bytes ({}), \
+                     the source is {size} bytes ({}); nothing was written",
+                    dest.display(),
+                    crate::units::bytes(dev_size),
+                    crate::units::bytes(size)
+                ),
+            ));
+        }
+        Ok(Output {
+            mode: Mode::Device { size: dev_size },
+            file,
+            dest: dest.to_path_buf(),
+            size,
+            dirty: RangeSet::default(),
+            committed: false,
+        })
+    }
+
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// The size of the block device being written, `None` for a file.
+    pub fn device_size(&self) -> Option<u64> {
+        match self.mode {
+            Mode::Device { size } => Some(size),
+            _ => None,
+        }
     }
 
     /// Writes land in a file that still holds old data (`--inplace`, or a
@@ -215,9 +309,12 @@ impl Output {
         let data = data.bytes();
         match self.mode {
             // A fresh partial file is all holes: skip zero blocks to keep them holes.
-            Mode::Partial { fresh: true, .. } => write_sparse(&self.file, offset, data, false),
+            Mode::Partial { fresh: true, .. } => {
+                write_sparse(&self.file, offset, data, ZeroBlocks::Skip)
+            }
+            Mode::Device { .. } => write_sparse(&self.file, offset, data, ZeroBlocks::IfNonZero),
             // Elsewhere old data may lie under zero blocks: punch them.
-            _ => write_sparse(&self.file, offset, data, true),
+            _ => write_sparse(&self.file, offset, data, ZeroBlocks::Punch),
         }
         .with_context(|| {
             format!(
@@ -235,27 +332,32 @@ impl Output {
     }
 
     /// Makes `[offset, offset + len)` read as zeros: nothing to do in a fresh
-    /// partial file (holes already), punched (or written as zeros where
-    /// punching is unsupported) elsewhere.
+    /// partial file (holes already), zeroed only where it is not zero yet on
+    /// a device, punched (or written as zeros where punching is unsupported)
+    /// elsewhere.
     pub fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
         if let Mode::Partial { fresh: true, .. } = self.mode {
             return Ok(());
         }
         self.dirty.insert(offset, offset + len);
-        punch_or_write_zeros(&self.file, offset, len)
-            .with_context(|| {
-                format!(
-                    "cannot zero {len} bytes at offset {offset} of {}",
-                    self.dest.display()
-                )
-            })
-            .exit_with(Exit::Io)
+        let r = match self.mode {
+            Mode::Device { .. } => zero_where_nonzero(&self.file, offset, len),
+            _ => punch_or_write_zeros(&self.file, offset, len),
+        };
+        r.with_context(|| {
+            format!(
+                "cannot zero {len} bytes at offset {offset} of {}",
+                self.dest.display()
+            )
+        })
+        .exit_with(Exit::Io)
     }
 
     /// Makes the written file the destination: size, fsync, mtime, then
     /// `check` (e.g. `--verify`) and, for a partial file, the rename over the
     /// destination and the directory fsync. Until the rename the destination
-    /// keeps its old contents. Returns the committed file, still open.
+    /// keeps its old contents. A device is only fsync'd and checked. Returns
+    /// the committed file, still open.
     pub fn commit(
         mut self,
         info: &FileInfo,
@@ -263,9 +365,12 @@ impl Output {
     ) -> Result<File> {
         let dest = self.dest.clone();
         let file = &self.file;
-        file.set_len(self.size)
-            .with_context(|| format!("cannot set the size of {}", dest.display()))
-            .exit_with(Exit::Io)?;
+        let device = matches!(self.mode, Mode::Device { .. });
+        if !device {
+            file.set_len(self.size)
+                .with_context(|| format!("cannot set the size of {}", dest.display()))
+                .exit_with(Exit::Io)?;
+        }
         file.sync_all()
             .with_context(|| {
                 format!(
@@ -274,6 +379,11 @@ impl Output {
                 )
             })
             .exit_with(Exit::Io)?;
+        if device {
+            check(file)?;
+            self.committed = true;
+            return file.try_clone().context("duplicate a file handle");
+        }
         file.set_modified(mtime(info))
             .with_context(|| format!("cannot set the modification time of {}", dest.display()))
             .exit_with(Exit::Io)?;
@@ -331,11 +441,21 @@ pub fn mtime(info: &FileInfo) -> SystemTime {
     }
 }
 
-/// Writes `data` at `offset` leaving its all-zero 4 KiB blocks (at
-/// absolute offsets, so holes align with the filesystem's) as holes:
-/// skipped where the file is known to hold holes there already, punched
-/// otherwise (`punch`), so a region that became zero frees its blocks.
-fn write_sparse(file: &File, offset: u64, data: &[u8], punch: bool) -> std::io::Result<()> {
+/// What [`write_sparse`] does with the all-zero blocks of what it writes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ZeroBlocks {
+    /// Nothing: the file holds holes there already.
+    Skip,
+    /// Punch a hole (or write zeros), so a region that became zero frees
+    /// its blocks.
+    Punch,
+    /// Zero only the blocks that do not read as zeros already (a device).
+    IfNonZero,
+}
+
+/// Writes `data` at `offset`, treating its all-zero 4 KiB blocks (at
+/// absolute offsets, so holes align with the filesystem's) as `zeros` says.
+fn write_sparse(file: &File, offset: u64, data: &[u8], zeros: ZeroBlocks) -> std::io::Result<()> {
     let block_end = |p: usize| {
         let abs = offset + p as u64;
         let next = ((abs / BLOCK as u64 + 1) * BLOCK as u64 - abs) as usize;
@@ -351,10 +471,12 @@ fn write_sparse(file: &File, offset: u64, data: &[u8], punch: bool) -> std::io::
             run_end = block_end(run_end);
         }
         let at = offset + pos as u64;
-        match (zero, punch) {
+        let n = (run_end - pos) as u64;
+        match (zero, zeros) {
             (false, _) => file.write_all_at(&data[pos..run_end], at)?,
-            (true, true) => punch_or_write_zeros(file, at, (run_end - pos) as u64)?,
-            (true, false) => {}
+            (true, ZeroBlocks::Skip) => {}
+            (true, ZeroBlocks::Punch) => punch_or_write_zeros(file, at, n)?,
+            (true, ZeroBlocks::IfNonZero) => zero_where_nonzero(file, at, n)?,
         }
         pos = run_end;
     }
@@ -381,7 +503,11 @@ fn punch_or_write_zeros(file: &File, offset: u64, len: u64) -> std::io::Result<(
     ) {
         return Err(err);
     }
-    let zeros = vec![0u8; 1 << 20];
+    write_zeros(file, offset, len)
+}
+
+fn write_zeros(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    let zeros = vec![0u8; len.min(1 << 20) as usize];
     let mut pos = 0;
     while pos < len {
         let n = (len - pos).min(zeros.len() as u64) as usize;
@@ -389,6 +515,75 @@ fn punch_or_write_zeros(file: &File, offset: u64, len: u64) -> std::io::Result<(
         pos += n as u64;
     }
     Ok(())
+}
+
+/// Makes `[offset, offset + len)` of a device read as zeros, touching only
+/// the 4 KiB blocks (at absolute offsets) that are not zero yet: on a thin
+/// volume, writing zeros over zeros would allocate what it meant to free.
+fn zero_where_nonzero(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    const STEP: u64 = 1 << 20;
+    let end = offset + len;
+    let mut buf = vec![0u8; STEP as usize];
+    let mut pos = offset;
+    while pos < end {
+        let n = (end - pos).min(STEP) as usize;
+        file.read_exact_at(&mut buf[..n], pos)?;
+        // Runs of non-zero blocks in this buffer, zeroed one run at a time.
+        let mut run: Option<u64> = None;
+        let mut b = pos;
+        while b < pos + n as u64 {
+            let next = ((b / BLOCK as u64 + 1) * BLOCK as u64).min(pos + n as u64);
+            let nonzero = !is_zero(&buf[(b - pos) as usize..(next - pos) as usize]);
+            match (nonzero, run) {
+                (true, None) => run = Some(b),
+                (false, Some(s)) => {
+                    zero_device_range(file, s, b - s)?;
+                    run = None;
+                }
+                _ => {}
+            }
+            b = next;
+        }
+        if let Some(s) = run {
+            zero_device_range(file, s, b - s)?;
+        }
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+/// Zeros a device range: its 4 KiB-aligned middle with `fallocate`
+/// (PUNCH_HOLE: the device discards or zeroes it without data crossing the
+/// bus, and a thin volume may free it) where the device supports that, the
+/// rest, or all of it elsewhere, by writing zeros.
+fn zero_device_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    let b = BLOCK as u64;
+    let end = offset + len;
+    let (mid_start, mid_end) = (offset.div_ceil(b) * b, end / b * b);
+    if mid_end <= mid_start {
+        return write_zeros(file, offset, len);
+    }
+    write_zeros(file, offset, mid_start - offset)?;
+    // SAFETY: fallocate on a valid fd with plain integer arguments.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            mid_start as libc::off_t,
+            (mid_end - mid_start) as libc::off_t,
+        )
+    };
+    if r != 0 {
+        let err = std::io::Error::last_os_error();
+        if !matches!(
+            err.raw_os_error(),
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
+        ) {
+            return Err(err);
+        }
+        write_zeros(file, mid_start, mid_end - mid_start)?;
+    }
+    write_zeros(file, mid_end, end - mid_end)
 }
 
 /// A set of byte ranges, merged on insert.
@@ -491,6 +686,54 @@ mod tests {
     }
 
     #[test]
+    fn zeroing_touches_only_blocks_that_are_not_zero() {
+        // A regular file stands in for a device: what reads as zeros
+        // already (here holes) must not be written, so it stays unallocated.
+        let dir = tempfile::tempdir().unwrap();
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("dev"))
+            .unwrap();
+        f.set_len(4 << 20).unwrap();
+        f.write_all_at(&[7u8; 10_000], (1 << 20) + 100).unwrap();
+        f.write_all_at(&[5u8; 3], (3 << 20) - 1).unwrap();
+        f.sync_all().unwrap();
+        zero_where_nonzero(&f, 1, (4 << 20) - 2).unwrap();
+        f.sync_all().unwrap();
+        let mut back = vec![1u8; 4 << 20];
+        f.read_exact_at(&mut back, 0).unwrap();
+        assert!(is_zero(&back));
+        assert!(
+            f.metadata().unwrap().blocks() * 512 <= 16 * 1024,
+            "zeros written over zeros: {} bytes allocated",
+            f.metadata().unwrap().blocks() * 512
+        );
+
+        // Unaligned ends are written, the aligned middle punched, and
+        // nothing outside the range is touched.
+        f.write_all_at(&[9u8; 20_000], 0).unwrap();
+        zero_device_range(&f, 10, 19_980).unwrap();
+        let mut back = vec![0u8; 20_000];
+        f.read_exact_at(&mut back, 0).unwrap();
+        assert_eq!(&back[..10], &[9u8; 10]);
+        assert!(is_zero(&back[10..19_990]));
+        assert_eq!(&back[19_990..], &[9u8; 10]);
+
+        // Data with zero blocks, written as to a device: the zero blocks
+        // over old data become zeros too.
+        let mut data = vec![3u8; 64 * 1024];
+        data[8192..40_960].fill(0);
+        f.write_all_at(&vec![8u8; 128 * 1024], 0).unwrap();
+        write_sparse(&f, 4096, &data, ZeroBlocks::IfNonZero).unwrap();
+        let mut back = vec![0u8; data.len()];
+        f.read_exact_at(&mut back, 4096).unwrap();
+        assert_eq!(back, data);
+    }
+
+    #[test]
     fn zero_blocks_stay_holes() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
@@ -505,7 +748,7 @@ mod tests {
         let mut data = vec![0u8; 256 * 1024];
         data[0] = 1;
         data[200 * 1024] = 2;
-        write_sparse(&f, 4096, &data, false).unwrap();
+        write_sparse(&f, 4096, &data, ZeroBlocks::Skip).unwrap();
         f.sync_all().unwrap();
         let mut back = vec![0u8; data.len()];
         f.read_exact_at(&mut back, 4096).unwrap();
@@ -524,7 +767,7 @@ mod tests {
             .unwrap();
         g.write_all_at(&vec![9u8; 1 << 20], 0).unwrap();
         g.sync_all().unwrap();
-        write_sparse(&g, 4096, &data, true).unwrap();
+        write_sparse(&g, 4096, &data, ZeroBlocks::Punch).unwrap();
         g.sync_all().unwrap();
         let mut back = vec![0u8; data.len()];
         g.read_exact_at(&mut back, 4096).unwrap();
