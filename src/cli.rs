@@ -95,6 +95,27 @@ pub struct Cli {
     #[arg(long)]
     pub verify: bool,
 
+    /// Compare and report what a sync would send (bytes, chunks); write nothing.
+    #[arg(short = 'n', long, conflicts_with = "check")]
+    pub dry_run: bool,
+
+    /// Another file on the receiving side to take chunks from (repeatable), e.g. the golden
+    /// image a VM disk was cloned from, so a clone's first copy sends only what differs.
+    /// Paths are on the destination's host. Seeds are only read.
+    #[arg(long, value_name = "FILE")]
+    pub seed: Vec<std::ffi::OsString>,
+
+    /// With --check: compare only slice K of N interleaved slices of the file (e.g. 3/7), so
+    /// running K = 1..N (one per night) checks every byte once per cycle.
+    #[arg(long, value_name = "K/N", requires = "check")]
+    pub sample: Option<String>,
+
+    /// Commit the destination even if the source changed while it was read (a running VM),
+    /// instead of failing with exit 7; the result is then a copy of a moving target, as a
+    /// crash would leave it, and the summary says so.
+    #[arg(long)]
+    pub allow_changing_source: bool,
+
     /// Write into the existing destination instead of a temporary file renamed over it.
     ///
     /// For low free space (a block device destination is always written in place). RISK: the destination is modified as

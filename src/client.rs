@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::error::{exit_code_of, fail, Exit};
 use crate::progress::Progress;
 use crate::protocol::{flags, FrameReader, FrameWriter, Msg, Open, Role, Summary};
-use crate::receiver::{self, RecvOptions};
+use crate::receiver::{self, RecvOptions, Seed};
 use crate::sender::{self, SendOptions, Source};
 use crate::transport::{self, Launch, Operand, Peer, PeerReader, PeerWriter, Remote, Silence};
 
@@ -58,6 +58,8 @@ pub fn run(cfg: &Config, umask: u32) -> Result<Report> {
         (cfg.checksum, flags::CHECKSUM),
         (cfg.verify, flags::VERIFY),
         (cfg.no_partial, flags::NO_PARTIAL),
+        (cfg.dry_run, flags::DRY_RUN),
+        (cfg.allow_changing_source, flags::ALLOW_CHANGING),
     ] {
         if on {
             open_flags |= bit;
@@ -84,10 +86,15 @@ pub fn run(cfg: &Config, umask: u32) -> Result<Report> {
                     .unwrap_or_default(),
                 timeout_secs: cfg.timeout_secs,
                 bwlimit: cfg.bwlimit,
+                sample: cfg.sample,
+                // The receiver is at the far end: so are its seeds.
+                seeds: cfg.seeds.iter().map(|p| transport::path_bytes(p)).collect(),
             };
             let opts = SendOptions {
                 params: cfg.params,
                 compress_level: cfg.compress_level,
+                allow_changing: cfg.allow_changing_source,
+                sample: cfg.sample,
             };
             let size = source.info.size;
             let s = session(
@@ -115,7 +122,14 @@ pub fn run(cfg: &Config, umask: u32) -> Result<Report> {
                 source_name: Vec::new(),
                 timeout_secs: cfg.timeout_secs,
                 bwlimit: cfg.bwlimit,
+                sample: cfg.sample,
+                seeds: Vec::new(),
             };
+            let seeds = cfg
+                .seeds
+                .iter()
+                .map(|p| Seed::open(std::path::Path::new(p)))
+                .collect::<Result<Vec<_>>>()?;
             let opts = RecvOptions {
                 params: cfg.params,
                 check: cfg.check,
@@ -124,6 +138,9 @@ pub fn run(cfg: &Config, umask: u32) -> Result<Report> {
                 verify: cfg.verify,
                 no_partial: cfg.no_partial,
                 umask,
+                dry_run: cfg.dry_run,
+                allow_changing: cfg.allow_changing_source,
+                sample: cfg.sample,
             };
             let s = session(
                 Some(r),
@@ -131,7 +148,7 @@ pub fn run(cfg: &Config, umask: u32) -> Result<Report> {
                 open,
                 &mut progress,
                 |reader, writer, progress| {
-                    receiver::receive(dst, &name, reader, writer, &opts, progress)
+                    receiver::receive(dst, &name, seeds, reader, writer, &opts, progress)
                 },
             )?;
             let size = s.0.source_bytes;

@@ -33,6 +33,24 @@ pub struct Config {
     pub timeout_secs: u32,
     /// `--bwlimit` in bytes/s; 0 = none.
     pub bwlimit: u64,
+    pub dry_run: bool,
+    /// `--seed` paths, on the receiving side's host.
+    pub seeds: Vec<std::ffi::OsString>,
+    /// `--sample K/N`.
+    pub sample: Option<(u32, u32)>,
+    pub allow_changing_source: bool,
+}
+
+/// Parses `K/N` with 1 ≤ K ≤ N ≤ [`crate::protocol::MAX_SAMPLE`].
+pub fn parse_sample(s: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("'{s}' is not K/N with 1 <= K <= N (for example 3/7)");
+    let (k, n) = s.trim().split_once('/').ok_or_else(bad)?;
+    let k: u32 = k.trim().parse().map_err(|_| bad())?;
+    let n: u32 = n.trim().parse().map_err(|_| bad())?;
+    if k == 0 || k > n || n > crate::protocol::MAX_SAMPLE {
+        return Err(bad());
+    }
+    Ok((k, n))
 }
 
 fn usage(msg: impl Into<String>) -> anyhow::Error {
@@ -69,6 +87,26 @@ impl Config {
                 .unwrap_or(0),
             None => 0,
         };
+        let sample = match &cli.sample {
+            Some(s) => Some(parse_sample(s).map_err(|e| usage(format!("--sample: {e}")))?),
+            None => None,
+        };
+        if cli.seed.len() > crate::protocol::MAX_SEEDS {
+            return Err(usage(format!(
+                "at most {} --seed files",
+                crate::protocol::MAX_SEEDS
+            )));
+        }
+        for (on, flag) in [
+            (cli.dry_run, "--dry-run"),
+            (!cli.seed.is_empty(), "--seed"),
+            (sample.is_some(), "--sample"),
+            (cli.allow_changing_source, "--allow-changing-source"),
+        ] {
+            if on {
+                return Err(usage(format!("{flag} is not implemented yet")));
+            }
+        }
         if cli.remote_path.trim().is_empty() {
             return Err(usage("--remote-path is empty"));
         }
@@ -89,6 +127,10 @@ impl Config {
             quiet: cli.quiet,
             timeout_secs: cli.timeout.unwrap_or(0),
             bwlimit,
+            dry_run: cli.dry_run,
+            seeds: cli.seed.clone(),
+            sample,
+            allow_changing_source: cli.allow_changing_source,
         })
     }
 

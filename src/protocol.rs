@@ -29,14 +29,14 @@
 //!
 //! | type | name           | direction     | payload |
 //! |------|----------------|---------------|---------|
-//! | 1    | `OPEN`         | client→server | role u8 (0 server sends, 1 server receives), flags u32, compress level u8, chunking u32 (see `ChunkParams::code`), path bytes, source name bytes, timeout seconds u32 (0 = none; ≤ [`MAX_TIMEOUT`]), bandwidth limit bytes/s u64 (0 = none) |
+//! | 1    | `OPEN`         | client→server | role u8 (0 server sends, 1 server receives), flags u32, compress level u8, chunking u32 (see `ChunkParams::code`), path bytes, source name bytes, timeout seconds u32 (0 = none; ≤ [`MAX_TIMEOUT`]), bandwidth limit bytes/s u64 (0 = none), sample k u32 and n u32 (0, 0 = whole file; else 1 ≤ k ≤ n ≤ [`MAX_SAMPLE`]), seed count u32 (≤ [`MAX_SEEDS`]) × seed path bytes |
 //! | 2    | `ERROR`        | either        | exit code u8, message bytes (UTF-8, ≤ 64 KiB) |
 //! | 3    | `FILE_INFO`    | sender→recv   | size u64, mtime seconds i64, mtime nanoseconds u32, mode u32 (full `st_mode`: `S_IFBLK` marks a block device source, never quick-checked, whose mtime is the time of the copy) |
 //! | 4    | `START`        | recv→sender   | u8: 0 = send the manifest, 1 = up to date (quick check), 2 = send the manifest with every data chunk inline (nothing to reuse) |
 //! | 5    | `MANIFEST`     | sender→recv   | a manifest batch, see [`crate::manifest`] |
 //! | 6    | `MANIFEST_END` | sender→recv   | entry count u64, file digest (32 bytes) |
 //! | 7    | `REQUEST`      | recv→sender   | count u32 (1 ≤ n ≤ [`MAX_REQUEST`]), n entry indices u64 |
-//! | 8    | `CHUNK`        | sender→recv   | entry index u64, raw length u32, encoding u8 (bit 0: zstd stream; bit 1: only the pieces asked for, concatenated), payload |
+//! | 8    | `CHUNK`        | sender→recv   | entry index u64, raw length u32, encoding u8 (bit 0: zstd stream; bit 1: only the pieces asked for, concatenated; bit 2: the source changed since the manifest, this is the chunk's new content, to be hashed by the receiver: only with `ALLOW_CHANGING`), payload |
 //! | 9    | `DONE`         | recv→sender   | see [`Summary`] |
 //! | 10   | `BLOCK_REQUEST`| recv→sender   | count u32 (1 ≤ n ≤ [`MAX_REQUEST`]), n entry indices u64: send piece hashes |
 //! | 11   | `BLOCK_HASHES` | sender→recv   | entry index u64, count u32 (≤ [`MAX_PIECES`]), count × 8-byte piece hash |
@@ -79,6 +79,10 @@ pub const MAX_REQUEST: usize = 65536;
 pub const MAX_PATH: usize = 4096;
 /// Longest error message.
 pub const MAX_MESSAGE: usize = 64 * 1024;
+/// Most `--seed` files in `OPEN`.
+pub const MAX_SEEDS: usize = 64;
+/// Largest N of `--sample K/N`.
+pub const MAX_SAMPLE: u32 = 1_000_000;
 /// Longest `--timeout`, in seconds (a day).
 pub const MAX_TIMEOUT: u32 = 86_400;
 /// Most difference ranges listed in `DONE` (the total is always exact).
@@ -101,6 +105,7 @@ const T_KEEPALIVE: u8 = 13;
 /// `CHUNK` encoding bits.
 const ENC_ZSTD: u8 = 1;
 const ENC_PIECES: u8 = 2;
+const ENC_CHANGED: u8 = 4;
 
 /// Which end the server plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,7 +138,12 @@ pub mod flags {
     /// Two bits: the client's `-v` level, for the server's log lines.
     pub const VERBOSE_SHIFT: u32 = 5;
     pub const VERBOSE: u32 = 3 << VERBOSE_SHIFT;
-    pub const ALL: u32 = CHECK | INPLACE | CHECKSUM | VERIFY | NO_PARTIAL | VERBOSE;
+    /// `-n`: compare and count, write nothing.
+    pub const DRY_RUN: u32 = 1 << 7;
+    /// `--allow-changing-source`: commit a source that changed while read.
+    pub const ALLOW_CHANGING: u32 = 1 << 8;
+    pub const ALL: u32 =
+        CHECK | INPLACE | CHECKSUM | VERIFY | NO_PARTIAL | VERBOSE | DRY_RUN | ALLOW_CHANGING;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,6 +160,10 @@ pub struct Open {
     pub timeout_secs: u32,
     /// The server's cap on its own sending rate, bytes/s; 0 = none.
     pub bwlimit: u64,
+    /// `--sample K/N`: check only slice K of N; `None` = the whole file.
+    pub sample: Option<(u32, u32)>,
+    /// `--seed` files on the receiving end, extra sources of chunks.
+    pub seeds: Vec<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,8 +177,10 @@ pub struct FileInfo {
 /// What the receiver reports at the end.
 ///
 /// `DONE` payload: flags u8 (1 up to date, 2 identical, 4 verified, 8 basis
-/// chunk list taken from the manifest cache),
-/// source size u64, reused u64, literal u64, zero u64, differing bytes u64, total range
+/// chunk list taken from the manifest cache, 16 the source changed while read
+/// and was committed anyway, 32 dry run: nothing written),
+/// source size u64, reused u64, literal u64, zero u64, differing bytes u64,
+/// checked bytes u64 (what `--check` compared: the file, or its sample), total range
 /// count u64, listed count u32 (≤ [`MAX_RANGES`]), listed × (offset u64, length u64).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Summary {
@@ -172,11 +188,17 @@ pub struct Summary {
     pub identical: bool,
     pub verified: bool,
     pub basis_cached: bool,
+    /// The source changed while it was read, and was committed anyway.
+    pub source_changed: bool,
+    /// `--dry-run`: the counts say what would have been done.
+    pub dry_run: bool,
     pub source_bytes: u64,
     pub reused_bytes: u64,
     pub literal_bytes: u64,
     pub zero_bytes: u64,
     pub differing_bytes: u64,
+    /// Bytes `--check` compared (less than the size with `--sample`).
+    pub checked_bytes: u64,
     pub range_count: u64,
     pub ranges: Vec<(u64, u64)>,
 }
@@ -218,6 +240,9 @@ pub struct ChunkMsg {
     pub compressed: bool,
     /// Only the requested pieces, concatenated, not the whole chunk.
     pub pieces: bool,
+    /// The source changed under this chunk since its manifest entry: the
+    /// payload is its new content (`--allow-changing-source` only).
+    pub changed: bool,
     pub payload: Vec<u8>,
 }
 
@@ -268,6 +293,13 @@ impl Msg {
                 put_bytes(out, &o.source_name);
                 out.extend_from_slice(&o.timeout_secs.to_le_bytes());
                 out.extend_from_slice(&o.bwlimit.to_le_bytes());
+                let (k, n) = o.sample.unwrap_or((0, 0));
+                out.extend_from_slice(&k.to_le_bytes());
+                out.extend_from_slice(&n.to_le_bytes());
+                out.extend_from_slice(&(o.seeds.len() as u32).to_le_bytes());
+                for seed in &o.seeds {
+                    put_bytes(out, seed);
+                }
             }
             Msg::Error { exit, message } => {
                 out.push(T_ERROR);
@@ -334,7 +366,9 @@ impl Msg {
                 out.extend_from_slice(&c.index.to_le_bytes());
                 out.extend_from_slice(&c.raw_len.to_le_bytes());
                 out.push(
-                    if c.compressed { ENC_ZSTD } else { 0 } | if c.pieces { ENC_PIECES } else { 0 },
+                    if c.compressed { ENC_ZSTD } else { 0 }
+                        | if c.pieces { ENC_PIECES } else { 0 }
+                        | if c.changed { ENC_CHANGED } else { 0 },
                 );
                 out.extend_from_slice(&c.payload);
             }
@@ -343,7 +377,9 @@ impl Msg {
                 let f = u8::from(s.up_to_date)
                     | u8::from(s.identical) << 1
                     | u8::from(s.verified) << 2
-                    | u8::from(s.basis_cached) << 3;
+                    | u8::from(s.basis_cached) << 3
+                    | u8::from(s.source_changed) << 4
+                    | u8::from(s.dry_run) << 5;
                 out.push(f);
                 for v in [
                     s.source_bytes,
@@ -351,6 +387,7 @@ impl Msg {
                     s.literal_bytes,
                     s.zero_bytes,
                     s.differing_bytes,
+                    s.checked_bytes,
                     s.range_count,
                 ] {
                     out.extend_from_slice(&v.to_le_bytes());
@@ -392,6 +429,19 @@ impl Msg {
                     return Err(malformed(format!("OPEN with a timeout of {timeout_secs} s")));
                 }
                 let bwlimit = r.u64()?;
+                let sample = match (r.u32()?, r.u32()?) {
+                    (0, 0) => None,
+                    (k, n) if 1 <= k && k <= n && n <= MAX_SAMPLE => Some((k, n)),
+                    (k, n) => return Err(malformed(format!("OPEN with sample {k}/{n}"))),
+                };
+                let count = r.u32()? as usize;
+                if count > MAX_SEEDS {
+                    return Err(malformed(format!("OPEN with {count} seeds")));
+                }
+                let mut seeds = Vec::with_capacity(count);
+                for _ in 0..count {
+                    seeds.push(r.bytes(MAX_PATH)?.to_vec());
+                }
                 Msg::Open(Open {
                     role,
                     flags,
@@ -401,6 +451,8 @@ impl Msg {
                     source_name,
                     timeout_secs,
                     bwlimit,
+                    sample,
+                    seeds,
                 })
             }
             T_ERROR => {
@@ -479,7 +531,9 @@ impl Msg {
                 let index = r.u64()?;
                 let raw_len = r.u32()?;
                 let enc = r.u8()?;
-                if enc & !(ENC_ZSTD | ENC_PIECES) != 0 {
+                if enc & !(ENC_ZSTD | ENC_PIECES | ENC_CHANGED) != 0
+                    || enc & ENC_PIECES != 0 && enc & ENC_CHANGED != 0
+                {
                     return Err(malformed(format!("CHUNK with unknown encoding {enc}")));
                 }
                 Msg::Chunk(ChunkMsg {
@@ -487,21 +541,28 @@ impl Msg {
                     raw_len,
                     compressed: enc & ENC_ZSTD != 0,
                     pieces: enc & ENC_PIECES != 0,
+                    changed: enc & ENC_CHANGED != 0,
                     payload: r.rest().to_vec(),
                 })
             }
             T_DONE => {
                 let f = r.u8()?;
+                if f & !63 != 0 {
+                    return Err(malformed(format!("DONE with unknown flags {f:#x}")));
+                }
                 let mut s = Summary {
                     up_to_date: f & 1 != 0,
                     identical: f & 2 != 0,
                     verified: f & 4 != 0,
                     basis_cached: f & 8 != 0,
+                    source_changed: f & 16 != 0,
+                    dry_run: f & 32 != 0,
                     source_bytes: r.u64()?,
                     reused_bytes: r.u64()?,
                     literal_bytes: r.u64()?,
                     zero_bytes: r.u64()?,
                     differing_bytes: r.u64()?,
+                    checked_bytes: r.u64()?,
                     range_count: r.u64()?,
                     ranges: Vec::new(),
                 };
@@ -896,6 +957,8 @@ mod tests {
             source_name: b"disk.img".to_vec(),
             timeout_secs: 600,
             bwlimit: 10 << 20,
+            sample: Some((3, 7)),
+            seeds: vec![b"/srv/base.img".to_vec(), b"gold".to_vec()],
         }));
         round_trip(Msg::KeepAlive);
         round_trip(Msg::Error {
@@ -921,7 +984,16 @@ mod tests {
             raw_len: 100,
             compressed: true,
             pieces: true,
+            changed: false,
             payload: vec![7; 10],
+        }));
+        round_trip(Msg::Chunk(ChunkMsg {
+            index: 3,
+            raw_len: 100,
+            compressed: false,
+            pieces: false,
+            changed: true,
+            payload: vec![7; 100],
         }));
         round_trip(Msg::BlockRequest(vec![1, 2]));
         round_trip(Msg::BlockHashes {
@@ -938,11 +1010,14 @@ mod tests {
             identical: true,
             verified: true,
             basis_cached: true,
+            source_changed: true,
+            dry_run: true,
             source_bytes: 10,
             reused_bytes: 1,
             literal_bytes: 2,
             zero_bytes: 3,
             differing_bytes: 4,
+            checked_bytes: 5,
             range_count: 9,
             ranges: vec![(1, 2), (3, 4)],
         }));

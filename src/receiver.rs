@@ -77,6 +77,36 @@ pub struct RecvOptions {
     pub no_partial: bool,
     /// The process umask, for the mode of a new file.
     pub umask: u32,
+    /// `-n`: compare and count what would be sent; write nothing.
+    pub dry_run: bool,
+    /// Accept chunks whose content changed since the manifest (`CHUNK`
+    /// with the changed bit), hashing them here.
+    pub allow_changing: bool,
+    /// `--check --sample K/N`.
+    pub sample: Option<(u32, u32)>,
+}
+
+/// A `--seed` file: more chunks to take from, only ever read.
+pub struct Seed {
+    pub file: File,
+    pub path: PathBuf,
+}
+
+impl Seed {
+    pub fn open(path: &Path) -> Result<Seed> {
+        let file = File::open(path)
+            .with_context(|| format!("cannot open seed {}", path.display()))
+            .exit_with(Exit::Io)?;
+        Ok(Seed::from_file(file, path))
+    }
+
+    /// A seed opened already (by a confined server).
+    pub fn from_file(file: File, path: &Path) -> Seed {
+        Seed {
+            file,
+            path: path.to_path_buf(),
+        }
+    }
 }
 
 /// Runs the receiving end into `dest` until done; returns the summary that
@@ -84,6 +114,7 @@ pub struct RecvOptions {
 pub fn receive<R, W>(
     dest: &Path,
     source_name: &[u8],
+    seeds: Vec<Seed>,
     mut reader: FrameReader<R>,
     writer: &mut FrameWriter<W>,
     opts: &RecvOptions,
@@ -93,6 +124,8 @@ where
     R: Read + Send + 'static,
     W: Write,
 {
+    // --seed is refused by the configuration until it is implemented.
+    drop(seeds);
     let info = match reader.read_msg()? {
         Msg::FileInfo(i) => i,
         m => return Err(m.unexpected("FILE_INFO")),

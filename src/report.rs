@@ -121,6 +121,9 @@ pub fn to_json(report: &Report) -> Value {
         "up_to_date": s.up_to_date,
         "verified": s.verified,
         "basis_cached": s.basis_cached,
+        "source_changed": s.source_changed,
+        "dry_run": s.dry_run,
+        "checked_bytes": s.checked_bytes,
         "differing_bytes": s.differing_bytes,
         "difference_count": s.range_count,
         "differences": s.ranges.iter().map(|(o, l)| json!({"offset": o, "length": l})).collect::<Vec<_>>(),
@@ -134,7 +137,8 @@ pub fn error_json(exit_code: u8, msg: &str) -> Value {
     json!({
         "source_bytes": 0, "reused_bytes": 0, "literal_bytes": 0, "wire_bytes": 0,
         "zero_bytes": 0, "duration_s": 0.0, "identical": Value::Null, "up_to_date": false,
-        "verified": false, "basis_cached": false, "differing_bytes": 0, "difference_count": 0,
+        "verified": false, "basis_cached": false, "source_changed": false, "dry_run": false,
+        "checked_bytes": 0, "differing_bytes": 0, "difference_count": 0,
         "differences": [], "exit_code": exit_code, "error": msg,
     })
 }

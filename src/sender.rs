@@ -179,6 +179,11 @@ pub struct SendOptions {
     pub params: ChunkParams,
     /// zstd level; 0 sends chunks uncompressed.
     pub compress_level: u8,
+    /// `--allow-changing-source`: send what the file holds now rather than
+    /// fail with exit 7 when it changed since it was scanned.
+    pub allow_changing: bool,
+    /// `--check --sample K/N`: scan only slice K of N.
+    pub sample: Option<(u32, u32)>,
 }
 
 enum Event {
@@ -419,6 +424,7 @@ fn chunk_msg(
         None => (false, data.to_vec()),
     };
     Ok(ChunkMsg {
+        changed: false,
         index,
         raw_len: data.len() as u32,
         compressed,

@@ -17,7 +17,7 @@ use crate::confine::Root;
 use crate::error::{exit_code_of, fail, message_of, Exit};
 use crate::progress::Progress;
 use crate::protocol::{flags, FrameReader, FrameWriter, Msg, Role};
-use crate::receiver::{self, RecvOptions};
+use crate::receiver::{self, RecvOptions, Seed};
 use crate::sender::{self, SendOptions, Source};
 use crate::signals;
 use crate::transport::{bytes_path, keepalive_interval, Silence, Watched};
@@ -102,12 +102,15 @@ fn serve_on(
             let opts = SendOptions {
                 params,
                 compress_level: open.compress_level,
+                allow_changing: open.flags & flags::ALLOW_CHANGING != 0,
+                sample: open.sample,
             };
             sender::send(&src, reader, writer, &opts, &quiet)?;
         }
         Role::Receive => {
             let check = open.flags & flags::CHECK != 0;
-            if limits.read_only && !check {
+            let dry_run = open.flags & flags::DRY_RUN != 0;
+            if limits.read_only && !check && !dry_run {
                 return Err(fail(
                     Exit::Usage,
                     format!(
@@ -116,6 +119,19 @@ fn serve_on(
                     ),
                 ));
             }
+            // Seeds are opened before entering the destination's
+            // directory: relative seed paths mean what the client meant.
+            let seeds = open
+                .seeds
+                .iter()
+                .map(|p| {
+                    let p = bytes_path(p);
+                    match &root {
+                        Some(r) => Ok(Seed::from_file(r.open_source(&p)?, &p)),
+                        None => Seed::open(&p),
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
             let (path, source_name) = match &root {
                 // The name is already chosen: the receiver must not pick
                 // another by following a symlink to a directory.
@@ -130,10 +146,14 @@ fn serve_on(
                 verify: open.flags & flags::VERIFY != 0,
                 no_partial: open.flags & flags::NO_PARTIAL != 0,
                 umask,
+                dry_run: open.flags & flags::DRY_RUN != 0,
+                allow_changing: open.flags & flags::ALLOW_CHANGING != 0,
+                sample: open.sample,
             };
             receiver::receive(
                 Path::new(&path),
                 &source_name,
+                seeds,
                 reader,
                 writer,
                 &opts,

@@ -410,6 +410,7 @@ fn largest_frame_full_of_garbage_is_rejected_with_bounded_memory() {
         raw_len: 64 * 1024,
         compressed: false,
         pieces: false,
+        changed: false,
         payload: vec![0x5a; MAX_FRAME - 14],
     };
     let f = frame(&Msg::Chunk(c));
@@ -468,6 +469,7 @@ fn huge_and_zero_values_in_messages_are_rejected() {
             raw_len,
             compressed: false,
             pieces: false,
+            changed: false,
             payload: vec![1; 16],
         }))
     };
@@ -794,6 +796,7 @@ fn zstd_bomb_of_10_gib_for_a_1_kib_chunk_is_rejected_with_small_memory() {
         raw_len: 1024,
         compressed: true,
         pieces: false,
+        changed: false,
         payload: bomb,
     }));
     let _ = s.send(&src.manifest_end());
@@ -823,6 +826,7 @@ fn zstd_frame_declaring_10_gib_in_one_segment_is_rejected() {
         raw_len: 256 * 1024,
         compressed: true,
         pieces: false,
+        changed: false,
         payload: f,
     }));
     s.finish().assert_rejected(&["zstd"]);
@@ -1140,6 +1144,7 @@ fn unsolicited(index: u64, len: u32, word: &str) {
         raw_len: len,
         compressed: false,
         pieces: false,
+        changed: false,
         payload,
     };
     let _ = s.send(&Msg::Chunk(c));
@@ -1839,6 +1844,7 @@ fn inline_receiver_does_not_buffer_a_flood_of_the_largest_frames() {
             raw_len: CHUNK as u32,
             compressed: false,
             pieces: false,
+            changed: false,
             payload: vec![0; MAX_FRAME - 14],
         })));
     }

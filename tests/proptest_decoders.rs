@@ -31,9 +31,23 @@ fn arb_open() -> impl Strategy<Value = Open> {
         vec(any::<u8>(), 0..32),
         any::<bool>(),
         (0..=vmsync::protocol::MAX_TIMEOUT, any::<u64>()),
+        (
+            proptest::option::of((1u32..=100, 0u32..=100)),
+            vec(vec(any::<u8>(), 0..16), 0..4),
+        ),
     )
         .prop_map(
-            |(send, f, level, chunking, path, name, long, (timeout_secs, bwlimit))| {
+            |(
+                send,
+                f,
+                level,
+                chunking,
+                path,
+                name,
+                long,
+                (timeout_secs, bwlimit),
+                (sample, seeds),
+            )| {
                 let mut path = path;
                 if long {
                     path.resize(MAX_PATH, b'p');
@@ -47,6 +61,9 @@ fn arb_open() -> impl Strategy<Value = Open> {
                     source_name: name,
                     timeout_secs,
                     bwlimit,
+                    // K ≤ N by construction.
+                    sample: sample.map(|(k, extra)| (k, k + extra)),
+                    seeds,
                 }
             },
         )
@@ -54,8 +71,8 @@ fn arb_open() -> impl Strategy<Value = Open> {
 
 fn arb_summary() -> impl Strategy<Value = Summary> {
     (
-        any::<[bool; 4]>(),
-        any::<[u64; 5]>(),
+        any::<[bool; 6]>(),
+        any::<[u64; 6]>(),
         vec(any::<(u64, u64)>(), 0..16),
         0u64..1000,
     )
@@ -64,11 +81,14 @@ fn arb_summary() -> impl Strategy<Value = Summary> {
             identical: b[1],
             verified: b[2],
             basis_cached: b[3],
+            source_changed: b[4],
+            dry_run: b[5],
             source_bytes: n[0],
             reused_bytes: n[1],
             literal_bytes: n[2],
             zero_bytes: n[3],
             differing_bytes: n[4],
+            checked_bytes: n[5],
             range_count: ranges.len() as u64 + extra,
             ranges,
         })
@@ -104,14 +124,18 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
             any::<u32>(),
             any::<bool>(),
             any::<bool>(),
+            any::<bool>(),
             vec(any::<u8>(), 0..256)
         )
-            .prop_map(|(index, raw_len, compressed, pieces, payload)| {
+            .prop_map(|(index, raw_len, compressed, pieces, changed, payload)| {
                 Msg::Chunk(ChunkMsg {
                     index,
                     raw_len,
                     compressed,
                     pieces,
+                    // Both at once is malformed: pieces are checked against
+                    // the manifest's hashes, a changed chunk has none.
+                    changed: changed && !pieces,
                     payload,
                 })
             }),

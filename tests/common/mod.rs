@@ -69,6 +69,9 @@ pub const JSON_KEYS: &[&str] = &[
     "up_to_date",
     "differences",
     "differing_bytes",
+    "checked_bytes",
+    "source_changed",
+    "dry_run",
     "error",
 ];
 

@@ -607,6 +607,8 @@ pub fn open_receive(dest: &Path) -> Open {
         source_name: b"disk.img".to_vec(),
         timeout_secs: 0,
         bwlimit: 0,
+        sample: None,
+        seeds: Vec::new(),
     }
 }
 
@@ -621,6 +623,8 @@ pub fn open_send(src: &Path) -> Open {
         source_name: Vec::new(),
         timeout_secs: 0,
         bwlimit: 0,
+        sample: None,
+        seeds: Vec::new(),
     }
 }
 
@@ -780,6 +784,7 @@ impl Chunker {
             raw_len: data.len() as u32,
             compressed,
             pieces,
+            changed: false,
             payload,
         }
     }
