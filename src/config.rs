@@ -97,16 +97,6 @@ impl Config {
                 crate::protocol::MAX_SEEDS
             )));
         }
-        for (on, flag) in [
-            (cli.dry_run, "--dry-run"),
-            (!cli.seed.is_empty(), "--seed"),
-            (sample.is_some(), "--sample"),
-            (cli.allow_changing_source, "--allow-changing-source"),
-        ] {
-            if on {
-                return Err(usage(format!("{flag} is not implemented yet")));
-            }
-        }
         if cli.remote_path.trim().is_empty() {
             return Err(usage("--remote-path is empty"));
         }

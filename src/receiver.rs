@@ -124,8 +124,16 @@ where
     R: Read + Send + 'static,
     W: Write,
 {
-    // --seed is refused by the configuration until it is implemented.
-    drop(seeds);
+    for (on, flag) in [
+        (opts.dry_run, "--dry-run"),
+        (!seeds.is_empty(), "--seed"),
+        (opts.sample.is_some(), "--sample"),
+        (opts.allow_changing, "--allow-changing-source"),
+    ] {
+        if on {
+            return Err(fail(Exit::Usage, format!("{flag} is not implemented yet")));
+        }
+    }
     let info = match reader.read_msg()? {
         Msg::FileInfo(i) => i,
         m => return Err(m.unexpected("FILE_INFO")),
