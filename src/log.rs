@@ -25,6 +25,12 @@ static START: OnceLock<Instant> = OnceLock::new();
 static FILE: Mutex<Option<File>> = Mutex::new(None);
 static FILE_LEVEL: AtomicU8 = AtomicU8::new(0);
 static FILE_FAILED: AtomicBool = AtomicBool::new(false);
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// `-q`: warnings go only to the log file.
+pub fn set_quiet(on: bool) {
+    QUIET.store(on, Ordering::Relaxed);
+}
 
 /// Sets the verbosity (0 quiet, 1 phases, 2 details) and starts the clock.
 pub fn init(level: u8) {
@@ -62,6 +68,15 @@ pub fn emit(lvl: u8, args: std::fmt::Arguments<'_>) {
     if FILE_LEVEL.load(Ordering::Relaxed) >= lvl {
         to_file(&args.to_string());
     }
+}
+
+/// A warning: on stderr unless `-q` (the server's reaches the user through
+/// the forwarded stderr), and in the log file.
+pub fn warn(msg: &str) {
+    if !QUIET.load(Ordering::Relaxed) {
+        eprintln!("vmsync: warning: {msg}");
+    }
+    to_file(&format!("warning: {msg}"));
 }
 
 /// Writes one stamped line to the log file, if there is one.

@@ -28,6 +28,7 @@ fn main() -> ExitCode {
     }
     signals::set_json(cli.json);
     vmsync::log::init(if cli.quiet { 0 } else { cli.verbose });
+    vmsync::log::set_quiet(cli.quiet);
     if let Some(path) = &cli.log_file {
         match vmsync::log::open_file(path) {
             Ok(()) => vmsync::log::to_file(&format!(

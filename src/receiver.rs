@@ -124,12 +124,7 @@ where
     R: Read + Send + 'static,
     W: Write,
 {
-    for (on, flag) in [
-        (opts.dry_run, "--dry-run"),
-        (!seeds.is_empty(), "--seed"),
-        (opts.sample.is_some(), "--sample"),
-        (opts.allow_changing, "--allow-changing-source"),
-    ] {
+    for (on, flag) in [(opts.sample.is_some(), "--sample")] {
         if on {
             return Err(fail(Exit::Usage, format!("{flag} is not implemented yet")));
         }
@@ -186,9 +181,12 @@ where
     let device = existing.as_ref().is_some_and(scan::is_block_device);
 
     check_parent(&dest)?;
+    // A check or a dry run only reads: a shared lock, and no partial file
+    // is made for it.
+    let read_only = opts.check || opts.dry_run;
     let lock = if device {
-        Some(Lock::device(&dest, !opts.check)?)
-    } else if opts.check {
+        Some(Lock::device(&dest, !read_only)?)
+    } else if read_only {
         Lock::shared(&dest)?
     } else {
         Some(Lock::exclusive(&dest)?)
@@ -217,6 +215,10 @@ where
         writer.send_now(&Msg::Done(summary.clone()))?;
         return Ok(summary);
     }
+    if opts.dry_run {
+        let summary = dry_run(&dest, regular, device, seeds, &info, reader, writer, opts)?;
+        return Ok(summary);
+    }
     let lock = lock.expect("a sync holds the exclusive lock");
     // Opened (and refused when in use or too small) before anything is
     // said to the sender or written.
@@ -237,27 +239,8 @@ where
         None
     };
 
-    // A device source's mtime is the time of the copy (see `sender`), and
-    // a device destination has none worth comparing: both are compared by
-    // content.
-    let source_is_device = info.mode & libc::S_IFMT == libc::S_IFBLK;
-    if !opts.checksum && !source_is_device {
-        if let Some(m) = regular {
-            if m.len() == info.size
-                && m.mtime() == info.mtime_sec
-                && m.mtime_nsec() == i64::from(info.mtime_nsec)
-            {
-                let s = Summary {
-                    up_to_date: true,
-                    identical: true,
-                    source_bytes: info.size,
-                    ..Summary::default()
-                };
-                writer.send_now(&Msg::Start(StartMode::UpToDate))?;
-                writer.send_now(&Msg::Done(s.clone()))?;
-                return Ok(s);
-            }
-        }
+    if quick_check(regular, &info, opts) {
+        return up_to_date(&info, writer, false);
     }
     if opts.inplace
         && existing
@@ -281,7 +264,7 @@ where
     // Nothing here to reuse: have every chunk sent unasked, saving the
     // sender a second read and us the request round trips. A device always
     // has old contents to compare with.
-    let inline = !device && regular.is_none_or(|m| m.len() == 0) && !resume;
+    let inline = !device && regular.is_none_or(|m| m.len() == 0) && !resume && seeds.is_empty();
     writer.send_now(&Msg::Start(if inline {
         StartMode::Inline
     } else {
@@ -337,6 +320,7 @@ where
             }
         );
     }
+    let seeds = index_seeds(seeds, opts)?;
     // What an interrupted run left: resumed from (written in place), unless
     // --no-partial says to start over.
     let mut partial = None;
@@ -392,7 +376,9 @@ where
         spec,
         lazy_copies: Vec::new(),
         inline,
+        allow_changing: opts.allow_changing,
         basis,
+        seeds,
         partial,
         decoder: None,
         summary: Summary::default(),
@@ -852,6 +838,202 @@ impl Basis {
     }
 }
 
+/// Whether the destination counts as up to date without reading it: same
+/// size and mtime (to the nanosecond), unless `-c`. A device source's
+/// mtime is the time of the copy (see `sender`), and a device destination
+/// has none worth comparing: both are compared by content.
+fn quick_check(regular: Option<&std::fs::Metadata>, info: &FileInfo, opts: &RecvOptions) -> bool {
+    let source_is_device = info.mode & libc::S_IFMT == libc::S_IFBLK;
+    !opts.checksum
+        && !source_is_device
+        && regular.is_some_and(|m| {
+            m.len() == info.size
+                && m.mtime() == info.mtime_sec
+                && m.mtime_nsec() == i64::from(info.mtime_nsec)
+        })
+}
+
+/// Ends a run that the quick check found up to date.
+fn up_to_date<W: Write>(
+    info: &FileInfo,
+    writer: &mut FrameWriter<W>,
+    dry_run: bool,
+) -> Result<Summary> {
+    let s = Summary {
+        up_to_date: true,
+        identical: true,
+        dry_run,
+        source_bytes: info.size,
+        ..Summary::default()
+    };
+    writer.send_now(&Msg::Start(StartMode::UpToDate))?;
+    writer.send_now(&Msg::Done(s.clone()))?;
+    Ok(s)
+}
+
+/// `-n/--dry-run`: what a sync would do, from the manifest and the indexes
+/// of the old file and the seeds; nothing is created or written. Chunks the
+/// sync would fetch are counted whole (sub-chunk refinement may then send
+/// less), and listed as ranges, as `--check` lists differences.
+#[allow(clippy::too_many_arguments)]
+fn dry_run<R: Read, W: Write>(
+    dest: &Path,
+    regular: Option<&std::fs::Metadata>,
+    device: bool,
+    seeds: Vec<Seed>,
+    info: &FileInfo,
+    mut reader: FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    opts: &RecvOptions,
+) -> Result<Summary> {
+    if quick_check(regular, info, opts) {
+        return up_to_date(info, writer, true);
+    }
+    writer.send_now(&Msg::Start(StartMode::Manifest))?;
+    let basis = if device {
+        let file = open_nofollow(dest)
+            .with_context(|| format!("cannot open destination device {}", dest.display()))
+            .exit_with(Exit::Io)?;
+        let size = scan::device_size(&file)
+            .with_context(|| format!("cannot get the size of device {}", dest.display()))
+            .exit_with(Exit::Io)?;
+        if size < info.size {
+            return Err(fail(
+                Exit::Io,
+                format!(
+                    "destination device {} holds {size} bytes, less than the source's {}",
+                    dest.display(),
+                    info.size
+                ),
+            ));
+        }
+        Some(Basis::scan(file, info.size, None, dest, opts)?)
+    } else if regular.is_some() {
+        Basis::index(dest, opts, true)?
+    } else {
+        None
+    };
+    let seeds = index_seeds(seeds, opts)?;
+    let mut s = Summary {
+        dry_run: true,
+        source_bytes: info.size,
+        basis_cached: basis.as_ref().is_some_and(|b| b.from_cache),
+        ..Summary::default()
+    };
+    let mut fetch = writer::RangeSet::default();
+    let mut validator = Validator::new(info.size, opts.params);
+    let mut batch = Vec::new();
+    loop {
+        match reader.read_msg()? {
+            Msg::Manifest(p) => {
+                batch.clear();
+                validator.decode_batch(&p, &mut batch)?;
+                for e in &batch {
+                    match e.kind {
+                        Kind::Zero { len } => s.zero_bytes += len,
+                        Kind::Data { len, hash } => {
+                            let held = basis
+                                .iter()
+                                .chain(&seeds)
+                                .any(|b| b.index.contains_key(&hash));
+                            if held {
+                                s.reused_bytes += u64::from(len);
+                            } else {
+                                s.literal_bytes += u64::from(len);
+                                fetch.insert(e.offset, e.end());
+                            }
+                        }
+                    }
+                }
+            }
+            Msg::ManifestEnd { count, digest } => {
+                validator.finish(count, &digest)?;
+                break;
+            }
+            m => return Err(m.unexpected("MANIFEST or MANIFEST_END")),
+        }
+    }
+    s.differing_bytes = fetch.total();
+    s.range_count = fetch.len() as u64;
+    s.ranges = fetch
+        .iter()
+        .take(MAX_RANGES)
+        .map(|(a, b)| (a, b - a))
+        .collect();
+    crate::vlog!(
+        1,
+        "receiver: dry run: would fetch {} bytes in {} ranges, reuse {}",
+        s.literal_bytes,
+        s.range_count,
+        s.reused_bytes
+    );
+    writer.send_now(&Msg::Done(s.clone()))?;
+    Ok(s)
+}
+
+/// Indexes the `--seed` files (from the manifest cache when it knows
+/// them; a seed indexed by reading is recorded there for the next run,
+/// which is what makes a golden base image cheap night after night).
+fn index_seeds(seeds: Vec<Seed>, opts: &RecvOptions) -> Result<Vec<Basis>> {
+    let mut out = Vec::with_capacity(seeds.len());
+    for seed in seeds {
+        let meta = seed
+            .file
+            .metadata()
+            .with_context(|| format!("cannot stat seed {}", seed.path.display()))
+            .exit_with(Exit::Io)?;
+        if !meta.is_file() {
+            return Err(fail(
+                Exit::Io,
+                format!("seed {} is not a regular file", seed.path.display()),
+            ));
+        }
+        let cached = cache::load(&seed.path, &meta, opts.params);
+        let hit = cached.is_some();
+        let entries = match cached {
+            Some(e) => e,
+            None => {
+                let entries = manifest_of(&seed.file, meta.len(), opts.params)
+                    .with_context(|| format!("reading seed {}", seed.path.display()))?;
+                // Best effort: a seed we cannot record costs a re-read.
+                let _ = cache::store(&seed.path, &seed.file, opts.params, &entries);
+                entries
+            }
+        };
+        let mut b = Basis::scan(seed.file, meta.len(), Some(entries), &seed.path, opts)?;
+        b.from_cache = hit;
+        crate::vlog!(
+            1,
+            "receiver: seed {} indexed: {} chunks{}",
+            seed.path.display(),
+            b.chunks.len(),
+            if b.from_cache {
+                " (from the manifest cache)"
+            } else {
+                ""
+            }
+        );
+        out.push(b);
+    }
+    Ok(out)
+}
+
+/// The manifest entries of the first `size` bytes of `file`.
+fn manifest_of(file: &File, size: u64, params: ChunkParams) -> Result<Vec<Entry>> {
+    let cutter = Cutter::new(params);
+    let mut extents = Extents::of(file, size);
+    let mut builder = crate::manifest::Builder::default();
+    let mut entries = Vec::new();
+    scan::scan(file, size, &mut extents, &cutter, |recs| {
+        for r in &recs {
+            builder.push(r, &mut entries);
+        }
+        Ok(())
+    })?;
+    builder.finish(&mut entries);
+    Ok(entries)
+}
+
 /// What the atomic output will be, for when it is made.
 struct OutSpec {
     /// The partial file, locked for this run.
@@ -910,16 +1092,22 @@ struct Run<'a> {
     piece_requests: Vec<Msg>,
     /// Entries identical to the old file at the same offset, not written yet
     /// because no output exists yet (see `OutSpec`).
-    lazy_copies: Vec<(usize, u64)>,
+    lazy_copies: Vec<(usize, Option<usize>, u64)>,
     spec: OutSpec,
     /// The sender sends every data chunk unasked (`StartMode::Inline`).
     inline: bool,
+    /// `--allow-changing-source`: chunks may arrive with new content, so
+    /// none is refined (pieces are checked against the manifest's hash,
+    /// which a changed chunk no longer has): a lacking chunk is fetched whole.
+    allow_changing: bool,
     /// Plans of chunks in state `Pieces`.
     plans: HashMap<usize, Vec<PieceSource>>,
     blocks: Option<BlockIndex>,
     out: Option<Output>,
     /// The destination's old contents.
     basis: Option<Basis>,
+    /// `--seed` files: read-only, consulted after the basis.
+    seeds: Vec<Basis>,
     /// What an interrupted run left in the partial file, which is the output.
     partial: Option<Basis>,
     decoder: Option<StreamDecoder>,
@@ -931,7 +1119,7 @@ struct Run<'a> {
 impl Run<'_> {
     /// Handles entries in order while the request window has room.
     fn advance(&mut self) -> Result<()> {
-        let mut copies: Vec<(usize, u64)> = Vec::new();
+        let mut copies: Vec<(usize, Option<usize>, u64)> = Vec::new();
         while self.next < self.entries.len() && (self.inline || self.outstanding < WINDOW) {
             let i = self.next;
             self.next += 1;
@@ -939,7 +1127,7 @@ impl Run<'_> {
             if self.out.is_none() {
                 if self.unchanged_in_place(&e) {
                     if let Kind::Data { .. } = e.kind {
-                        self.lazy_copies.push((i, e.offset));
+                        self.lazy_copies.push((i, None, e.offset));
                         self.summary.reused_bytes += e.len();
                     } else {
                         self.summary.zero_bytes += e.len();
@@ -972,7 +1160,11 @@ impl Run<'_> {
                         if self.copy_in_place(i, e.offset, len, &hash)? {
                             continue;
                         }
-                        if self.basis.as_ref().is_some_and(|b| b.size > 0) {
+                        if let Some((k, src)) = self.in_seeds(&hash) {
+                            copies.push((i, Some(k), src));
+                            continue;
+                        }
+                        if self.basis.as_ref().is_some_and(|b| b.size > 0) && !self.allow_changing {
                             self.state[i] = State::Deferred;
                             self.deferred.push(i);
                         } else {
@@ -981,12 +1173,15 @@ impl Run<'_> {
                         continue;
                     }
                     match self.basis.as_ref().map(|b| b.index.get(&hash)) {
-                        Some(Some(&(src, _))) => copies.push((i, src)),
-                        Some(None) => {
-                            self.state[i] = State::Deferred;
-                            self.deferred.push(i);
-                        }
-                        None => self.request(i, len),
+                        Some(Some(&(src, _))) => copies.push((i, None, src)),
+                        found => match self.in_seeds(&hash) {
+                            Some((k, src)) => copies.push((i, Some(k), src)),
+                            None if found.is_some() && !self.allow_changing => {
+                                self.state[i] = State::Deferred;
+                                self.deferred.push(i);
+                            }
+                            None => self.request(i, len),
+                        },
                     }
                 }
             }
@@ -1247,22 +1442,33 @@ impl Run<'_> {
 
     /// Atomic mode: copies from the basis in parallel (read, hash, write).
     /// `counted`: the entries were already marked done and counted as reused.
-    fn copy_parallel(&mut self, copies: Vec<(usize, u64)>, counted: bool) -> Result<()> {
+    /// Copies chunks from the basis (seed `None`) or a seed: (entry,
+    /// seed, offset there). One that no longer reads back with its hash is
+    /// fetched instead.
+    fn copy_parallel(
+        &mut self,
+        copies: Vec<(usize, Option<usize>, u64)>,
+        counted: bool,
+    ) -> Result<()> {
         if copies.is_empty() {
             return Ok(());
         }
-        let basis = self.basis.as_ref().expect("copies come from a basis");
+        let (basis, seeds) = (self.basis.as_ref(), &self.seeds);
         let entries = &self.entries;
         let out = self.out.as_ref().expect("copies need an output");
         let results: Vec<Result<bool>> = copies
             .par_iter()
-            .map(|&(i, src)| {
+            .map(|&(i, seed, src)| {
                 let e = entries[i];
                 let Kind::Data { len, hash } = e.kind else {
                     unreachable!("only data entries are copied")
                 };
+                let from = match seed {
+                    Some(k) => &seeds[k],
+                    None => basis.expect("copies come from a basis"),
+                };
                 let mut buf = vec![0u8; len as usize];
-                if read_full(&basis.file, &mut buf, src).is_err() {
+                if read_full(&from.file, &mut buf, src).is_err() {
                     return Ok(false);
                 }
                 match writer::verify(&buf, &hash) {
@@ -1271,7 +1477,7 @@ impl Run<'_> {
                 }
             })
             .collect();
-        for ((i, _), r) in copies.into_iter().zip(results) {
+        for ((i, _, _), r) in copies.into_iter().zip(results) {
             let len = self.entries[i].len();
             match (r?, counted) {
                 (true, true) => {}
@@ -1290,6 +1496,14 @@ impl Run<'_> {
             }
         }
         Ok(())
+    }
+
+    /// The first seed holding a chunk with `hash`: (seed, offset there).
+    fn in_seeds(&self, hash: &ChunkHash) -> Option<(usize, u64)> {
+        self.seeds
+            .iter()
+            .enumerate()
+            .find_map(|(k, b)| b.index.get(hash).map(|&(src, _)| (k, src)))
     }
 
     /// In place (`--inplace`, or a resumed partial file): leaves a chunk that
@@ -1414,6 +1628,24 @@ impl Run<'_> {
                 ));
             }
             let data = self.decode(&c)?;
+            if c.changed {
+                if !self.allow_changing || c.pieces {
+                    return Err(fail(
+                        Exit::Protocol,
+                        format!(
+                            "protocol error: peer sent chunk {i} as changed since the manifest, \
+                             which only --allow-changing-source accepts"
+                        ),
+                    ));
+                }
+                // The source moved under this chunk: its new content is
+                // what we commit, so it is what the hash must now say.
+                self.entries[i].kind = Kind::Data {
+                    len,
+                    hash: ChunkHash::of(&data),
+                };
+                self.summary.source_changed = true;
+            }
             // Mark it taken, so a duplicate in this batch is refused.
             let plan = if c.pieces {
                 self.plans.remove(&i)

@@ -260,6 +260,28 @@ where
     };
     let mut batch = Vec::new();
     let mut raw = Vec::new();
+    // --allow-changing-source: whether we noticed, for the summary; the
+    // user hears of it once, from this end, which is the source's host.
+    let mut moved = false;
+    let note_moved = |moved: &mut bool| {
+        if !*moved {
+            crate::log::warn(&format!(
+                "source {} changed while it was being read; committing it anyway \
+                 (--allow-changing-source): the copy is as consistent as a crash would leave it",
+                src.path.display()
+            ));
+        }
+        *moved = true;
+    };
+    let unchanged = |moved: &mut bool| -> Result<()> {
+        match src.check_unchanged() {
+            Err(e) if opts.allow_changing && exit_code_of(&e) == Exit::SourceChanged => {
+                note_moved(moved);
+                Ok(())
+            }
+            r => r,
+        }
+    };
     let mut run = || -> Result<Summary> {
         loop {
             let ev = rx
@@ -280,13 +302,22 @@ where
                 }
                 Event::ScanDone(count, digest) => {
                     crate::vlog!(1, "sender: scan done: {count} entries");
-                    src.check_unchanged()?;
+                    unchanged(&mut moved)?;
                     writer.send_now(&Msg::ManifestEnd { count, digest })?;
                 }
                 Event::Peer(Msg::Request(idx)) => {
                     for i in idx {
-                        load(src, &entries, i, &mut raw)?;
-                        writer.send(&Msg::Chunk(chunk_msg(&mut encoder, i, &raw, false)?))?;
+                        let same = load(src, &entries, i, &mut raw)?;
+                        if !same && !opts.allow_changing {
+                            return Err(changed(&src.path));
+                        }
+                        let mut c = chunk_msg(&mut encoder, i, &raw, false)?;
+                        // Its new content, which the receiver hashes itself.
+                        c.changed = !same;
+                        if !same {
+                            note_moved(&mut moved);
+                        }
+                        writer.send(&Msg::Chunk(c))?;
                     }
                     writer.flush()?;
                 }
@@ -345,8 +376,9 @@ where
                     writer.flush()?;
                 }
                 Event::Peer(m) => return Err(m.unexpected("a request")),
-                Event::PeerDone(s) => {
-                    src.check_unchanged()?;
+                Event::PeerDone(mut s) => {
+                    unchanged(&mut moved)?;
+                    s.source_changed |= moved;
                     return Ok(s);
                 }
                 Event::Failed(e) => return Err(e),
@@ -397,15 +429,12 @@ fn read_entry(src: &Source, offset: u64, len: u32, buf: &mut Vec<u8>) -> Result<
         .with_context(|| format!("reading source {}", src.path.display()))
 }
 
-/// Reads data entry `i` of the manifest into `buf`, re-checking its hash
-/// (exit 7 if the source changed since the scan); returns its offset.
-fn load(src: &Source, entries: &[Entry], i: u64, buf: &mut Vec<u8>) -> Result<u64> {
+/// Reads data entry `i` of the manifest into `buf` and re-checks its hash:
+/// false when the source changed there since the scan.
+fn load(src: &Source, entries: &[Entry], i: u64, buf: &mut Vec<u8>) -> Result<bool> {
     let (offset, len, hash) = data_entry(entries, i)?;
     read_entry(src, offset, len, buf)?;
-    if ChunkHash::of(buf) != hash {
-        return Err(changed(&src.path));
-    }
-    Ok(offset)
+    Ok(ChunkHash::of(buf) == hash)
 }
 
 /// `data` (a whole chunk, or the pieces asked for) as a `CHUNK` message.

@@ -174,6 +174,13 @@ fn dot_dot_and_absolute_paths_outside_the_root_are_refused() {
         Vec::<String>::new(),
         "nothing written in the root"
     );
+    // Seeds are read beneath the root too.
+    let seed = format!("{}/{SENTINEL}", c.outside.display());
+    for seed in [seed.as_str(), "../outside/sentinel.img"] {
+        let run = c.push(&["--seed", seed], "disk.img");
+        c.assert_refused(&run, "outside the directory");
+    }
+    assert_eq!(dir_entries(&c.root), Vec::<String>::new());
 }
 
 #[test]
@@ -238,9 +245,12 @@ fn read_only_server_sends_and_checks_but_never_writes() {
         "no file created, no partial left"
     );
 
-    // Checking and pulling are what a read-only key is for.
+    // Checking, dry runs and pulling are what a read-only key is for.
     let run = c.push(&["--check"], "disk.img");
     run.assert_code(exit::DIFFERENT);
+    c.push(&["--dry-run"], "disk.img").assert_ok();
+    assert_content(&dst, &old);
+    assert_eq!(dir_entries(&c.root), ["disk.img"]);
     let back = c.pair.tmp.path().join("back.img");
     c.pull("disk.img", &back).assert_ok();
     assert_content(&back, &old);

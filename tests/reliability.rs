@@ -632,3 +632,89 @@ fn timeout_does_not_end_a_healthy_run() {
     assert!(json_bool(&v, "verified"));
     pair.assert_synced();
 }
+
+// ---------------------------------------------------------------------------
+// --allow-changing-source: commit a moving source, and say so
+// ---------------------------------------------------------------------------
+
+/// Push: the source is rewritten (same size, mtime moved) after the client
+/// opened it. Without the flag that is exit 7 (above); with it the run
+/// commits what it read, warns, and reports `source_changed`.
+#[test]
+fn allow_changing_source_commits_a_source_rewritten_before_the_scan() {
+    let pair = Pair::new();
+    pair.write_src(&random_bytes(51, 4 << 20));
+    let cmd = format!(
+        "printf XXXXXXXX | dd of={} bs=1 seek=3000000 conv=notrunc status=none",
+        pair.src.display()
+    );
+    let opts = format!("--run-before-byte 16 --run-direction down --run '{cmd}'");
+    let (run, v) = via_relay(
+        pair.tmp.path(),
+        &opts,
+        &["--allow-changing-source"],
+        &pair.src.display().to_string(),
+        &remote(&pair.dst),
+    );
+    assert!(run.stderr.contains("relay: running"), "hook not run\n{run}");
+    run.assert_ok();
+    assert!(json_bool(&v, "source_changed"), "{v}");
+    assert!(
+        run.stderr.contains("changed while it was being read"),
+        "{run}"
+    );
+    // The scan came after the change: the copy is the source as it is now.
+    assert_same_content(&pair.src, &pair.dst);
+}
+
+/// Pull into an old copy: after the sender scanned the changed region,
+/// and before it reads it again to answer the first request, the region
+/// changes once more. Those chunks travel as 'changed' with their new
+/// content; the copy equals the source as it is now and says it moved.
+#[test]
+fn allow_changing_source_sends_chunks_that_changed_after_the_scan() {
+    let pair = Pair::new();
+    let old = random_bytes(52, 8 << 20);
+    pair.write_dst(&old);
+    let mut new = old.clone();
+    new[(1 << 20)..(3 << 19)].copy_from_slice(&random_bytes(53, 1 << 19));
+    pair.write_src(&new);
+    // The first client→server byte after hello, OPEN and START is the
+    // first REQUEST (with this flag nothing is refined first).
+    let open = vmsync::protocol::Msg::Open(vmsync::protocol::Open {
+        role: vmsync::protocol::Role::Send,
+        flags: 0,
+        compress_level: 3,
+        chunking: 0,
+        path: pair.src.display().to_string().into_bytes(),
+        source_name: Vec::new(),
+        timeout_secs: 0,
+        bwlimit: 0,
+        sample: None,
+        seeds: Vec::new(),
+    });
+    let mut frame = Vec::new();
+    open.encode(&mut frame);
+    let first_request = 16 + 4 + frame.len() + 4 + 2;
+    let cmd = format!(
+        "head -c 524288 /dev/urandom | dd of={} bs=1M seek=1 conv=notrunc status=none iflag=fullblock",
+        pair.src.display()
+    );
+    let opts = format!("--run-before-byte {first_request} --run-direction up --run '{cmd}'");
+    let (run, v) = via_relay(
+        pair.tmp.path(),
+        &opts,
+        &["--allow-changing-source"],
+        &remote(&pair.src),
+        &pair.dst.display().to_string(),
+    );
+    assert!(run.stderr.contains("relay: running"), "hook not run\n{run}");
+    run.assert_ok();
+    assert!(json_bool(&v, "source_changed"), "{v}");
+    assert_same_content(&pair.src, &pair.dst);
+    assert_ne!(
+        std::fs::read(&pair.dst).unwrap(),
+        new,
+        "the later content won"
+    );
+}
