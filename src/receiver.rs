@@ -699,26 +699,15 @@ fn check<R: Read>(
     progress.set_total(info.size);
     let exists = target.is_some();
     let mut cmp = target.as_ref().map(|(f, size)| Comparer::new(f, *size));
-    let mut validator = Validator::new(info.size, opts.params);
-    let mut batch = Vec::new();
-    loop {
-        match reader.read_msg()? {
-            Msg::Manifest(p) => {
-                batch.clear();
-                validator.decode_batch(&p, &mut batch)?;
-                let n = match &mut cmp {
-                    Some(c) => c.compare(&batch)?,
-                    None => batch.iter().map(Entry::len).sum(),
-                };
-                progress.advance(n);
-            }
-            Msg::ManifestEnd { count, digest } => {
-                validator.finish(count, &digest)?;
-                break;
-            }
-            m => return Err(m.unexpected("MANIFEST or MANIFEST_END")),
-        }
-    }
+    let validator = Validator::new(info.size, opts.params);
+    for_each_batch(reader, validator, |batch| {
+        let n = match &mut cmp {
+            Some(c) => c.compare(batch)?,
+            None => batch.iter().map(Entry::len).sum(),
+        };
+        progress.advance(n);
+        Ok(())
+    })?;
     progress.finish();
     let diffs = match cmp {
         Some(c) => c.finish(info.size),
@@ -728,18 +717,48 @@ fn check<R: Read>(
             r
         }
     };
-    Ok(Summary {
+    let mut s = Summary {
         source_bytes: info.size,
         identical: exists && diffs.is_empty(),
-        differing_bytes: diffs.total(),
-        range_count: diffs.len() as u64,
-        ranges: diffs
-            .iter()
-            .take(MAX_RANGES)
-            .map(|(s, e)| (s, e - s))
-            .collect(),
         ..Summary::default()
-    })
+    };
+    set_ranges(&mut s, &diffs);
+    Ok(s)
+}
+
+/// Reads the rest of the manifest through `validator`, handing each
+/// decoded batch to `each`.
+fn for_each_batch<R: Read>(
+    reader: &mut FrameReader<R>,
+    mut validator: Validator,
+    mut each: impl FnMut(&[Entry]) -> Result<()>,
+) -> Result<()> {
+    let mut batch = Vec::new();
+    loop {
+        match reader.read_msg()? {
+            Msg::Manifest(p) => {
+                batch.clear();
+                validator.decode_batch(&p, &mut batch)?;
+                each(&batch)?;
+            }
+            Msg::ManifestEnd { count, digest } => {
+                return validator.finish(count, &digest).map(drop)
+            }
+            m => return Err(m.unexpected("MANIFEST or MANIFEST_END")),
+        }
+    }
+}
+
+/// The byte ranges a summary reports (differences, or what a dry run
+/// would fetch): their total, their count, and the first [`MAX_RANGES`].
+fn set_ranges(s: &mut Summary, ranges: &writer::RangeSet) {
+    s.differing_bytes = ranges.total();
+    s.range_count = ranges.len() as u64;
+    s.ranges = ranges
+        .iter()
+        .take(MAX_RANGES)
+        .map(|(a, b)| (a, b - a))
+        .collect();
 }
 
 fn open_nofollow(p: &Path) -> std::io::Result<File> {
@@ -921,45 +940,28 @@ fn dry_run<R: Read, W: Write>(
         ..Summary::default()
     };
     let mut fetch = writer::RangeSet::default();
-    let mut validator = Validator::new(info.size, opts.params);
-    let mut batch = Vec::new();
-    loop {
-        match reader.read_msg()? {
-            Msg::Manifest(p) => {
-                batch.clear();
-                validator.decode_batch(&p, &mut batch)?;
-                for e in &batch {
-                    match e.kind {
-                        Kind::Zero { len } => s.zero_bytes += len,
-                        Kind::Data { len, hash } => {
-                            let held = basis
-                                .iter()
-                                .chain(&seeds)
-                                .any(|b| b.index.contains_key(&hash));
-                            if held {
-                                s.reused_bytes += u64::from(len);
-                            } else {
-                                s.literal_bytes += u64::from(len);
-                                fetch.insert(e.offset, e.end());
-                            }
-                        }
+    let validator = Validator::new(info.size, opts.params);
+    for_each_batch(&mut reader, validator, |batch| {
+        for e in batch {
+            match e.kind {
+                Kind::Zero { len } => s.zero_bytes += len,
+                Kind::Data { len, hash } => {
+                    if basis
+                        .iter()
+                        .chain(&seeds)
+                        .any(|b| b.index.contains_key(&hash))
+                    {
+                        s.reused_bytes += u64::from(len);
+                    } else {
+                        s.literal_bytes += u64::from(len);
+                        fetch.insert(e.offset, e.end());
                     }
                 }
             }
-            Msg::ManifestEnd { count, digest } => {
-                validator.finish(count, &digest)?;
-                break;
-            }
-            m => return Err(m.unexpected("MANIFEST or MANIFEST_END")),
         }
-    }
-    s.differing_bytes = fetch.total();
-    s.range_count = fetch.len() as u64;
-    s.ranges = fetch
-        .iter()
-        .take(MAX_RANGES)
-        .map(|(a, b)| (a, b - a))
-        .collect();
+        Ok(())
+    })?;
+    set_ranges(&mut s, &fetch);
     crate::vlog!(
         1,
         "receiver: dry run: would fetch {} bytes in {} ranges, reuse {}",
