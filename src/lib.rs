@@ -34,6 +34,7 @@ pub mod protocol;
 pub mod receiver;
 pub mod refine;
 pub mod report;
+pub mod sample;
 pub mod scan;
 pub mod sender;
 pub mod server;

@@ -101,6 +101,11 @@ impl Builder {
         }
     }
 
+    /// Ends a pending zero run here, so none spans a gap (`--sample`).
+    pub fn break_run(&mut self, out: &mut Vec<Entry>) {
+        self.end_zero_run(out);
+    }
+
     /// Flushes a pending zero run; returns the entry count and the digest.
     pub fn finish(mut self, out: &mut Vec<Entry>) -> (u64, ChunkHash) {
         self.end_zero_run(out);
@@ -157,6 +162,12 @@ pub struct Validator {
     offset: u64,
     count: u64,
     digest: FileDigest,
+    /// A sampled manifest's ranges (see [`Validator::restrict`]), and the
+    /// one being filled.
+    ranges: Vec<(u64, u64)>,
+    range: usize,
+    /// Bytes the entries cover.
+    covered: u64,
 }
 
 fn bad(msg: impl std::fmt::Display) -> anyhow::Error {
@@ -175,7 +186,25 @@ impl Validator {
             offset: 0,
             count: 0,
             digest: FileDigest::default(),
+            ranges: vec![(0, size)],
+            range: 0,
+            covered: 0,
         }
+    }
+
+    /// A manifest of only these ranges of the file (sorted, disjoint,
+    /// non-empty; `--check --sample`): implicit offsets run through them in
+    /// order, no entry crosses a range's end, and only an entry that ends a
+    /// range may be short.
+    pub fn restrict(mut self, ranges: Vec<(u64, u64)>) -> Validator {
+        self.offset = ranges.first().map_or(self.size, |r| r.0);
+        self.ranges = ranges;
+        self
+    }
+
+    /// The end of the range the next entry falls in.
+    fn range_end(&self) -> u64 {
+        self.ranges.get(self.range).map_or(self.size, |r| r.1)
     }
 
     /// Decodes one batch, appending its entries to `out`.
@@ -217,19 +246,21 @@ impl Validator {
                 offset: self.offset,
                 kind: k,
             };
+            let limit = self.range_end();
             let end = self
                 .offset
                 .checked_add(e.len())
-                .filter(|&end| end <= self.size)
+                .filter(|&end| end <= limit)
                 .ok_or_else(|| {
                     bad(format!(
-                        "entry at offset {} of {} bytes runs past the file size {}",
+                        "entry at offset {} of {} bytes runs past {} (the file size is {})",
                         self.offset,
                         e.len(),
+                        limit,
                         self.size
                     ))
                 })?;
-            if e.len() < self.min && end != self.size {
+            if e.len() < self.min && end != limit {
                 return Err(bad(format!(
                     "short entry ({} bytes) at offset {} before the end of the file",
                     e.len(),
@@ -241,6 +272,11 @@ impl Validator {
                 Kind::Zero { len } => self.digest.add_zero(len),
             }
             self.offset = end;
+            self.covered += e.len();
+            if end == limit && self.range + 1 < self.ranges.len() {
+                self.range += 1;
+                self.offset = self.ranges[self.range].0;
+            }
             self.count += 1;
             out.push(e);
         }
@@ -252,10 +288,11 @@ impl Validator {
 
     /// Checks the end marker against what arrived.
     pub fn finish(&self, count: u64, digest: &ChunkHash) -> Result<ChunkHash> {
-        if self.offset != self.size {
+        let want: u64 = self.ranges.iter().map(|(a, b)| b - a).sum();
+        if self.covered != want {
             return Err(bad(format!(
-                "entries cover {} bytes but the file has {}",
-                self.offset, self.size
+                "entries cover {} bytes but {want} were due (the file has {})",
+                self.covered, self.size
             )));
         }
         if count != self.count {
@@ -272,7 +309,7 @@ impl Validator {
     }
 
     pub fn covered(&self) -> u64 {
-        self.offset
+        self.covered
     }
 }
 

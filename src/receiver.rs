@@ -124,10 +124,11 @@ where
     R: Read + Send + 'static,
     W: Write,
 {
-    for (on, flag) in [(opts.sample.is_some(), "--sample")] {
-        if on {
-            return Err(fail(Exit::Usage, format!("{flag} is not implemented yet")));
-        }
+    if opts.sample.is_some() && !opts.check {
+        return Err(fail(
+            Exit::Protocol,
+            "protocol error: a sample was asked for without --check",
+        ));
     }
     let info = match reader.read_msg()? {
         Msg::FileInfo(i) => i,
@@ -699,7 +700,14 @@ fn check<R: Read>(
     progress.set_total(info.size);
     let exists = target.is_some();
     let mut cmp = target.as_ref().map(|(f, size)| Comparer::new(f, *size));
-    let validator = Validator::new(info.size, opts.params);
+    let (validator, checked) = match opts.sample {
+        Some((k, n)) => (
+            Validator::new(info.size, opts.params).restrict(crate::sample::ranges(info.size, k, n)),
+            crate::sample::covered(info.size, k, n),
+        ),
+        None => (Validator::new(info.size, opts.params), info.size),
+    };
+    progress.set_total(checked);
     for_each_batch(reader, validator, |batch| {
         let n = match &mut cmp {
             Some(c) => c.compare(batch)?,
@@ -712,14 +720,23 @@ fn check<R: Read>(
     let diffs = match cmp {
         Some(c) => c.finish(info.size),
         None => {
+            // No destination: everything checked differs.
             let mut r = writer::RangeSet::default();
-            r.insert(0, info.size);
+            match opts.sample {
+                Some((k, n)) => {
+                    for (a, b) in crate::sample::ranges(info.size, k, n) {
+                        r.insert(a, b);
+                    }
+                }
+                None => r.insert(0, info.size),
+            }
             r
         }
     };
     let mut s = Summary {
         source_bytes: info.size,
         identical: exists && diffs.is_empty(),
+        checked_bytes: checked,
         ..Summary::default()
     };
     set_ranges(&mut s, &diffs);

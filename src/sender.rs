@@ -29,7 +29,7 @@ use crate::manifest::{self, Builder, Entry, Kind};
 use crate::progress::Progress;
 use crate::protocol::{ChunkMsg, FileInfo, FrameReader, FrameWriter, Msg, StartMode, Summary};
 use crate::refine;
-use crate::scan::{self, read_full, Extents};
+use crate::scan::{self, read_full, ChunkRec, Content, Extents};
 
 /// The file being sent, opened once.
 pub struct Source {
@@ -136,6 +136,15 @@ impl Source {
         })
     }
 
+    /// What a scanning thread needs: its own handle, the size, the name.
+    fn for_thread(&self) -> Result<(File, u64, PathBuf)> {
+        let file = self
+            .file
+            .try_clone()
+            .context("cannot duplicate the source file handle")?;
+        Ok((file, self.info.size, self.path.clone()))
+    }
+
     /// Fails with exit 7 if the stamp (see [`Stamp`]) moved since `open`.
     fn check_unchanged(&self) -> Result<()> {
         let now = match self.stamp {
@@ -233,7 +242,10 @@ where
     // A batch carries up to a segment (16 MiB) of compressed data inline:
     // keep the queue short so memory stays flat when the link is slow.
     let (tx, rx) = mpsc::sync_channel::<Event>(2);
-    spawn_scanner(src, opts, inline, tx.clone(), progress.clone())?;
+    match opts.sample {
+        Some((k, n)) => spawn_sample_scanner(src, opts.params, k, n, tx.clone(), progress.clone())?,
+        None => spawn_scanner(src, opts, inline, tx.clone(), progress.clone())?,
+    }
     let peer_tx = tx;
     std::thread::Builder::new()
         .name("requests".into())
@@ -462,6 +474,85 @@ fn chunk_msg(
     })
 }
 
+/// `--check --sample K/N`: the manifest of slice K only (see
+/// [`crate::sample`]), in fixed pieces of the chunking's average length,
+/// hashed in parallel; zero runs never span a gap between ranges.
+fn spawn_sample_scanner(
+    src: &Source,
+    params: ChunkParams,
+    k: u32,
+    n: u32,
+    tx: mpsc::SyncSender<Event>,
+    progress: Progress,
+) -> Result<()> {
+    let (file, size, path) = src.for_thread()?;
+    let piece = u64::from(params.avg());
+    std::thread::Builder::new()
+        .name("scan".into())
+        .spawn(move || {
+            let mut builder = Builder::default();
+            let mut buf = Vec::new();
+            let mut scan = || -> Result<()> {
+                for (start, end) in crate::sample::ranges(size, k, n) {
+                    let mut at = start;
+                    while at < end {
+                        // Up to 8 MiB at a time, a whole number of pieces.
+                        let len = (end - at).min(((8 << 20) / piece).max(1) * piece);
+                        buf.resize(len as usize, 0);
+                        read_full(&file, &mut buf, at)?;
+                        let recs: Vec<ChunkRec> = buf
+                            .par_chunks(piece as usize)
+                            .enumerate()
+                            .map(|(j, d)| ChunkRec {
+                                offset: at + j as u64 * piece,
+                                len: d.len() as u32,
+                                content: if crate::chunk::is_zero(d) {
+                                    Content::Zero
+                                } else {
+                                    Content::Data(ChunkHash::of(d))
+                                },
+                            })
+                            .collect();
+                        let mut out = Vec::with_capacity(recs.len());
+                        for r in &recs {
+                            builder.push(r, &mut out);
+                        }
+                        if at + len == end {
+                            builder.break_run(&mut out);
+                        }
+                        progress.advance(len);
+                        if !out.is_empty() {
+                            tx.send(Event::Batch(out, Vec::new()))
+                                .map_err(|_| anyhow::anyhow!("sender stopped"))?;
+                        }
+                        at += len;
+                    }
+                }
+                Ok(())
+            };
+            let r = scan();
+            end_scan(r, builder, &path, &tx);
+        })
+        .context("cannot start a thread")?;
+    Ok(())
+}
+
+/// Sends the manifest's last entries and its end (or the scan's error).
+fn end_scan(r: Result<()>, builder: Builder, path: &Path, tx: &mpsc::SyncSender<Event>) {
+    let ev = match r {
+        Ok(()) => {
+            let mut tail = Vec::new();
+            let (count, digest) = builder.finish(&mut tail);
+            if !tail.is_empty() && tx.send(Event::Batch(tail, Vec::new())).is_err() {
+                return;
+            }
+            Event::ScanDone(count, digest)
+        }
+        Err(e) => Event::Failed(e.context(format!("reading source {}", path.display()))),
+    };
+    let _ = tx.send(ev);
+}
+
 fn spawn_scanner(
     src: &Source,
     opts: &SendOptions,
@@ -469,12 +560,7 @@ fn spawn_scanner(
     tx: mpsc::SyncSender<Event>,
     progress: Progress,
 ) -> Result<()> {
-    let file = src
-        .file
-        .try_clone()
-        .context("cannot duplicate the source file handle")?;
-    let size = src.info.size;
-    let path = src.path.clone();
+    let (file, size, path) = src.for_thread()?;
     let params = opts.params;
     // Inline, this thread compresses too: the stream's order is the scan's.
     let mut encoder = match (inline, opts.compress_level) {
@@ -515,18 +601,7 @@ fn spawn_scanner(
                 tx.send(Event::Batch(out, chunks))
                     .map_err(|_| anyhow::anyhow!("sender stopped"))
             });
-            let ev = match r {
-                Ok(()) => {
-                    let mut tail = Vec::new();
-                    let (count, digest) = builder.finish(&mut tail);
-                    if !tail.is_empty() && tx.send(Event::Batch(tail, Vec::new())).is_err() {
-                        return;
-                    }
-                    Event::ScanDone(count, digest)
-                }
-                Err(e) => Event::Failed(e.context(format!("reading source {}", path.display()))),
-            };
-            let _ = tx.send(ev);
+            end_scan(r, builder, &path, &tx);
         })
         .context("cannot start a thread")?;
     Ok(())
