@@ -49,6 +49,10 @@ pub const EXAMPLES: &[(&str, &str)] = &[
         "use another ssh port and key",
     ),
     (
+        "vmsync -r --delete /var/lib/libvirt/images/ backup:/srv/images/",
+        "mirror a directory of images; exit 23 if some files failed",
+    ),
+    (
         "vmsync --bwlimit 20M --timeout 300 disk.img backup:/srv/images/",
         "daytime sync: at most 20 MiB/s, give up if the link dies for 5 minutes",
     ),
@@ -67,6 +71,40 @@ pub fn after_help() -> String {
     s
 }
 
+/// Parses the command line, keeping the order of --include and --exclude
+/// (which clap's derive loses between two options).
+pub fn parse() -> Cli {
+    try_parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit())
+}
+
+/// [`parse`] for given arguments.
+pub fn try_parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().try_get_matches_from(args)?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    let mut rules: Vec<(usize, crate::protocol::FilterRule)> = Vec::new();
+    for (id, exclude) in [("include", false), ("exclude", true)] {
+        if let (Some(idx), Some(vals)) = (matches.indices_of(id), matches.get_many::<String>(id)) {
+            for (i, pattern) in idx.zip(vals) {
+                rules.push((
+                    i,
+                    crate::protocol::FilterRule {
+                        exclude,
+                        pattern: pattern.clone(),
+                    },
+                ));
+            }
+        }
+    }
+    rules.sort_by_key(|(i, _)| *i);
+    cli.filters = rules.into_iter().map(|(_, r)| r).collect();
+    Ok(cli)
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "vmsync",
@@ -78,7 +116,7 @@ pub fn after_help() -> String {
     max_term_width = 100
 )]
 pub struct Cli {
-    /// Source file: a local path or [user@]host:path.
+    /// Source file (or directory, with -r): a local path or [user@]host:path.
     #[arg(value_name = "SRC", required_unless_present_any = ["server", "completions"])]
     pub src: Option<OsString>,
 
@@ -89,6 +127,35 @@ pub struct Cli {
     /// Compare only: change nothing; exit 0 if identical, 1 if not, listing differing byte ranges.
     #[arg(long, conflicts_with_all = ["inplace", "verify"])]
     pub check: bool,
+
+    /// Sync a directory tree: regular files (each by the delta engine), directories and symlinks
+    /// (recreated as links, never followed), with permissions and mtimes, and owners when the
+    /// receiving end runs as root. As in rsync, `SRC/` copies the contents of SRC into DST and
+    /// `SRC` copies it to DST/SRC. Fifos, sockets and devices inside the tree are skipped. When
+    /// some files fail the others are still synced, and the exit code is 23.
+    #[arg(short = 'r', long)]
+    pub recursive: bool,
+
+    /// With -r: delete destination entries that the source lacks, once every copy succeeded
+    /// (nothing is deleted when anything failed); excluded entries are kept.
+    #[arg(long, requires = "recursive", conflicts_with = "check")]
+    pub delete: bool,
+
+    /// With -r: include entries matching GLOB (repeatable; see --exclude).
+    #[arg(long, value_name = "GLOB", requires = "recursive")]
+    pub include: Vec<String>,
+
+    /// With -r: leave out entries matching GLOB (repeatable). --include and --exclude rules are
+    /// tried in the order given and the first match decides. GLOB is matched against the path
+    /// relative to the tree: `*` does not cross `/`, `**` does; a GLOB without `/` matches a
+    /// name at any depth, one ending in `/` only directories. An excluded directory is not
+    /// entered, and excluded destination entries are never deleted.
+    #[arg(long, value_name = "GLOB", requires = "recursive")]
+    pub exclude: Vec<String>,
+
+    /// --include and --exclude in command-line order (filled by [`parse`]).
+    #[arg(skip)]
+    pub filters: Vec<crate::protocol::FilterRule>,
 
     /// After writing, re-read the destination from disk and compare it with the source before
     /// committing it (exit 6 on mismatch).

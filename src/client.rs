@@ -4,7 +4,8 @@
 //! Which end sends follows the operands: a local source is scanned here and
 //! the other end receives; a remote source is scanned there and we receive.
 //! Local-to-local starts `vmsync --server` as a child and pushes to it, so
-//! every sync runs the same protocol code.
+//! every sync runs the same protocol code. A recursive run ([`crate::tree`])
+//! runs one such session per file.
 
 use std::os::unix::ffi::OsStrExt;
 use std::time::{Duration, Instant};
@@ -41,16 +42,30 @@ impl Report {
 
 /// Runs the sync (or check) that `cfg` describes.
 pub fn run(cfg: &Config, umask: u32) -> Result<Report> {
-    let start = Instant::now();
-    let silence = Silence::default();
-    silence.set(cfg.timeout_secs);
-    let launch = Launch {
-        rsh: &cfg.rsh,
-        remote_path: &cfg.remote_path,
-        silence: silence.clone(),
-        bwlimit: cfg.bwlimit,
-    };
+    if let Operand::Local(src) = &cfg.src {
+        if src.is_dir() {
+            return Err(is_a_directory(src));
+        }
+    }
     let mut progress = Progress::new(!cfg.quiet && !cfg.json);
+    let report = transfer(cfg, &cfg.src, &cfg.dst, None, umask, &mut progress);
+    progress.finish();
+    report
+}
+
+/// A directory source without `-r`.
+pub(crate) fn is_a_directory(path: &std::path::Path) -> anyhow::Error {
+    fail(
+        Exit::Io,
+        format!(
+            "source {} is a directory; vmsync copies one file (use -r to sync a directory tree)",
+            path.display()
+        ),
+    )
+}
+
+/// The `OPEN` flags for `cfg`'s options.
+pub(crate) fn open_flags(cfg: &Config) -> u32 {
     let mut open_flags = 0;
     for (on, bit) in [
         (cfg.check, flags::CHECK),
@@ -65,8 +80,38 @@ pub fn run(cfg: &Config, umask: u32) -> Result<Report> {
             open_flags |= bit;
         }
     }
-    open_flags |= u32::from(crate::log::level().min(3)) << flags::VERBOSE_SHIFT;
-    let (summary, source_bytes, wire_bytes) = match (&cfg.src, &cfg.dst) {
+    open_flags | u32::from(crate::log::level().min(3)) << flags::VERBOSE_SHIFT
+}
+
+/// How to reach the other end for one session. Each session gets its own
+/// [`Silence`]: it stops that session's child, and `-r` runs several.
+pub(crate) fn launch(cfg: &Config) -> Launch<'_> {
+    let silence = Silence::default();
+    silence.set(cfg.timeout_secs);
+    Launch {
+        rsh: &cfg.rsh,
+        remote_path: &cfg.remote_path,
+        silence,
+        bwlimit: cfg.bwlimit,
+    }
+}
+
+/// Syncs (or checks) one file from `src` to `dst` with `cfg`'s options.
+/// `name` overrides the source's name, which a destination that is a
+/// directory receives the file under: `-r` gives an empty one, so that a
+/// directory where a file belongs is an error, never a place to write into.
+pub(crate) fn transfer(
+    cfg: &Config,
+    src: &Operand,
+    dst: &Operand,
+    name: Option<&[u8]>,
+    umask: u32,
+    progress: &mut Progress,
+) -> Result<Report> {
+    let start = Instant::now();
+    let launch = launch(cfg);
+    let open_flags = open_flags(cfg);
+    let (summary, source_bytes, wire_bytes) = match (src, dst) {
         (Operand::Local(src), dst) => {
             // Fail on a missing source before dialing anyone.
             let source = Source::open(src)?;
@@ -80,10 +125,13 @@ pub fn run(cfg: &Config, umask: u32) -> Result<Report> {
                 compress_level: cfg.compress_level,
                 chunking: cfg.params.code(),
                 path,
-                source_name: src
-                    .file_name()
-                    .map(|n| n.as_bytes().to_vec())
-                    .unwrap_or_default(),
+                source_name: match name {
+                    Some(n) => n.to_vec(),
+                    None => src
+                        .file_name()
+                        .map(|n| n.as_bytes().to_vec())
+                        .unwrap_or_default(),
+                },
                 timeout_secs: cfg.timeout_secs,
                 bwlimit: cfg.bwlimit,
                 sample: cfg.sample,
@@ -101,18 +149,21 @@ pub fn run(cfg: &Config, umask: u32) -> Result<Report> {
                 remote,
                 &launch,
                 open,
-                &mut progress,
+                progress,
                 |reader, writer, progress| sender::send(&source, reader, writer, &opts, progress),
             )?;
             (s.0, size, s.1)
         }
         (Operand::Remote(r), Operand::Local(dst)) => {
-            let name = r
-                .path
-                .rsplit(|&b| b == b'/')
-                .next()
-                .unwrap_or_default()
-                .to_vec();
+            let name = match name {
+                Some(n) => n.to_vec(),
+                None => r
+                    .path
+                    .rsplit(|&b| b == b'/')
+                    .next()
+                    .unwrap_or_default()
+                    .to_vec(),
+            };
             let open = Open {
                 role: Role::Send,
                 flags: open_flags,
@@ -146,7 +197,7 @@ pub fn run(cfg: &Config, umask: u32) -> Result<Report> {
                 Some(r),
                 &launch,
                 open,
-                &mut progress,
+                progress,
                 |reader, writer, progress| {
                     receiver::receive(dst, &name, seeds, reader, writer, &opts, progress)
                 },
@@ -158,7 +209,6 @@ pub fn run(cfg: &Config, umask: u32) -> Result<Report> {
             return Err(fail(Exit::Usage, "remote to remote is not supported"))
         }
     };
-    progress.finish();
     Ok(Report {
         summary,
         source_bytes,
@@ -169,18 +219,14 @@ pub fn run(cfg: &Config, umask: u32) -> Result<Report> {
 }
 
 /// Starts the other end, shakes hands, sends `OPEN`, runs `role`, and
-/// reaps the child. Returns the summary and the wire byte count.
-fn session(
+/// reaps the child. Returns what `role` returned and the wire byte count.
+pub(crate) fn session<T>(
     remote: Option<&Remote>,
     launch: &Launch,
     open: Open,
     progress: &mut Progress,
-    role: impl FnOnce(
-        FrameReader<PeerReader>,
-        &mut FrameWriter<PeerWriter>,
-        &Progress,
-    ) -> Result<Summary>,
-) -> Result<(Summary, u64)> {
+    role: impl FnOnce(FrameReader<PeerReader>, &mut FrameWriter<PeerWriter>, &Progress) -> Result<T>,
+) -> Result<(T, u64)> {
     let (peer, r, w) = transport::spawn(remote, launch)?;
     let mut reader = FrameReader::new(r, &peer.name);
     let mut writer = FrameWriter::new(w, &peer.name);

@@ -39,6 +39,12 @@ pub struct Config {
     /// `--sample K/N`.
     pub sample: Option<(u32, u32)>,
     pub allow_changing_source: bool,
+    /// `-r`: SRC is a tree.
+    pub recursive: bool,
+    /// `--delete` (with `-r`).
+    pub delete: bool,
+    /// `--include`/`--exclude`, in command-line order.
+    pub filters: Vec<crate::protocol::FilterRule>,
 }
 
 /// Parses `K/N` with 1 ≤ K ≤ N ≤ [`crate::protocol::MAX_SAMPLE`].
@@ -97,6 +103,8 @@ impl Config {
                 crate::protocol::MAX_SEEDS
             )));
         }
+        // Bad patterns are usage errors before anything is listed.
+        crate::filter::Filter::new(&cli.filters)?;
         if cli.remote_path.trim().is_empty() {
             return Err(usage("--remote-path is empty"));
         }
@@ -121,6 +129,9 @@ impl Config {
             seeds: cli.seed.clone(),
             sample,
             allow_changing_source: cli.allow_changing_source,
+            recursive: cli.recursive,
+            delete: cli.delete,
+            filters: cli.filters.clone(),
         })
     }
 

@@ -15,7 +15,7 @@
 //! `--inplace`), so nothing outside DIR is read or written. (`--read-only`,
 //! which refuses every role that writes, is enforced by [`crate::server`].)
 
-use std::ffi::{CString, OsStr};
+use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -172,20 +172,7 @@ impl Root {
             {
                 return Err(lookup_error(e, &shown, "destination"))
             }
-            Err(_) => {
-                let name = match rel.components().next_back() {
-                    Some(Component::Normal(n)) => n.to_os_string(),
-                    _ => return Err(refused(&shown)),
-                };
-                let parent = match rel.parent() {
-                    Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-                    _ => PathBuf::from("."),
-                };
-                let dir = self
-                    .open_beneath(&parent, libc::O_PATH | libc::O_DIRECTORY)
-                    .map_err(|e| lookup_error(e, &shown, "the directory of destination"))?;
-                (dir, name)
-            }
+            Err(_) => self.parent_and_name(&rel, &shown, "the directory of destination")?,
         };
         // SAFETY: fchdir on a descriptor we own; O_PATH descriptors are
         // accepted by fchdir(2).
@@ -195,6 +182,58 @@ impl Root {
                 .exit_with(Exit::Io);
         }
         Ok(PathBuf::from(name))
+    }
+}
+
+/// The roots of `-r` runs: the listed tree, or the tree that operations
+/// apply to. Beneath such a root, [`crate::tree`] resolves one name at a
+/// time without following symlinks, so nothing it touches leaves the root.
+impl Root {
+    /// `p` (a tree's root) opened with `O_PATH` beneath DIR, following
+    /// symlinks that stay beneath it; `None` when it does not exist.
+    pub fn open_tree(&self, p: &Path) -> Result<Option<OwnedFd>> {
+        let rel = self.relative(p)?;
+        match self.open_beneath(&rel, libc::O_PATH) {
+            Ok(fd) => Ok(Some(fd)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(lookup_error(e, &p.display().to_string(), "directory")),
+        }
+    }
+
+    /// The directory holding `rel` (opened beneath DIR) and `rel`'s last
+    /// name, which must be a plain name (not `..`).
+    fn parent_and_name(&self, rel: &Path, shown: &str, what: &str) -> Result<(OwnedFd, OsString)> {
+        let name = match rel.components().next_back() {
+            Some(Component::Normal(n)) => n.to_os_string(),
+            _ => return Err(refused(shown)),
+        };
+        let parent = match rel.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let dir = self
+            .open_beneath(&parent, libc::O_PATH | libc::O_DIRECTORY)
+            .map_err(|e| lookup_error(e, shown, what))?;
+        Ok((dir, name))
+    }
+
+    /// Creates the directory `p` beneath DIR; its parent must exist.
+    pub fn make_dir(&self, p: &Path, mode: u32) -> Result<()> {
+        let shown = p.display().to_string();
+        let rel = self.relative(p)?;
+        let (dir, name) = self.parent_and_name(&rel, &shown, "the parent directory of")?;
+        let name = CString::new(name.as_bytes())
+            .map_err(|_| fail(Exit::Usage, "a path with a NUL byte"))?;
+        // SAFETY: a valid directory descriptor and a NUL-terminated name.
+        if unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                return Err(e)
+                    .with_context(|| format!("cannot create directory {shown}"))
+                    .exit_with(Exit::Io);
+            }
+        }
+        Ok(())
     }
 }
 

@@ -30,6 +30,9 @@ pub enum Exit {
     SourceChanged = 7,
     /// Another vmsync holds the destination's lock.
     Locked = 8,
+    /// `-r`: some files (or other entries) of the tree failed; the others
+    /// were synced (rsync's code for the same case).
+    Partial = 23,
     /// Interrupted by SIGINT.
     Interrupted = 130,
     /// Terminated by SIGTERM.
@@ -67,6 +70,10 @@ pub const EXIT_CODES: &[(u8, &str)] = &[
         "the destination is locked by another vmsync run (its pid and host are named)",
     ),
     (
+        23,
+        "partial transfer: some files failed (with -r; the others were synced, the summary lists the failures)",
+    ),
+    (
         130,
         "interrupted by SIGINT (143: SIGTERM, 129: SIGHUP); destination left unchanged",
     ),
@@ -88,6 +95,7 @@ impl Exit {
             6 => Exit::Verify,
             7 => Exit::SourceChanged,
             8 => Exit::Locked,
+            23 => Exit::Partial,
             130 => Exit::Interrupted,
             143 => Exit::Terminated,
             _ => Exit::Protocol,

@@ -3,14 +3,18 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::Parser;
+use vmsync::{client, config::Config, report, server, signals, tree};
 
-use vmsync::{cli::Cli, client, config::Config, report, server, signals};
+/// What a run produced: one file's report, or a tree's.
+enum Outcome {
+    File(client::Report),
+    Tree(tree::TreeReport),
+}
 
 fn main() -> ExitCode {
     let umask = vmsync::read_umask();
     signals::install();
-    let cli = Cli::parse();
+    let cli = vmsync::cli::parse();
     if cli.server {
         signals::set_quiet(true);
         let limits = server::Limits {
@@ -22,7 +26,7 @@ fn main() -> ExitCode {
         return ExitCode::from(code.code());
     }
     if let Some(shell) = cli.completions {
-        let mut cmd = <Cli as clap::CommandFactory>::command();
+        let mut cmd = <vmsync::cli::Cli as clap::CommandFactory>::command();
         clap_complete::generate(shell, &mut cmd, "vmsync", &mut std::io::stdout());
         return ExitCode::SUCCESS;
     }
@@ -43,25 +47,43 @@ fn main() -> ExitCode {
     }
     let start = Instant::now();
     let outcome = Config::from_cli(&cli).and_then(|cfg| {
-        let r = client::run(&cfg, umask)?;
+        let r = if cfg.recursive {
+            Outcome::Tree(tree::run(&cfg, umask)?)
+        } else {
+            Outcome::File(client::run(&cfg, umask)?)
+        };
         Ok((cfg, r))
     });
     signals::hold_if_interrupted();
     let exit = match &outcome {
-        Ok((cfg, r)) => {
+        Ok((cfg, Outcome::File(r))) => {
             report::print(r, cfg.stats, cfg.json, cfg.quiet);
             r.exit()
         }
-        Err(e) => report::error(e, cli.json),
+        Ok((cfg, Outcome::Tree(r))) => {
+            report::print_tree(r, cfg.stats, cfg.json, cfg.quiet);
+            r.exit()
+        }
+        Err(e) => report::error(e, cli.json, cli.recursive),
     };
-    report::log_outcome(outcome.as_ref().map(|(_, r)| r), exit);
+    // A tree is recorded by its totals, as one series for its destination.
+    let totals = match &outcome {
+        Ok((_, Outcome::File(r))) => Some(r.clone()),
+        Ok((_, Outcome::Tree(r))) => Some(r.totals()),
+        Err(_) => None,
+    };
+    match &outcome {
+        Ok((_, Outcome::Tree(r))) => report::log_tree_outcome(r, exit),
+        Ok((_, Outcome::File(r))) => report::log_outcome(Ok(r), exit),
+        Err(e) => report::log_outcome(Err(e), exit),
+    }
     if let (Some(path), Some(src), Some(dst)) = (&cli.metrics_file, &cli.src, &cli.dst) {
         report::write_metrics(
             path,
             &src.to_string_lossy(),
             &dst.to_string_lossy(),
             cli.check,
-            outcome.as_ref().ok().map(|(_, r)| r),
+            totals.as_ref(),
             exit,
             start.elapsed(),
         );

@@ -29,7 +29,7 @@
 //!
 //! | type | name           | direction     | payload |
 //! |------|----------------|---------------|---------|
-//! | 1    | `OPEN`         | client→server | role u8 (0 server sends, 1 server receives), flags u32, compress level u8, chunking u32 (see `ChunkParams::code`), path bytes, source name bytes, timeout seconds u32 (0 = none; ≤ [`MAX_TIMEOUT`]), bandwidth limit bytes/s u64 (0 = none), sample k u32 and n u32 (0, 0 = whole file; else 1 ≤ k ≤ n ≤ [`MAX_SAMPLE`]), seed count u32 (≤ [`MAX_SEEDS`]) × seed path bytes |
+//! | 1    | `OPEN`         | client→server | role u8 (0 server sends, 1 server receives, 2 server lists its tree, 3 server applies operations to its tree), flags u32, compress level u8, chunking u32 (see `ChunkParams::code`), path bytes, source name bytes, timeout seconds u32 (0 = none; ≤ [`MAX_TIMEOUT`]), bandwidth limit bytes/s u64 (0 = none), sample k u32 and n u32 (0, 0 = whole file; else 1 ≤ k ≤ n ≤ [`MAX_SAMPLE`]), seed count u32 (≤ [`MAX_SEEDS`]) × seed path bytes |
 //! | 2    | `ERROR`        | either        | exit code u8, message bytes (UTF-8, ≤ 64 KiB) |
 //! | 3    | `FILE_INFO`    | sender→recv   | size u64, mtime seconds i64, mtime nanoseconds u32, mode u32 (full `st_mode`: `S_IFBLK` marks a block device source, never quick-checked, whose mtime is the time of the copy) |
 //! | 4    | `START`        | recv→sender   | u8: 0 = send the manifest, 1 = up to date (quick check), 2 = send the manifest with every data chunk inline (nothing to reuse) |
@@ -42,6 +42,18 @@
 //! | 11   | `BLOCK_HASHES` | sender→recv   | entry index u64, count u32 (≤ [`MAX_PIECES`]), count × 8-byte piece hash |
 //! | 12   | `PIECE_REQUEST`| recv→sender   | entry index u64, piece count u32 (≤ [`MAX_PIECES`]), bitmap of ⌈count/8⌉ bytes: pieces to send |
 //! | 13   | `KEEPALIVE`    | either        | empty: "still here, busy"; skipped by [`FrameReader::read_msg`] |
+//! | 14   | `LIST`         | client→server | after `OPEN` with role 2: flags u32 (1 = a missing path is an empty listing, not an error), rule count u32 (≤ [`MAX_RULES`]) × (exclude u8: 0 include, 1 exclude; pattern bytes, 1 to [`MAX_PATTERN`] bytes of UTF-8) |
+//! | 15   | `ENTRIES`      | server→client | count u32 (1 ≤ n ≤ [`MAX_LIST_BATCH`]) × entry: kind u8 (0 file, 1 directory, 2 symlink, 3 other: fifo, socket, device; 4 unreadable), path bytes (relative, see below), size u64, mtime seconds i64, mtime nanoseconds u32 (< 10⁹), mode u32 (full `st_mode`, type bits matching the kind for 0–2), uid u32, gid u32, target bytes (≤ [`MAX_PATH`]: the link text of a symlink, never empty; why, for an unreadable entry; empty for the others) |
+//! | 16   | `LIST_END`     | server→client | entry count u64 (≤ [`MAX_ENTRIES`]): how many entries the `ENTRIES` carried |
+//! | 17   | `APPLY`        | client→server | after `OPEN` with role 3: count u32 (1 ≤ n ≤ [`MAX_OPS`]) × op: code u8, path bytes (relative to `OPEN`'s path, see below; empty = that directory itself, for `MKDIR` and `ATTRS` only), then by code: 0 `MKDIR` mode u32 (≤ 0o7777); 1 `SYMLINK` target bytes (1 to [`MAX_PATH`], no NUL); 2 `ATTRS` which u8 (1 mode, 2 owner, 4 mtime; not 0), mode u32 (≤ 0o7777), uid u32, gid u32, mtime seconds i64, mtime nanoseconds u32 (< 10⁹); 3 `DELETE` nothing |
+//! | 18   | `APPLIED`      | server→client | count u32 (1 ≤ n ≤ [`MAX_OPS`], one per op of the `APPLY` it answers, in order) × (status u8: 0 done, else the exit code of the op's failure; message bytes, ≤ [`MAX_OP_MESSAGE`] bytes of UTF-8: the failure, or with status 0 a warning or nothing) |
+//! | 19   | `END`          | client→server | empty: no more `APPLY`; the server exits |
+//!
+//! A relative path in `ENTRIES` and `APPLY` is at most [`MAX_PATH`] bytes of
+//! `/`-separated names, none empty, `.` or `..`, with no NUL, no leading
+//! and no trailing `/`: it cannot name anything outside the directory it is
+//! relative to. Only the first entry of a listing has the empty path (the
+//! listed path itself).
 //!
 //! A run: hello both ways; `OPEN`; the sender sends `FILE_INFO`; the
 //! receiver answers `START`; the sender streams `MANIFEST`…`MANIFEST_END`
@@ -51,6 +63,14 @@
 //! answers `PIECE_REQUEST` for the pieces it did not find, which come back
 //! as a `CHUNK` carrying only those pieces; the receiver ends with `DONE`. `ERROR` may come at any
 //! point and ends the run with its exit code.
+//!
+//! `-r` adds two roles. List (role 2): the client sends `LIST` with the
+//! `--include`/`--exclude` rules; the server walks its path without
+//! following symlinks and streams `ENTRIES`, the path itself first, each
+//! directory before what it holds, then `LIST_END`. Apply (role 3): the
+//! client sends batches of operations on the server's tree as `APPLY`, each
+//! answered by `APPLIED`, then `END`. Files themselves travel in ordinary
+//! runs, one per file.
 //!
 //! With `--timeout T` (sent in `OPEN`), each end treats T seconds without a
 //! byte from the other as a dead peer, and sends `KEEPALIVE` whenever it has
@@ -87,6 +107,19 @@ pub const MAX_SAMPLE: u32 = 1_000_000;
 pub const MAX_TIMEOUT: u32 = 86_400;
 /// Most difference ranges listed in `DONE` (the total is always exact).
 pub const MAX_RANGES: usize = 4096;
+/// Most `--include`/`--exclude` rules in `LIST`.
+pub const MAX_RULES: usize = 256;
+/// Longest `--include`/`--exclude` pattern.
+pub const MAX_PATTERN: usize = 1024;
+/// Most entries in one `ENTRIES` (at most ~8 KiB each: well inside a frame).
+pub const MAX_LIST_BATCH: usize = 512;
+/// Most entries in a listing: directories of disk images hold few files,
+/// and the client keeps the whole listing in memory.
+pub const MAX_ENTRIES: u64 = 1 << 20;
+/// Most operations in one `APPLY` (at most ~8 KiB each).
+pub const MAX_OPS: usize = 512;
+/// Longest message about one operation in `APPLIED`.
+pub const MAX_OP_MESSAGE: usize = 1024;
 
 const T_OPEN: u8 = 1;
 const T_ERROR: u8 = 2;
@@ -101,6 +134,12 @@ const T_BLOCK_REQUEST: u8 = 10;
 const T_BLOCK_HASHES: u8 = 11;
 const T_PIECE_REQUEST: u8 = 12;
 const T_KEEPALIVE: u8 = 13;
+const T_LIST: u8 = 14;
+const T_ENTRIES: u8 = 15;
+const T_LIST_END: u8 = 16;
+const T_APPLY: u8 = 17;
+const T_APPLIED: u8 = 18;
+const T_END: u8 = 19;
 
 /// `CHUNK` encoding bits.
 const ENC_ZSTD: u8 = 1;
@@ -114,6 +153,120 @@ pub enum Role {
     Send,
     /// The server receives into its file.
     Receive,
+    /// The server lists the tree at its path (`-r`).
+    List,
+    /// The server applies operations to the tree at its path (`-r`).
+    Apply,
+}
+
+/// `LIST` flags.
+pub mod list_flags {
+    /// A path that does not exist is an empty listing, not an error (a
+    /// destination not created yet).
+    pub const MISSING_OK: u32 = 1;
+    pub const ALL: u32 = MISSING_OK;
+}
+
+/// An `--include` or `--exclude` rule, as sent in `LIST`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilterRule {
+    pub exclude: bool,
+    pub pattern: String,
+}
+
+/// What a listed entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+    /// A fifo, socket or device: listed, never copied.
+    Other,
+    /// Could not be read (a directory without permission): its `target`
+    /// says why. A listing with one is incomplete.
+    Unreadable,
+}
+
+/// One entry of a listing (`ENTRIES`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListEntry {
+    pub kind: EntryKind,
+    /// Relative to the listed path; empty for the path itself.
+    pub path: Vec<u8>,
+    pub size: u64,
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+    /// Full `st_mode`.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// A symlink's text, or why an entry is unreadable; else empty.
+    pub target: Vec<u8>,
+}
+
+/// `ATTRS` bits: which attributes to set.
+pub mod attrs {
+    pub const MODE: u8 = 1;
+    /// Owner and group; applied only by a server running as root.
+    pub const OWNER: u8 = 2;
+    pub const MTIME: u8 = 4;
+    pub const ALL: u8 = MODE | OWNER | MTIME;
+}
+
+/// One operation on the server's tree (`APPLY`). Paths are relative to
+/// the `OPEN` path and never lead out of it; no operation follows a
+/// symlink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Create a directory (replacing a symlink in the way); an existing
+    /// directory is left as it is.
+    Mkdir { path: Vec<u8>, mode: u32 },
+    /// Make `path` a symlink to `target`, replacing a file or link there.
+    Symlink { path: Vec<u8>, target: Vec<u8> },
+    /// Set the attributes that `which` ([`attrs`]) names.
+    Attrs {
+        path: Vec<u8>,
+        which: u8,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        mtime_sec: i64,
+        mtime_nsec: u32,
+    },
+    /// Remove a file, a symlink or an empty directory.
+    Delete { path: Vec<u8> },
+}
+
+impl Op {
+    pub fn path(&self) -> &[u8] {
+        match self {
+            Op::Mkdir { path, .. }
+            | Op::Symlink { path, .. }
+            | Op::Attrs { path, .. }
+            | Op::Delete { path } => path,
+        }
+    }
+}
+
+/// How one operation went (`APPLIED`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpResult {
+    /// 0 done, else the exit code of its failure.
+    pub status: u8,
+    /// The failure, or a warning (status 0), or empty.
+    pub message: String,
+}
+
+/// Whether `p` is a relative path that cannot leave the directory it is
+/// relative to (see the module doc); `allow_empty` for the directory itself.
+pub fn valid_rel_path(p: &[u8], allow_empty: bool) -> bool {
+    if p.is_empty() {
+        return allow_empty;
+    }
+    p.len() <= MAX_PATH
+        && !p.contains(&0)
+        && p.split(|&b| b == b'/')
+            .all(|c| !c.is_empty() && c != b"." && c != b"..")
 }
 
 /// How the receiver wants the run to go (`START`).
@@ -231,6 +384,15 @@ pub enum Msg {
         bitmap: Vec<u8>,
     },
     KeepAlive,
+    List {
+        flags: u32,
+        rules: Vec<FilterRule>,
+    },
+    Entries(Vec<ListEntry>),
+    ListEnd(u64),
+    Apply(Vec<Op>),
+    Applied(Vec<OpResult>),
+    End,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -262,6 +424,12 @@ impl Msg {
             Msg::BlockHashes { .. } => "BLOCK_HASHES",
             Msg::PieceRequest { .. } => "PIECE_REQUEST",
             Msg::KeepAlive => "KEEPALIVE",
+            Msg::List { .. } => "LIST",
+            Msg::Entries(_) => "ENTRIES",
+            Msg::ListEnd(_) => "LIST_END",
+            Msg::Apply(_) => "APPLY",
+            Msg::Applied(_) => "APPLIED",
+            Msg::End => "END",
         }
     }
 
@@ -285,6 +453,8 @@ impl Msg {
                 out.push(match o.role {
                     Role::Send => 0,
                     Role::Receive => 1,
+                    Role::List => 2,
+                    Role::Apply => 3,
                 });
                 out.extend_from_slice(&o.flags.to_le_bytes());
                 out.push(o.compress_level);
@@ -361,6 +531,89 @@ impl Msg {
                 out.extend_from_slice(bitmap);
             }
             Msg::KeepAlive => out.push(T_KEEPALIVE),
+            Msg::List { flags, rules } => {
+                out.push(T_LIST);
+                out.extend_from_slice(&flags.to_le_bytes());
+                out.extend_from_slice(&(rules.len() as u32).to_le_bytes());
+                for r in rules {
+                    out.push(u8::from(r.exclude));
+                    put_bytes(out, r.pattern.as_bytes());
+                }
+            }
+            Msg::Entries(entries) => {
+                out.push(T_ENTRIES);
+                out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+                for e in entries {
+                    out.push(match e.kind {
+                        EntryKind::File => 0,
+                        EntryKind::Dir => 1,
+                        EntryKind::Symlink => 2,
+                        EntryKind::Other => 3,
+                        EntryKind::Unreadable => 4,
+                    });
+                    put_bytes(out, &e.path);
+                    out.extend_from_slice(&e.size.to_le_bytes());
+                    out.extend_from_slice(&e.mtime_sec.to_le_bytes());
+                    out.extend_from_slice(&e.mtime_nsec.to_le_bytes());
+                    for v in [e.mode, e.uid, e.gid] {
+                        out.extend_from_slice(&v.to_le_bytes());
+                    }
+                    put_bytes(out, &e.target);
+                }
+            }
+            Msg::ListEnd(count) => {
+                out.push(T_LIST_END);
+                out.extend_from_slice(&count.to_le_bytes());
+            }
+            Msg::Apply(ops) => {
+                out.push(T_APPLY);
+                out.extend_from_slice(&(ops.len() as u32).to_le_bytes());
+                for op in ops {
+                    match op {
+                        Op::Mkdir { path, mode } => {
+                            out.push(0);
+                            put_bytes(out, path);
+                            out.extend_from_slice(&mode.to_le_bytes());
+                        }
+                        Op::Symlink { path, target } => {
+                            out.push(1);
+                            put_bytes(out, path);
+                            put_bytes(out, target);
+                        }
+                        Op::Attrs {
+                            path,
+                            which,
+                            mode,
+                            uid,
+                            gid,
+                            mtime_sec,
+                            mtime_nsec,
+                        } => {
+                            out.push(2);
+                            put_bytes(out, path);
+                            out.push(*which);
+                            for v in [mode, uid, gid] {
+                                out.extend_from_slice(&v.to_le_bytes());
+                            }
+                            out.extend_from_slice(&mtime_sec.to_le_bytes());
+                            out.extend_from_slice(&mtime_nsec.to_le_bytes());
+                        }
+                        Op::Delete { path } => {
+                            out.push(3);
+                            put_bytes(out, path);
+                        }
+                    }
+                }
+            }
+            Msg::Applied(results) => {
+                out.push(T_APPLIED);
+                out.extend_from_slice(&(results.len() as u32).to_le_bytes());
+                for r in results {
+                    out.push(r.status);
+                    put_bytes(out, truncate_utf8(&r.message, MAX_OP_MESSAGE).as_bytes());
+                }
+            }
+            Msg::End => out.push(T_END),
             Msg::Chunk(c) => {
                 out.push(T_CHUNK);
                 out.extend_from_slice(&c.index.to_le_bytes());
@@ -414,6 +667,8 @@ impl Msg {
                 let role = match r.u8()? {
                     0 => Role::Send,
                     1 => Role::Receive,
+                    2 => Role::List,
+                    3 => Role::Apply,
                     x => return Err(malformed(format!("OPEN with unknown role {x}"))),
                 };
                 let flags = r.u32()?;
@@ -527,6 +782,79 @@ impl Msg {
                 }
             }
             T_KEEPALIVE => Msg::KeepAlive,
+            T_LIST => {
+                let flags = r.u32()?;
+                if flags & !list_flags::ALL != 0 {
+                    return Err(malformed(format!("LIST with unknown flags {flags:#x}")));
+                }
+                let n = r.u32()? as usize;
+                if n > MAX_RULES {
+                    return Err(malformed(format!("LIST with {n} rules")));
+                }
+                let mut rules = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let exclude = match r.u8()? {
+                        0 => false,
+                        1 => true,
+                        x => return Err(malformed(format!("LIST rule of kind {x}"))),
+                    };
+                    let p = r.bytes(MAX_PATTERN)?;
+                    let pattern = std::str::from_utf8(p)
+                        .ok()
+                        .filter(|p| !p.is_empty() && !p.contains('\0'))
+                        .ok_or_else(|| malformed("LIST with an empty or invalid pattern"))?;
+                    rules.push(FilterRule {
+                        exclude,
+                        pattern: pattern.to_string(),
+                    });
+                }
+                Msg::List { flags, rules }
+            }
+            T_ENTRIES => {
+                let n = r.u32()? as usize;
+                if n == 0 || n > MAX_LIST_BATCH {
+                    return Err(malformed(format!("ENTRIES with {n} entries")));
+                }
+                let mut entries = Vec::with_capacity(n);
+                for _ in 0..n {
+                    entries.push(decode_entry(&mut r)?);
+                }
+                Msg::Entries(entries)
+            }
+            T_LIST_END => {
+                let count = r.u64()?;
+                if count > MAX_ENTRIES {
+                    return Err(malformed(format!("LIST_END with {count} entries")));
+                }
+                Msg::ListEnd(count)
+            }
+            T_APPLY => {
+                let n = r.u32()? as usize;
+                if n == 0 || n > MAX_OPS {
+                    return Err(malformed(format!("APPLY with {n} operations")));
+                }
+                let mut ops = Vec::with_capacity(n);
+                for _ in 0..n {
+                    ops.push(decode_op(&mut r)?);
+                }
+                Msg::Apply(ops)
+            }
+            T_APPLIED => {
+                let n = r.u32()? as usize;
+                if n == 0 || n > MAX_OPS {
+                    return Err(malformed(format!("APPLIED with {n} results")));
+                }
+                let mut results = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let status = r.u8()?;
+                    let message = std::str::from_utf8(r.bytes(MAX_OP_MESSAGE)?)
+                        .map_err(|_| malformed("APPLIED with a message that is not UTF-8"))?
+                        .to_string();
+                    results.push(OpResult { status, message });
+                }
+                Msg::Applied(results)
+            }
+            T_END => Msg::End,
             T_CHUNK => {
                 let index = r.u64()?;
                 let raw_len = r.u32()?;
@@ -593,6 +921,126 @@ impl Msg {
         }
         Ok(msg)
     }
+}
+
+fn decode_entry(r: &mut Rd<'_>) -> Result<ListEntry> {
+    let kind = match r.u8()? {
+        0 => EntryKind::File,
+        1 => EntryKind::Dir,
+        2 => EntryKind::Symlink,
+        3 => EntryKind::Other,
+        4 => EntryKind::Unreadable,
+        x => return Err(malformed(format!("entry of kind {x}"))),
+    };
+    let path = r.bytes(MAX_PATH)?.to_vec();
+    let e = ListEntry {
+        kind,
+        size: r.u64()?,
+        mtime_sec: r.u64()? as i64,
+        mtime_nsec: r.u32()?,
+        mode: r.u32()?,
+        uid: r.u32()?,
+        gid: r.u32()?,
+        target: r.bytes(MAX_PATH)?.to_vec(),
+        path,
+    };
+    let shown = String::from_utf8_lossy(&e.path);
+    if !valid_rel_path(&e.path, true) {
+        return Err(malformed(format!("entry with the path {shown:?}")));
+    }
+    if e.mtime_nsec > 999_999_999 {
+        return Err(malformed(format!(
+            "entry {shown:?} with {} ns",
+            e.mtime_nsec
+        )));
+    }
+    let file_type = e.mode & libc::S_IFMT;
+    let type_ok = match kind {
+        EntryKind::File => file_type == libc::S_IFREG,
+        EntryKind::Dir => file_type == libc::S_IFDIR,
+        EntryKind::Symlink => file_type == libc::S_IFLNK,
+        EntryKind::Other => ![libc::S_IFREG, libc::S_IFDIR, libc::S_IFLNK].contains(&file_type),
+        EntryKind::Unreadable => true,
+    };
+    let target_ok = match kind {
+        EntryKind::Symlink | EntryKind::Unreadable => {
+            !e.target.is_empty() && !e.target.contains(&0)
+        }
+        _ => e.target.is_empty(),
+    };
+    if !type_ok || !target_ok {
+        return Err(malformed(format!(
+            "entry {shown:?} whose mode or target does not fit its kind"
+        )));
+    }
+    Ok(e)
+}
+
+fn decode_op(r: &mut Rd<'_>) -> Result<Op> {
+    let code = r.u8()?;
+    let path = r.bytes(MAX_PATH)?.to_vec();
+    let shown = String::from_utf8_lossy(&path).into_owned();
+    // The directory itself may be created or given attributes, never
+    // replaced or deleted.
+    if !valid_rel_path(&path, matches!(code, 0 | 2)) {
+        return Err(malformed(format!("operation on the path {shown:?}")));
+    }
+    let op = match code {
+        0 => Op::Mkdir {
+            path,
+            mode: r.u32()?,
+        },
+        1 => {
+            let target = r.bytes(MAX_PATH)?.to_vec();
+            if target.is_empty() || target.contains(&0) {
+                return Err(malformed(format!(
+                    "SYMLINK {shown:?} with an empty or NUL target"
+                )));
+            }
+            Op::Symlink { path, target }
+        }
+        2 => {
+            let which = r.u8()?;
+            if which == 0 || which & !attrs::ALL != 0 {
+                return Err(malformed(format!("ATTRS {shown:?} setting {which:#x}")));
+            }
+            let op = Op::Attrs {
+                path,
+                which,
+                mode: r.u32()?,
+                uid: r.u32()?,
+                gid: r.u32()?,
+                mtime_sec: r.u64()? as i64,
+                mtime_nsec: r.u32()?,
+            };
+            if let Op::Attrs { mtime_nsec, .. } = op {
+                if mtime_nsec > 999_999_999 {
+                    return Err(malformed(format!("ATTRS {shown:?} with {mtime_nsec} ns")));
+                }
+            }
+            op
+        }
+        3 => Op::Delete { path },
+        x => return Err(malformed(format!("operation {x} on {shown:?}"))),
+    };
+    match op {
+        Op::Mkdir { mode, .. } | Op::Attrs { mode, .. } if mode & !0o7777 != 0 => {
+            Err(malformed(format!("mode {mode:#o} for {shown:?}")))
+        }
+        op => Ok(op),
+    }
+}
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
@@ -1021,6 +1469,209 @@ mod tests {
             range_count: 9,
             ranges: vec![(1, 2), (3, 4)],
         }));
+    }
+
+    fn entry(kind: EntryKind, path: &str, mode: u32, target: &str) -> ListEntry {
+        ListEntry {
+            kind,
+            path: path.as_bytes().to_vec(),
+            size: 1 << 40,
+            mtime_sec: -3,
+            mtime_nsec: 999_999_999,
+            mode,
+            uid: 1000,
+            gid: u32::MAX,
+            target: target.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn tree_messages_round_trip() {
+        for role in [Role::List, Role::Apply] {
+            round_trip(Msg::Open(Open {
+                role,
+                flags: 0,
+                compress_level: 0,
+                chunking: 65536,
+                path: b"/srv/images".to_vec(),
+                source_name: Vec::new(),
+                timeout_secs: 0,
+                bwlimit: 0,
+                sample: None,
+                seeds: Vec::new(),
+            }));
+        }
+        round_trip(Msg::List {
+            flags: list_flags::MISSING_OK,
+            rules: vec![
+                FilterRule {
+                    exclude: false,
+                    pattern: "keep.tmp".into(),
+                },
+                FilterRule {
+                    exclude: true,
+                    pattern: "**/*.tmp".into(),
+                },
+            ],
+        });
+        round_trip(Msg::List {
+            flags: 0,
+            rules: Vec::new(),
+        });
+        round_trip(Msg::Entries(vec![
+            entry(EntryKind::Dir, "", libc::S_IFDIR | 0o755, ""),
+            entry(EntryKind::File, "a b/disk.img", libc::S_IFREG | 0o600, ""),
+            entry(
+                EntryKind::Symlink,
+                "a b/l",
+                libc::S_IFLNK | 0o777,
+                "../../etc",
+            ),
+            entry(EntryKind::Other, "fifo", libc::S_IFIFO | 0o644, ""),
+            entry(EntryKind::Unreadable, "locked", 0, "permission denied"),
+        ]));
+        round_trip(Msg::ListEnd(MAX_ENTRIES));
+        round_trip(Msg::Apply(vec![
+            Op::Mkdir {
+                path: Vec::new(),
+                mode: 0o755,
+            },
+            Op::Mkdir {
+                path: b"a/b".to_vec(),
+                mode: 0o7777,
+            },
+            Op::Symlink {
+                path: b"a/l".to_vec(),
+                target: b"/anywhere".to_vec(),
+            },
+            Op::Attrs {
+                path: b"a".to_vec(),
+                which: attrs::ALL,
+                mode: 0o2750,
+                uid: 0,
+                gid: 7,
+                mtime_sec: i64::MIN,
+                mtime_nsec: 1,
+            },
+            Op::Delete {
+                path: b"a/old.img".to_vec(),
+            },
+        ]));
+        round_trip(Msg::Applied(vec![
+            OpResult {
+                status: 0,
+                message: String::new(),
+            },
+            OpResult {
+                status: 3,
+                message: "Permission denied ✗".into(),
+            },
+        ]));
+        round_trip(Msg::End);
+        // A message longer than the limit is cut at a character boundary.
+        let mut buf = Vec::new();
+        Msg::Applied(vec![OpResult {
+            status: 3,
+            message: "é".repeat(MAX_OP_MESSAGE),
+        }])
+        .encode(&mut buf);
+        let Msg::Applied(r) = Msg::decode(&buf).unwrap() else {
+            panic!("not APPLIED")
+        };
+        assert!(r[0].message.len() <= MAX_OP_MESSAGE && r[0].message.starts_with('é'));
+    }
+
+    #[test]
+    fn tree_messages_are_validated() {
+        let encode = |m: Msg| {
+            let mut b = Vec::new();
+            m.encode(&mut b);
+            b
+        };
+        let bad_entries = [
+            entry(EntryKind::File, "../x", libc::S_IFREG, ""),
+            entry(EntryKind::File, "/x", libc::S_IFREG, ""),
+            entry(EntryKind::File, "a//x", libc::S_IFREG, ""),
+            entry(EntryKind::File, "a/./x", libc::S_IFREG, ""),
+            entry(EntryKind::File, "x/", libc::S_IFREG, ""),
+            entry(EntryKind::File, "x\0", libc::S_IFREG, ""),
+            entry(EntryKind::File, "x", libc::S_IFDIR, ""),
+            entry(EntryKind::Symlink, "x", libc::S_IFLNK, ""),
+            entry(EntryKind::File, "x", libc::S_IFREG, "target"),
+            entry(EntryKind::Other, "x", libc::S_IFREG, ""),
+        ];
+        for e in bad_entries {
+            let err = Msg::decode(&encode(Msg::Entries(vec![e.clone()]))).unwrap_err();
+            assert_eq!(exit_code_of(&err), Exit::Protocol, "{e:?}");
+        }
+        let mut e = entry(EntryKind::File, "x", libc::S_IFREG, "");
+        e.mtime_nsec = 1_000_000_000;
+        assert!(Msg::decode(&encode(Msg::Entries(vec![e]))).is_err());
+        let bad_ops = [
+            Op::Delete { path: Vec::new() },
+            Op::Symlink {
+                path: Vec::new(),
+                target: b"x".to_vec(),
+            },
+            Op::Delete {
+                path: b"a/../../b".to_vec(),
+            },
+            Op::Symlink {
+                path: b"l".to_vec(),
+                target: Vec::new(),
+            },
+            Op::Mkdir {
+                path: b"d".to_vec(),
+                mode: 0o10000,
+            },
+            Op::Attrs {
+                path: b"d".to_vec(),
+                which: 0,
+                mode: 0,
+                uid: 0,
+                gid: 0,
+                mtime_sec: 0,
+                mtime_nsec: 0,
+            },
+            Op::Attrs {
+                path: b"d".to_vec(),
+                which: attrs::MTIME,
+                mode: 0,
+                uid: 0,
+                gid: 0,
+                mtime_sec: 0,
+                mtime_nsec: 1_000_000_000,
+            },
+        ];
+        for op in bad_ops {
+            let err = Msg::decode(&encode(Msg::Apply(vec![op.clone()]))).unwrap_err();
+            assert_eq!(exit_code_of(&err), Exit::Protocol, "{op:?}");
+        }
+        for frame in [
+            vec![T_ENTRIES, 0, 0, 0, 0],
+            vec![T_APPLY, 0, 0, 0, 0],
+            vec![T_APPLIED, 0, 0, 0, 0],
+            vec![T_ENTRIES, 255, 255, 255, 255],
+            vec![T_APPLY, 255, 255, 255, 255],
+            vec![T_LIST, 2, 0, 0, 0, 0, 0, 0, 0],
+            vec![T_LIST, 0, 0, 0, 0, 255, 255, 0, 0],
+            vec![T_LIST_END, 255, 255, 255, 255, 255, 255, 255, 255],
+            vec![T_END, 0],
+        ] {
+            let e = Msg::decode(&frame).unwrap_err();
+            assert_eq!(exit_code_of(&e), Exit::Protocol, "{frame:?}");
+        }
+        // The largest batches fit in a frame.
+        let long = |c: u8| vec![c; MAX_PATH];
+        let mut e = entry(EntryKind::Symlink, "", libc::S_IFLNK, "");
+        e.path = [b"a/".repeat(MAX_PATH / 2 - 1), b"b".to_vec()].concat();
+        e.target = long(b't');
+        assert!(encode(Msg::Entries(vec![e; MAX_LIST_BATCH])).len() <= MAX_FRAME);
+        let op = Op::Symlink {
+            path: long(b'p'),
+            target: long(b't'),
+        };
+        assert!(encode(Msg::Apply(vec![op; MAX_OPS])).len() <= MAX_FRAME);
     }
 
     #[test]

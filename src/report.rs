@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use crate::client::Report;
 use crate::error::{exit_code_of, message_of, Exit};
+use crate::tree::TreeReport;
 use crate::units::bytes;
 
 /// Ranges listed before "… and N more".
@@ -51,6 +52,14 @@ pub fn print(report: &Report, stats: bool, json_out: bool, quiet: bool) {
         }
     }
     if stats {
+        print_stats(&mut out, report);
+    }
+}
+
+/// The `--stats` lines for one file, or a tree's totals.
+fn print_stats(out: &mut impl Write, report: &Report) {
+    let s = &report.summary;
+    {
         let secs = report.duration.as_secs_f64();
         let speedup = if report.wire_bytes == 0 {
             0.0
@@ -107,6 +116,156 @@ pub fn print(report: &Report, stats: bool, json_out: bool, quiet: bool) {
     }
 }
 
+/// Prints a completed recursive run: differences or failures, and the
+/// totals with `--stats`, or one JSON object.
+pub fn print_tree(report: &TreeReport, stats: bool, json_out: bool, quiet: bool) {
+    // Failures go to stderr whatever the output mode, like any error.
+    for f in &report.files {
+        if let Err((_, m)) = &f.outcome {
+            eprintln!("vmsync: error: {}: {m}", f.path);
+        }
+    }
+    for e in &report.errors {
+        eprintln!("vmsync: error: {}: {}", e.path, e.message);
+    }
+    if let Some(m) = report.error() {
+        eprintln!("vmsync: error: {m}");
+    }
+    let mut out = std::io::stdout().lock();
+    if json_out {
+        let _ = writeln!(out, "{}", tree_json(report));
+        return;
+    }
+    let totals = report.totals();
+    if report.check {
+        if report.differing.is_empty() && report.exit() == Exit::Ok {
+            if !quiet {
+                let _ = writeln!(
+                    out,
+                    "identical ({} files, {})",
+                    report.files.len(),
+                    bytes(totals.source_bytes)
+                );
+            }
+        } else if !report.differing.is_empty() {
+            let n = report.differing.len();
+            let _ = writeln!(
+                out,
+                "trees differ: {n} path{}",
+                if n == 1 { "" } else { "s" }
+            );
+            for (path, why) in report.differing.iter().take(SCREENFUL) {
+                let _ = writeln!(out, "  {path}: {why}");
+            }
+            if n > SCREENFUL {
+                let _ = writeln!(out, "  … and {} more", n - SCREENFUL);
+            }
+        }
+    }
+    if report.dry_run && !quiet {
+        for d in &report.deleted {
+            let _ = writeln!(out, "would delete {d}");
+        }
+    }
+    if stats {
+        let failed = report.files_failed();
+        let up_to_date = report
+            .files
+            .iter()
+            .filter(|f| f.outcome.as_ref().is_ok_and(|r| r.summary.up_to_date))
+            .count();
+        let _ = writeln!(
+            out,
+            "files            {:>12}  ({} up to date, {} failed)",
+            report.files.len(),
+            up_to_date,
+            failed
+        );
+        if !report.deleted.is_empty() {
+            let _ = writeln!(
+                out,
+                "deleted          {:>12}  (--delete{})",
+                report.deleted.len(),
+                if report.dry_run { ", would be" } else { "" }
+            );
+        }
+        print_stats(&mut out, &totals);
+        for f in &report.files {
+            if let Err((_, m)) = &f.outcome {
+                let _ = writeln!(out, "failed           {}: {m}", f.path);
+            }
+        }
+        for e in &report.errors {
+            let _ = writeln!(out, "failed           {}: {}", e.path, e.message);
+        }
+    }
+}
+
+/// The `--json` object of a recursive run: the single-file keys, for the
+/// totals, plus the files one by one.
+pub fn tree_json(report: &TreeReport) -> Value {
+    let mut v = to_json(&report.totals());
+    let exit = report.exit();
+    v["exit_code"] = json!(exit.code());
+    v["error"] = match report.error() {
+        Some(m) => json!(m),
+        None => Value::Null,
+    };
+    v["identical"] = if report.check {
+        json!(exit == Exit::Ok)
+    } else {
+        Value::Null
+    };
+    v["files_total"] = json!(report.files.len());
+    v["files_failed"] = json!(report.files_failed());
+    v["files"] = report
+        .files
+        .iter()
+        .map(|f| match &f.outcome {
+            Ok(r) => json!({
+                "path": f.path,
+                "exit_code": r.exit().code(),
+                "error": Value::Null,
+                "source_bytes": r.source_bytes,
+                "literal_bytes": r.summary.literal_bytes,
+                "reused_bytes": r.summary.reused_bytes,
+                "zero_bytes": r.summary.zero_bytes,
+                "wire_bytes": r.wire_bytes,
+                "up_to_date": r.summary.up_to_date,
+                "verified": r.summary.verified,
+                "identical": if r.check { Value::Bool(r.summary.identical) } else { Value::Null },
+                "differing_bytes": r.summary.differing_bytes,
+            }),
+            Err((exit, m)) => json!({
+                "path": f.path,
+                "exit_code": exit.code(),
+                "error": m,
+                "source_bytes": f.size,
+                "literal_bytes": 0,
+                "reused_bytes": 0,
+                "zero_bytes": 0,
+                "wire_bytes": 0,
+                "up_to_date": false,
+                "verified": false,
+                "identical": Value::Null,
+                "differing_bytes": 0,
+            }),
+        })
+        .collect();
+    v["errors"] = report
+        .errors
+        .iter()
+        .map(|e| json!({"path": e.path, "exit_code": e.exit.code(), "error": e.message}))
+        .collect();
+    v["deleted"] = json!(report.deleted);
+    v["differing_paths"] = report
+        .differing
+        .iter()
+        .map(|(p, why)| json!({"path": p, "reason": why}))
+        .collect();
+    v
+}
+
 /// The `--json` object for a completed run.
 pub fn to_json(report: &Report) -> Value {
     let s = &report.summary;
@@ -143,16 +302,21 @@ pub fn error_json(exit_code: u8, msg: &str) -> Value {
     })
 }
 
-/// Prints an error (and its JSON object under `--json`); returns its exit code.
-pub fn error(e: &anyhow::Error, json_out: bool) -> Exit {
+/// Prints an error (and its JSON object under `--json`, with the `-r`
+/// keys when `recursive`); returns its exit code.
+pub fn error(e: &anyhow::Error, json_out: bool, recursive: bool) -> Exit {
     let exit = exit_code_of(e);
     let msg = message_of(e);
     if json_out {
-        let _ = writeln!(
-            std::io::stdout().lock(),
-            "{}",
-            error_json(exit.code(), &msg)
-        );
+        let mut v = error_json(exit.code(), &msg);
+        if recursive {
+            for key in ["files", "errors", "deleted", "differing_paths"] {
+                v[key] = json!([]);
+            }
+            v["files_total"] = json!(0);
+            v["files_failed"] = json!(0);
+        }
+        let _ = writeln!(std::io::stdout().lock(), "{v}");
     }
     eprintln!("vmsync: error: {msg}");
     exit
@@ -216,4 +380,29 @@ pub fn log_outcome(outcome: Result<&Report, &anyhow::Error>, exit: Exit) {
         Err(e) => format!("error: {}", message_of(e)),
     };
     crate::log::to_file(&format!("exit {}: {what}", exit.code()));
+}
+
+/// The `--log-file` lines that say how a recursive run ended.
+pub fn log_tree_outcome(report: &TreeReport, exit: Exit) {
+    for f in &report.files {
+        if let Err((_, m)) = &f.outcome {
+            crate::log::to_file(&format!("failed: {}: {m}", f.path));
+        }
+    }
+    for e in &report.errors {
+        crate::log::to_file(&format!("failed: {}: {}", e.path, e.message));
+    }
+    let t = report.totals();
+    crate::log::to_file(&format!(
+        "exit {}: {}{} files ({} failed), {} deleted: {} reused, {} sent, {} on the wire, {:.2} s",
+        exit.code(),
+        report.error().map(|m| m + "; ").unwrap_or_default(),
+        report.files.len(),
+        report.files_failed(),
+        report.deleted.len(),
+        bytes(t.summary.reused_bytes),
+        bytes(t.summary.literal_bytes),
+        bytes(t.wire_bytes),
+        t.duration.as_secs_f64()
+    ));
 }

@@ -218,7 +218,14 @@ where
     R: Read + Send + 'static,
     W: Write,
 {
-    writer.send_now(&Msg::FileInfo(src.info))?;
+    if let Err(e) = writer.send_now(&Msg::FileInfo(src.info)) {
+        // A peer that refused our OPEN (a path outside its --root, say)
+        // said why and hung up: its reason beats our broken pipe.
+        return Err(match reader.read_msg() {
+            Err(why) if exit_code_of(&why) != Exit::Connection => why,
+            _ => e,
+        });
+    }
     let inline = match reader.read_msg()? {
         Msg::Start(StartMode::UpToDate) => {
             return match reader.read_msg()? {

@@ -5,6 +5,10 @@
 //! nothing of the user's reaches a remote shell. Its own failures go back to
 //! the client in an `ERROR` message, which the client prints with the host
 //! name; the server itself prints nothing.
+//!
+//! Besides sending or receiving one file, it lists a tree or applies
+//! operations to one for `-r` ([`crate::tree`]); `--root` confines those
+//! too, and `--read-only` refuses the operations.
 
 use std::path::{Path, PathBuf};
 
@@ -21,6 +25,7 @@ use crate::receiver::{self, RecvOptions, Seed};
 use crate::sender::{self, SendOptions, Source};
 use crate::signals;
 use crate::transport::{bytes_path, keepalive_interval, Silence, Watched};
+use crate::tree;
 
 /// What the server may touch (`--root`, `--read-only`).
 #[derive(Debug, Clone, Default)]
@@ -96,7 +101,14 @@ fn serve_on(
     match open.role {
         Role::Send => {
             let src = match &root {
-                Some(r) => Source::from_file(r.open_source(&path)?, &path)?,
+                Some(r) => {
+                    let file = r.open_source(&path)?;
+                    if file.metadata().is_ok_and(|m| m.is_dir()) {
+                        return Err(crate::client::is_a_directory(&path));
+                    }
+                    Source::from_file(file, &path)?
+                }
+                None if path.is_dir() => return Err(crate::client::is_a_directory(&path)),
                 None => Source::open(&path)?,
             };
             let opts = SendOptions {
@@ -159,6 +171,19 @@ fn serve_on(
                 &opts,
                 &quiet,
             )?;
+        }
+        Role::List => tree::serve_list(&path, root.as_ref(), &mut reader, writer)?,
+        Role::Apply => {
+            if limits.read_only {
+                return Err(fail(
+                    Exit::Usage,
+                    format!(
+                        "cannot change {}: this server is read-only (--read-only)",
+                        path.display()
+                    ),
+                ));
+            }
+            tree::serve_apply(&path, root.as_ref(), &mut reader, writer)?
         }
     }
     Ok(())
