@@ -34,7 +34,7 @@
 //! | 3    | `FILE_INFO`    | sender→recv   | size u64, mtime seconds i64, mtime nanoseconds u32, mode u32 (full `st_mode`: `S_IFBLK` marks a block device source, never quick-checked, whose mtime is the time of the copy) |
 //! | 4    | `START`        | recv→sender   | u8: 0 = send the manifest, 1 = up to date (quick check), 2 = send the manifest with every data chunk inline (nothing to reuse) |
 //! | 5    | `MANIFEST`     | sender→recv   | a manifest batch, see [`crate::manifest`] |
-//! | 6    | `MANIFEST_END` | sender→recv   | entry count u64, file digest (32 bytes) |
+//! | 6    | `MANIFEST_END` | sender→recv   | entry count u64, file digest (32 bytes), flags u8 (1: the source changed while it was scanned and `ALLOW_CHANGING` lets it be committed) |
 //! | 7    | `REQUEST`      | recv→sender   | count u32 (1 ≤ n ≤ [`MAX_REQUEST`]), n entry indices u64 |
 //! | 8    | `CHUNK`        | sender→recv   | entry index u64, raw length u32, encoding u8 (bit 0: zstd stream; bit 1: only the pieces asked for, concatenated; bit 2: the source changed since the manifest, this is the chunk's new content, to be hashed by the receiver: only with `ALLOW_CHANGING`), payload |
 //! | 9    | `DONE`         | recv→sender   | see [`Summary`] |
@@ -369,6 +369,8 @@ pub enum Msg {
     ManifestEnd {
         count: u64,
         digest: ChunkHash,
+        /// The source changed during the scan (`--allow-changing-source`).
+        source_changed: bool,
     },
     Request(Vec<u64>),
     Chunk(ChunkMsg),
@@ -496,10 +498,15 @@ impl Msg {
                 out.push(T_MANIFEST);
                 out.extend_from_slice(batch);
             }
-            Msg::ManifestEnd { count, digest } => {
+            Msg::ManifestEnd {
+                count,
+                digest,
+                source_changed,
+            } => {
                 out.push(T_MANIFEST_END);
                 out.extend_from_slice(&count.to_le_bytes());
                 out.extend_from_slice(&digest.0);
+                out.push(u8::from(*source_changed));
             }
             Msg::Request(idx) | Msg::BlockRequest(idx) => {
                 out.push(if matches!(self, Msg::Request(_)) {
@@ -732,9 +739,14 @@ impl Msg {
                 let count = r.u64()?;
                 let mut h = [0u8; HASH_LEN];
                 h.copy_from_slice(r.take(HASH_LEN)?);
+                let flags = r.u8()?;
+                if flags > 1 {
+                    return Err(malformed(format!("MANIFEST_END with flags {flags:#x}")));
+                }
                 Msg::ManifestEnd {
                     count,
                     digest: ChunkHash(h),
+                    source_changed: flags == 1,
                 }
             }
             T_REQUEST | T_BLOCK_REQUEST => {
@@ -1425,6 +1437,7 @@ mod tests {
         round_trip(Msg::ManifestEnd {
             count: 7,
             digest: ChunkHash([9; 32]),
+            source_changed: true,
         });
         round_trip(Msg::Request(vec![0, 5, u64::MAX]));
         round_trip(Msg::Chunk(ChunkMsg {

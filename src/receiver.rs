@@ -412,8 +412,20 @@ where
                     debug_assert!(run.entries.len() > before);
                     run.advance()?;
                 }
-                Msg::ManifestEnd { count, digest } => {
+                Msg::ManifestEnd {
+                    count,
+                    digest,
+                    source_changed,
+                } => {
                     run.validator.finish(count, &digest)?;
+                    if source_changed && !opts.allow_changing {
+                        return Err(fail(
+                            Exit::Protocol,
+                            "protocol error: peer sent a source that changed, which only \
+                             --allow-changing-source accepts",
+                        ));
+                    }
+                    run.summary.source_changed |= source_changed;
                     manifest_done = true;
                     crate::vlog!(
                         1,
@@ -758,7 +770,7 @@ fn for_each_batch<R: Read>(
                 validator.decode_batch(&p, &mut batch)?;
                 each(&batch)?;
             }
-            Msg::ManifestEnd { count, digest } => {
+            Msg::ManifestEnd { count, digest, .. } => {
                 return validator.finish(count, &digest).map(drop)
             }
             m => return Err(m.unexpected("MANIFEST or MANIFEST_END")),

@@ -322,7 +322,11 @@ where
                 Event::ScanDone(count, digest) => {
                     crate::vlog!(1, "sender: scan done: {count} entries");
                     unchanged(&mut moved)?;
-                    writer.send_now(&Msg::ManifestEnd { count, digest })?;
+                    writer.send_now(&Msg::ManifestEnd {
+                        count,
+                        digest,
+                        source_changed: moved,
+                    })?;
                 }
                 Event::Peer(Msg::Request(idx)) => {
                     for i in idx {

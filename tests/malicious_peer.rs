@@ -564,6 +564,7 @@ fn huge_and_zero_values_in_messages_are_rejected() {
             frame(&Msg::ManifestEnd {
                 count: u64::MAX,
                 digest: digest_of(&src.entries),
+                source_changed: false,
             }),
             "peer counted 18446744073709551615 entries",
         ),
@@ -963,6 +964,7 @@ fn manifest_end_that_disagrees_is_rejected() {
         Some(Msg::ManifestEnd {
             count: 3,
             digest: digest_of(&entries),
+            source_changed: false,
         }),
         "peer counted 3 entries, 2 arrived",
     );
@@ -972,6 +974,7 @@ fn manifest_end_that_disagrees_is_rejected() {
         Some(Msg::ManifestEnd {
             count: 2,
             digest: ChunkHash([0; 32]),
+            source_changed: false,
         }),
         "digest",
     );
@@ -1417,7 +1420,7 @@ fn read_manifest(s: &mut Server, size: u64) -> Vec<Entry> {
     loop {
         match s.recv_msg() {
             Msg::Manifest(b) => v.decode_batch(&b, &mut entries).unwrap(),
-            Msg::ManifestEnd { count, digest } => {
+            Msg::ManifestEnd { count, digest, .. } => {
                 v.finish(count, &digest).unwrap();
                 return entries;
             }

@@ -113,9 +113,12 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
         ]
         .prop_map(Msg::Start),
         vec(any::<u8>(), 0..256).prop_map(Msg::Manifest),
-        (any::<u64>(), any::<[u8; 32]>()).prop_map(|(count, d)| Msg::ManifestEnd {
-            count,
-            digest: ChunkHash(d),
+        (any::<u64>(), any::<[u8; 32]>(), any::<bool>()).prop_map(|(count, d, changed)| {
+            Msg::ManifestEnd {
+                count,
+                digest: ChunkHash(d),
+                source_changed: changed,
+            }
         }),
         vec(any::<u64>(), 1..64).prop_map(Msg::Request),
         vec(any::<u64>(), 1..64).prop_map(Msg::BlockRequest),

@@ -637,34 +637,42 @@ fn timeout_does_not_end_a_healthy_run() {
 // --allow-changing-source: commit a moving source, and say so
 // ---------------------------------------------------------------------------
 
-/// Push: the source is rewritten (same size, mtime moved) after the client
-/// opened it. Without the flag that is exit 7 (above); with it the run
-/// commits what it read, warns, and reports `source_changed`.
+/// The source is rewritten (same size, mtime moved) after it was opened
+/// and before the scan, in a push and in a pull. Without the flag that is
+/// exit 7 (above); with it the run commits what it read, warns, and reports
+/// `source_changed` (in a pull, the remote sender says so in MANIFEST_END).
 #[test]
 fn allow_changing_source_commits_a_source_rewritten_before_the_scan() {
-    let pair = Pair::new();
-    pair.write_src(&random_bytes(51, 4 << 20));
-    let cmd = format!(
-        "printf XXXXXXXX | dd of={} bs=1 seek=3000000 conv=notrunc status=none",
-        pair.src.display()
-    );
-    let opts = format!("--run-before-byte 16 --run-direction down --run '{cmd}'");
-    let (run, v) = via_relay(
-        pair.tmp.path(),
-        &opts,
-        &["--allow-changing-source"],
-        &pair.src.display().to_string(),
-        &remote(&pair.dst),
-    );
-    assert!(run.stderr.contains("relay: running"), "hook not run\n{run}");
-    run.assert_ok();
-    assert!(json_bool(&v, "source_changed"), "{v}");
-    assert!(
-        run.stderr.contains("changed while it was being read"),
-        "{run}"
-    );
-    // The scan came after the change: the copy is the source as it is now.
-    assert_same_content(&pair.src, &pair.dst);
+    for pull in [false, true] {
+        let pair = Pair::new();
+        pair.write_src(&random_bytes(51, 4 << 20));
+        let cmd = format!(
+            "printf XXXXXXXX | dd of={} bs=1 seek=3000000 conv=notrunc status=none",
+            pair.src.display()
+        );
+        let opts = format!("--run-before-byte 16 --run-direction down --run '{cmd}'");
+        let (src, dst) = if pull {
+            (remote(&pair.src), pair.dst.display().to_string())
+        } else {
+            (pair.src.display().to_string(), remote(&pair.dst))
+        };
+        let (run, v) = via_relay(
+            pair.tmp.path(),
+            &opts,
+            &["--allow-changing-source"],
+            &src,
+            &dst,
+        );
+        assert!(run.stderr.contains("relay: running"), "hook not run\n{run}");
+        run.assert_ok();
+        assert!(json_bool(&v, "source_changed"), "pull {pull}: {v}");
+        assert!(
+            run.stderr.contains("changed while it was being read"),
+            "{run}"
+        );
+        // The scan came after the change: the copy is the source as it is now.
+        assert_same_content(&pair.src, &pair.dst);
+    }
 }
 
 /// Pull into an old copy: after the sender scanned the changed region,

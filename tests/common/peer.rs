@@ -750,6 +750,7 @@ pub fn manifest_end(entries: &[Entry]) -> Msg {
     Msg::ManifestEnd {
         count: entries.len() as u64,
         digest: digest_of(entries),
+        source_changed: false,
     }
 }
 
