@@ -50,7 +50,10 @@ set -eu
 # Bandwidth limit on the wire, as rsync writes it: 50M is 50 MiB/s, a bare
 # number is KiB/s; empty: unlimited.
 : "${VMSYNC_BWLIMIT=}"
-# Full comparison after the sync: weekly (on VMSYNC_CHECK_DAY), always, never.
+# Comparison after the sync: weekly (in full, on VMSYNC_CHECK_DAY), sampled
+# (every night one seventh of each image, --sample DAY/7, so each byte is
+# checked once a week without a full read on any night), always (in full),
+# never.
 : "${VMSYNC_CHECK:=weekly}"
 # ISO day of the week for the weekly check: 1 = Monday ... 7 = Sunday.
 : "${VMSYNC_CHECK_DAY:=7}"
@@ -158,8 +161,8 @@ snapshot_end() {
 # ---- Settings check --------------------------------------------------------
 
 case "$VMSYNC_CHECK" in
-    weekly | always | never) ;;
-    *) die "VMSYNC_CHECK must be weekly, always or never, not '$VMSYNC_CHECK'" ;;
+    weekly | sampled | always | never) ;;
+    *) die "VMSYNC_CHECK must be weekly, sampled, always or never, not '$VMSYNC_CHECK'" ;;
 esac
 case "$VMSYNC_CHECK_DAY" in
     [1-7]) ;;
@@ -183,8 +186,10 @@ if [ -n "$VMSYNC_SSH_KEY" ]; then
 fi
 
 check_today=no
+sample=
 case "$VMSYNC_CHECK" in
     always) check_today=yes ;;
+    sampled) check_today=yes; sample="$(date +%u)/7" ;;
     weekly) if [ "$(date +%u)" = "$VMSYNC_CHECK_DAY" ]; then check_today=yes; fi ;;
 esac
 
@@ -244,7 +249,11 @@ backup_one() {
     # a live image would differ from last night's copy by design.
     if [ "$rc" = 0 ] && [ "$check_today" = yes ]; then
         crc=0
-        json=$("$VMSYNC_BIN" "$@" --check --json -- "$src" "$dest") || crc=$?
+        if [ -n "$sample" ]; then
+            json=$("$VMSYNC_BIN" "$@" --check --sample "$sample" --json -- "$src" "$dest") || crc=$?
+        else
+            json=$("$VMSYNC_BIN" "$@" --check --json -- "$src" "$dest") || crc=$?
+        fi
         case "$crc" in
             0)
                 info "$img: check: $dest is identical"

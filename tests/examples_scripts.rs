@@ -424,6 +424,25 @@ fn weekly_check_runs_on_the_check_day_only() {
     assert_eq!(r.calls.len(), 2, "{r:?}");
     let r = f.run(0, &[("VMSYNC_CHECK", "always")]);
     assert_eq!(r.calls.len(), 4, "{r:?}");
+    for call in r.calls.chunks(2).map(|p| &p[1]) {
+        assert_eq!(value_of(call, "--sample"), None, "{call:?}");
+    }
+
+    // Sampled: every night, the day's seventh of each image.
+    for dow in ["1", "5", "7"] {
+        let r = f.run(0, &[("STUB_DOW", dow), ("VMSYNC_CHECK", "sampled")]);
+        assert_eq!(r.code, Some(0), "{r:?}");
+        assert_eq!(r.calls.len(), 4, "{r:?}");
+        for pair in r.calls.chunks(2) {
+            assert!(has(&pair[1], "--check"), "{pair:?}");
+            assert_eq!(
+                value_of(&pair[1], "--sample"),
+                Some(format!("{dow}/7").as_str()),
+                "{pair:?}"
+            );
+            assert_eq!(value_of(&pair[0], "--sample"), None, "{pair:?}");
+        }
+    }
 }
 
 #[test]
