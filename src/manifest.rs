@@ -30,6 +30,21 @@
 //! so a manifest has at most `size / min + 1` entries: a peer cannot make us
 //! store more than that. The stream ends with `MANIFEST_END`, which carries
 //! the entry count and the [`FileDigest`] for a final cross-check.
+//!
+//! # Pieces: not sending what the receiver already has
+//!
+//! A nightly run against an unchanged (or barely changed) destination would
+//! otherwise send the whole manifest, 37 bytes per data chunk. A receiver
+//! that has its destination's manifest in its cache cuts it into *pieces*
+//! and sends their [`PieceDigest`]s first (`PIECES`); the sender cuts its
+//! manifest the same way and sends a piece the receiver holds as a 5-byte
+//! reference (`MANIFEST_REF`) instead of its entries. Piece boundaries are
+//! content-defined ([`Piecer`]): a piece ends after a data entry whose hash
+//! says so (about one in [`PIECE_AVG`]) or at [`PIECE_MAX`] entries, so
+//! after a change both sides fall back into step at the next boundary. A
+//! piece's digest covers its entries' kinds, lengths and hashes, not their
+//! offsets: a referenced piece is placed where the manifest has got to, and
+//! the receiver's validator checks it like any batch.
 
 use anyhow::Result;
 
@@ -132,6 +147,52 @@ impl Builder {
         self.count += 1;
         out.push(e);
     }
+}
+
+/// About one data entry in this many ends a piece.
+pub const PIECE_AVG: u16 = 64;
+/// Most entries in a piece.
+pub const PIECE_MAX: usize = 1024;
+/// Identifies a piece: 16 bytes of BLAKE3 over its batch encoding.
+pub type PieceDigest = [u8; 16];
+
+/// Cuts a stream of manifest entries into pieces (see the module doc).
+#[derive(Default)]
+pub struct Piecer {
+    pending: Vec<Entry>,
+}
+
+impl Piecer {
+    /// Adds `e`; returns the piece it completes, if any.
+    pub fn push(&mut self, e: Entry) -> Option<Vec<Entry>> {
+        let ends = match e.kind {
+            Kind::Data { hash, .. } => u16::from_le_bytes([hash.0[0], hash.0[1]]) % PIECE_AVG == 0,
+            Kind::Zero { .. } => false,
+        };
+        self.pending.push(e);
+        (ends || self.pending.len() >= PIECE_MAX).then(|| std::mem::take(&mut self.pending))
+    }
+
+    /// The last, unfinished piece.
+    pub fn finish(self) -> Option<Vec<Entry>> {
+        (!self.pending.is_empty()).then_some(self.pending)
+    }
+
+    /// A whole manifest, cut into pieces.
+    pub fn cut(entries: &[Entry]) -> Vec<Vec<Entry>> {
+        let mut p = Piecer::default();
+        let mut out: Vec<Vec<Entry>> = entries.iter().filter_map(|e| p.push(*e)).collect();
+        out.extend(p.finish());
+        out
+    }
+}
+
+/// The digest of a piece.
+pub fn piece_digest(piece: &[Entry]) -> PieceDigest {
+    let mut buf = Vec::with_capacity(piece.len() * 37 + 4);
+    encode_batch(piece, &mut buf);
+    let h = blake3::hash(&buf);
+    h.as_bytes()[..16].try_into().expect("16 of 32 bytes")
 }
 
 /// Appends the batch encoding of `entries` (at most [`MAX_BATCH`]) to `buf`.
@@ -333,6 +394,48 @@ fn take_u64(r: &mut &[u8]) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entries(seed: u8, n: usize) -> Vec<Entry> {
+        (0..n)
+            .map(|i| Entry {
+                offset: i as u64 * 4096,
+                kind: Kind::Data {
+                    len: 4096,
+                    hash: ChunkHash::of(&[seed, (i % 251) as u8, (i / 251) as u8]),
+                },
+            })
+            .collect()
+    }
+
+    /// Pieces are content-defined: after an inserted entry the two
+    /// manifests' pieces match again from the next boundary on, and a
+    /// piece's digest does not depend on its offset.
+    #[test]
+    fn pieces_fall_back_into_step_after_a_change() {
+        let a = entries(1, 5000);
+        let mut b = a.clone();
+        b.insert(2500, entries(9, 1)[0]);
+        let (pa, pb) = (Piecer::cut(&a), Piecer::cut(&b));
+        assert_eq!(pa.iter().map(Vec::len).sum::<usize>(), 5000);
+        assert!(pa.iter().all(|p| !p.is_empty() && p.len() <= PIECE_MAX));
+        assert!(
+            pa.len() > 5000 / PIECE_AVG as usize / 3,
+            "{} pieces",
+            pa.len()
+        );
+        let da: std::collections::HashSet<_> = pa.iter().map(|p| piece_digest(p)).collect();
+        let shared = pb.iter().filter(|p| da.contains(&piece_digest(p))).count();
+        assert!(
+            shared >= pb.len() - 2,
+            "{shared} of {} pieces shared",
+            pb.len()
+        );
+        let mut moved = pa[3].clone();
+        for e in &mut moved {
+            e.offset += 12345;
+        }
+        assert_eq!(piece_digest(&moved), piece_digest(&pa[3]));
+    }
 
     fn params() -> ChunkParams {
         ChunkParams::new(4096).unwrap() // min 1024, max 16384

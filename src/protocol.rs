@@ -48,6 +48,8 @@
 //! | 17   | `APPLY`        | client→server | after `OPEN` with role 3: count u32 (1 ≤ n ≤ [`MAX_OPS`]) × op: code u8, path bytes (relative to `OPEN`'s path, see below; empty = that directory itself, for `MKDIR` and `ATTRS` only), then by code: 0 `MKDIR` mode u32 (≤ 0o7777); 1 `SYMLINK` target bytes (1 to [`MAX_PATH`], no NUL); 2 `ATTRS` which u8 (1 mode, 2 owner, 4 mtime; not 0), mode u32 (≤ 0o7777), uid u32, gid u32, mtime seconds i64, mtime nanoseconds u32 (< 10⁹); 3 `DELETE` nothing |
 //! | 18   | `APPLIED`      | server→client | count u32 (1 ≤ n ≤ [`MAX_OPS`], one per op of the `APPLY` it answers, in order) × (status u8: 0 done, else the exit code of the op's failure; message bytes, ≤ [`MAX_OP_MESSAGE`] bytes of UTF-8: the failure, or with status 0 a warning or nothing) |
 //! | 19   | `END`          | client→server | empty: no more `APPLY`; the server exits |
+//! | 20   | `PIECES`       | recv→sender   | count u32 (≤ [`MAX_PIECE_REFS`]) × 16-byte digest of a piece of the receiver's cached manifest (see [`crate::manifest`]); optional, only right before `START` `0` |
+//! | 21   | `MANIFEST_REF` | sender→recv   | piece index u32 into the receiver's `PIECES`: "these entries come next" |
 //!
 //! A relative path in `ENTRIES` and `APPLY` is at most [`MAX_PATH`] bytes of
 //! `/`-separated names, none empty, `.` or `..`, with no NUL, no leading
@@ -105,6 +107,8 @@ pub const MAX_SEEDS: usize = 64;
 pub const MAX_SAMPLE: u32 = 1_000_000;
 /// Longest `--timeout`, in seconds (a day).
 pub const MAX_TIMEOUT: u32 = 86_400;
+/// Most piece digests in `PIECES` (4 MiB; a piece is about 64 chunks).
+pub const MAX_PIECE_REFS: usize = 1 << 18;
 /// Most difference ranges listed in `DONE` (the total is always exact).
 pub const MAX_RANGES: usize = 4096;
 /// Most `--include`/`--exclude` rules in `LIST`.
@@ -140,6 +144,8 @@ const T_LIST_END: u8 = 16;
 const T_APPLY: u8 = 17;
 const T_APPLIED: u8 = 18;
 const T_END: u8 = 19;
+const T_PIECES: u8 = 20;
+const T_MANIFEST_REF: u8 = 21;
 
 /// `CHUNK` encoding bits.
 const ENC_ZSTD: u8 = 1;
@@ -395,6 +401,8 @@ pub enum Msg {
     Apply(Vec<Op>),
     Applied(Vec<OpResult>),
     End,
+    Pieces(Vec<crate::manifest::PieceDigest>),
+    ManifestRef(u32),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -432,6 +440,8 @@ impl Msg {
             Msg::Apply(_) => "APPLY",
             Msg::Applied(_) => "APPLIED",
             Msg::End => "END",
+            Msg::Pieces(_) => "PIECES",
+            Msg::ManifestRef(_) => "MANIFEST_REF",
         }
     }
 
@@ -621,6 +631,17 @@ impl Msg {
                 }
             }
             Msg::End => out.push(T_END),
+            Msg::Pieces(d) => {
+                out.push(T_PIECES);
+                out.extend_from_slice(&(d.len() as u32).to_le_bytes());
+                for x in d {
+                    out.extend_from_slice(x);
+                }
+            }
+            Msg::ManifestRef(i) => {
+                out.push(T_MANIFEST_REF);
+                out.extend_from_slice(&i.to_le_bytes());
+            }
             Msg::Chunk(c) => {
                 out.push(T_CHUNK);
                 out.extend_from_slice(&c.index.to_le_bytes());
@@ -867,6 +888,19 @@ impl Msg {
                 Msg::Applied(results)
             }
             T_END => Msg::End,
+            T_PIECES => {
+                let n = r.u32()? as usize;
+                if n > MAX_PIECE_REFS {
+                    return Err(malformed(format!("PIECES with {n} digests")));
+                }
+                let raw = r.take(n * 16)?;
+                Msg::Pieces(
+                    raw.chunks_exact(16)
+                        .map(|c| c.try_into().expect("16 bytes"))
+                        .collect(),
+                )
+            }
+            T_MANIFEST_REF => Msg::ManifestRef(r.u32()?),
             T_CHUNK => {
                 let index = r.u64()?;
                 let raw_len = r.u32()?;
@@ -1581,6 +1615,9 @@ mod tests {
             },
         ]));
         round_trip(Msg::End);
+        round_trip(Msg::Pieces(vec![[1; 16], [2; 16]]));
+        round_trip(Msg::Pieces(Vec::new()));
+        round_trip(Msg::ManifestRef(7));
         // A message longer than the limit is cut at a character boundary.
         let mut buf = Vec::new();
         Msg::Applied(vec![OpResult {

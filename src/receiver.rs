@@ -48,7 +48,7 @@ use crate::compress::StreamDecoder;
 use crate::error::{exit_code_of, fail, Exit, WithExit};
 use crate::hash::{ChunkHash, ChunkHashMap};
 use crate::lock::Lock;
-use crate::manifest::{Entry, Kind, Validator};
+use crate::manifest::{self, piece_digest, Entry, Kind, Piecer, Validator};
 use crate::progress::Progress;
 use crate::protocol::{
     FileInfo, FrameReader, FrameWriter, Msg, StartMode, Summary, MAX_RANGES, MAX_REQUEST,
@@ -266,6 +266,20 @@ where
     // sender a second read and us the request round trips. A device always
     // has old contents to compare with.
     let inline = !device && regular.is_none_or(|m| m.len() == 0) && !resume && seeds.is_empty();
+    // The pieces of the destination's cached manifest, offered so that the
+    // sender need not send the parts of its manifest we already hold.
+    let pieces = match regular {
+        Some(m) if !inline && !device => cache::load(&dest, m, opts.params)
+            .map(|cached| Piecer::cut(&cached))
+            .filter(|p| p.len() <= crate::protocol::MAX_PIECE_REFS)
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    if !pieces.is_empty() {
+        writer.send(&Msg::Pieces(
+            pieces.iter().map(|p| piece_digest(p)).collect(),
+        ))?;
+    }
     writer.send_now(&Msg::Start(if inline {
         StartMode::Inline
     } else {
@@ -399,18 +413,26 @@ where
             };
             queue.taken(&msg);
             match msg {
-                Msg::Manifest(payload) => {
-                    if manifest_done {
-                        return Err(fail(
+                Msg::Manifest(_) | Msg::ManifestRef(_) if manifest_done => {
+                    return Err(fail(
+                        Exit::Protocol,
+                        "protocol error: manifest data after its end",
+                    ));
+                }
+                Msg::Manifest(payload) => run.take_batch(&payload)?,
+                Msg::ManifestRef(i) => {
+                    let piece = pieces.get(i as usize).ok_or_else(|| {
+                        fail(
                             Exit::Protocol,
-                            "protocol error: manifest data after its end",
-                        ));
-                    }
-                    let before = run.entries.len();
-                    run.validator.decode_batch(&payload, &mut run.entries)?;
-                    run.state.resize(run.entries.len(), State::Pending);
-                    debug_assert!(run.entries.len() > before);
-                    run.advance()?;
+                            format!(
+                                "protocol error: peer referred to piece {i} of {} offered",
+                                pieces.len()
+                            ),
+                        )
+                    })?;
+                    let mut payload = Vec::with_capacity(piece.len() * 37 + 4);
+                    manifest::encode_batch(piece, &mut payload);
+                    run.take_batch(&payload)?;
                 }
                 Msg::ManifestEnd {
                     count,
@@ -1148,6 +1170,15 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
+    /// Takes one batch of the manifest (received, or a piece we held).
+    fn take_batch(&mut self, payload: &[u8]) -> Result<()> {
+        let before = self.entries.len();
+        self.validator.decode_batch(payload, &mut self.entries)?;
+        self.state.resize(self.entries.len(), State::Pending);
+        debug_assert!(self.entries.len() > before);
+        self.advance()
+    }
+
     /// Handles entries in order while the request window has room.
     fn advance(&mut self) -> Result<()> {
         let mut copies: Vec<(usize, Option<usize>, u64)> = Vec::new();

@@ -39,20 +39,44 @@ pub fn print(report: &Report, stats: bool, json_out: bool, quiet: bool) {
                 s.range_count,
                 if s.range_count == 1 { "" } else { "s" }
             );
-            for (o, l) in s.ranges.iter().take(SCREENFUL) {
-                let _ = writeln!(out, "  offset {o}..{} ({})", o + l, bytes(*l));
-            }
-            if s.range_count > SCREENFUL as u64 {
-                let _ = writeln!(
-                    out,
-                    "  … and {} more ranges",
-                    s.range_count - SCREENFUL as u64
-                );
-            }
+            print_ranges(&mut out, s);
+        }
+    } else if s.dry_run && !quiet {
+        if s.up_to_date {
+            let _ = writeln!(
+                out,
+                "dry run: up to date (size and modification time match)"
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "dry run: would send {} in {} range{} (at most: sub-chunk refinement may send less), \
+                 reuse {}, leave {} of zeros; nothing was written",
+                bytes(s.literal_bytes),
+                s.range_count,
+                if s.range_count == 1 { "" } else { "s" },
+                bytes(s.reused_bytes),
+                bytes(s.zero_bytes)
+            );
+            print_ranges(&mut out, s);
         }
     }
     if stats {
         print_stats(&mut out, report);
+    }
+}
+
+/// The first screenful of a summary's byte ranges.
+fn print_ranges(out: &mut impl Write, s: &crate::protocol::Summary) {
+    for (o, l) in s.ranges.iter().take(SCREENFUL) {
+        let _ = writeln!(out, "  offset {o}..{} ({})", o + l, bytes(*l));
+    }
+    if s.range_count > SCREENFUL as u64 {
+        let _ = writeln!(
+            out,
+            "  … and {} more ranges",
+            s.range_count - SCREENFUL as u64
+        );
     }
 }
 

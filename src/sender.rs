@@ -12,6 +12,7 @@
 //! from the device (its node's `st_size` is 0), and that size is all that is
 //! checked for change: a device node's times say nothing about its content.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
@@ -226,7 +227,17 @@ where
             _ => e,
         });
     }
-    let inline = match reader.read_msg()? {
+    // A receiver with its destination's manifest cached says which pieces
+    // of it it holds (see `manifest`'s module doc).
+    let mut first = reader.read_msg()?;
+    let mut known: HashMap<manifest::PieceDigest, u32> = HashMap::new();
+    if let Msg::Pieces(digests) = first {
+        for (i, d) in digests.into_iter().enumerate() {
+            known.entry(d).or_insert(i as u32);
+        }
+        first = reader.read_msg()?;
+    }
+    let inline = match first {
         Msg::Start(StartMode::UpToDate) => {
             return match reader.read_msg()? {
                 Msg::Done(s) => Ok(s),
@@ -279,6 +290,7 @@ where
     };
     let mut batch = Vec::new();
     let mut raw = Vec::new();
+    let mut piecer = manifest::Piecer::default();
     // --allow-changing-source: whether we noticed, for the summary; the
     // user hears of it once, from this end, which is the source's host.
     let mut moved = false;
@@ -307,6 +319,16 @@ where
                 .recv()
                 .map_err(|_| fail(Exit::Connection, "the connection ended without a result"))?;
             match ev {
+                Event::Batch(v, chunks) if !known.is_empty() => {
+                    debug_assert!(chunks.is_empty(), "no pieces with inline chunks");
+                    for e in &v {
+                        if let Some(piece) = piecer.push(*e) {
+                            send_piece(writer, &known, &piece)?;
+                        }
+                    }
+                    entries.extend(v);
+                    writer.flush()?;
+                }
                 Event::Batch(v, chunks) => {
                     for part in v.chunks(manifest::MAX_BATCH) {
                         batch.clear();
@@ -322,6 +344,9 @@ where
                 Event::ScanDone(count, digest) => {
                     crate::vlog!(1, "sender: scan done: {count} entries");
                     unchanged(&mut moved)?;
+                    if let Some(piece) = std::mem::take(&mut piecer).finish() {
+                        send_piece(writer, &known, &piece)?;
+                    }
                     writer.send_now(&Msg::ManifestEnd {
                         count,
                         digest,
@@ -414,6 +439,21 @@ where
         Err(e) if exit_code_of(&e) == Exit::Connection => Err(peer_reason(&rx).unwrap_or(e)),
         r => r,
     }
+}
+
+/// Sends one piece of the manifest: a reference when the receiver holds
+/// it, else its entries.
+fn send_piece<W: Write>(
+    writer: &mut FrameWriter<W>,
+    known: &HashMap<manifest::PieceDigest, u32>,
+    piece: &[Entry],
+) -> Result<()> {
+    if let Some(&i) = known.get(&manifest::piece_digest(piece)) {
+        return writer.send(&Msg::ManifestRef(i));
+    }
+    let mut buf = Vec::new();
+    manifest::encode_batch(piece, &mut buf);
+    writer.send(&Msg::Manifest(buf))
 }
 
 /// The peer's own error, if it sent one before the connection ended.

@@ -2015,3 +2015,48 @@ fn keepalives_are_invisible_to_a_session_that_completes() {
     s.finish().assert_code(exit::OK);
     assert_content(&dest.path, &src.data);
 }
+
+// ---------------------------------------------------------------------------
+// Manifest pieces: references to what the receiver offered
+// ---------------------------------------------------------------------------
+
+/// A destination written by a real sync, so the server has its manifest in
+/// the cache and offers its pieces; the scripted sender then refers to a
+/// piece that was never offered.
+#[test]
+fn a_reference_to_a_piece_not_offered_is_a_protocol_error() {
+    let dest = Dest::fresh();
+    let data = random_bytes(81, (8 * MIB) as usize);
+    let src_path = dest.tmp.path().join("src.img");
+    write_file(&src_path, &data);
+    vmsync().arg(&src_path).arg(&dest.path).run().assert_ok();
+    let mtime = mtime_ns(&dest.path);
+
+    let mut s = Server::connect();
+    let _ = s.send(&Msg::Open(open_receive(&dest.path)));
+    // A different mtime than the copy's: no quick "up to date".
+    let _ = s.send(&Msg::FileInfo(file_info(data.len() as u64)));
+    let offered = match s.recv_msg() {
+        Msg::Pieces(d) => d.len(),
+        m => panic!(
+            "expected PIECES from a receiver with a cached manifest, got {}",
+            short(&m)
+        ),
+    };
+    assert!(offered >= 1);
+    assert_eq!(s.recv_msg(), Msg::Start(StartMode::Manifest));
+    let _ = s.send(&Msg::ManifestRef(offered as u32 + 5));
+    s.finish()
+        .assert_protocol_error(&[&format!("piece {}", offered + 5)]);
+    assert_content(&dest.path, &data);
+    assert_eq!(mtime_ns(&dest.path), mtime);
+
+    // Without an offer (no cached manifest), any reference is refused.
+    let old = Dest::existing(&random_bytes(82, 100_000));
+    let src = Source::new(random_bytes(83, 200_000), 64 * 1024);
+    let (mut s, mode) = receiver(&old, &src);
+    assert_eq!(mode, StartMode::Manifest);
+    let _ = s.send(&Msg::ManifestRef(0));
+    s.finish().assert_protocol_error(&["piece 0 of 0"]);
+    old.assert_nothing_written();
+}

@@ -156,6 +156,8 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
             }
         }),
         Just(Msg::KeepAlive),
+        vec(any::<[u8; 16]>(), 0..64).prop_map(Msg::Pieces),
+        any::<u32>().prop_map(Msg::ManifestRef),
     ]
 }
 

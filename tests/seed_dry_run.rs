@@ -124,6 +124,17 @@ fn dry_run_counts_what_would_be_sent_and_writes_nothing() {
         assert_old_destination(&pair, &old);
     }
 
+    // Without --json it says so in words, with the ranges.
+    let run = run(&[&"-n", &pair.src, &pair.dst]);
+    run.assert_ok();
+    assert!(
+        run.stdout.starts_with("dry run: would send ")
+            && run.stdout.contains("nothing was written"),
+        "{run}"
+    );
+    assert!(run.stdout.contains("  offset "), "{run}");
+    assert_old_destination(&pair, &old);
+
     // Through the relay, both directions.
     let relay = Relay::new(pair.tmp.path(), "");
     let (run, v) = vmsync()

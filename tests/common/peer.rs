@@ -472,7 +472,13 @@ impl Server {
     pub fn open_receive(&mut self, open: Open, info: FileInfo) -> StartMode {
         let _ = self.send(&Msg::Open(open));
         let _ = self.send(&Msg::FileInfo(info));
-        match self.recv_msg() {
+        let mut first = self.recv_msg();
+        // A receiver with a cached manifest of its destination offers its
+        // pieces first; scripted senders ignore the offer.
+        if let Msg::Pieces(_) = first {
+            first = self.recv_msg();
+        }
+        match first {
             Msg::Start(m) => m,
             m => {
                 let o = self.finish();
