@@ -3,6 +3,7 @@
 //! ```text
 //! cargo bench --bench compare -- [--size-gib N] [--runs K] [--scenarios 1,2,...]
 //!                                [--out FILE] [--quick] [--keep] [--calibrate] [--vmsync-inplace]
+//!                                [--vmsync-blocks SIZE]
 //! ```
 //!
 //! Generates deterministic disk-image-like files under /var/tmp, starts a
@@ -110,6 +111,8 @@ struct Opts {
     calibrate: bool,
     /// Also time `vmsync --inplace` (details only; the table compares defaults).
     vmsync_inplace: bool,
+    /// Also time `vmsync --block-size SIZE` (details only).
+    vmsync_blocks: Option<String>,
     /// What the user typed after `--` (cargo's own `--bench` removed).
     args: Vec<String>,
 }
@@ -122,6 +125,7 @@ fn parse_args() -> Result<Opts> {
     let mut out: Option<PathBuf> = None;
     let (mut quick, mut keep, mut calibrate) = (false, false, false);
     let mut vmsync_inplace = false;
+    let mut vmsync_blocks = None;
     let mut args = Vec::new();
     let mut i = 0;
     while i < raw.len() {
@@ -133,7 +137,7 @@ fn parse_args() -> Result<Opts> {
         };
         let takes_value = matches!(
             flag.as_str(),
-            "--size-gib" | "--runs" | "--scenarios" | "--out"
+            "--size-gib" | "--runs" | "--scenarios" | "--out" | "--vmsync-blocks"
         );
         let value = if takes_value {
             match inline {
@@ -184,10 +188,12 @@ fn parse_args() -> Result<Opts> {
             "--keep" => keep = true,
             "--calibrate" => calibrate = true,
             "--vmsync-inplace" => vmsync_inplace = true,
+            "--vmsync-blocks" => vmsync_blocks = Some(value.unwrap()),
             "-h" | "--help" => {
                 println!(
                     "usage: cargo bench --bench compare -- [--size-gib N] [--runs K] \
-                     [--scenarios 1,2,...] [--out FILE] [--quick] [--keep] [--calibrate]\n\
+                     [--scenarios 1,2,...] [--out FILE] [--quick] [--keep] [--calibrate] \
+                     [--vmsync-inplace] [--vmsync-blocks SIZE]\n\
                      see benches/README.md"
                 );
                 std::process::exit(0);
@@ -222,6 +228,7 @@ fn parse_args() -> Result<Opts> {
         keep,
         calibrate,
         vmsync_inplace,
+        vmsync_blocks,
         args,
     })
 }
@@ -1149,8 +1156,14 @@ fn scenario_identical(size: u64, dir: &Path) -> Result<Scenario> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tool {
-    Vmsync { inplace: bool },
-    Rsync { inplace: bool },
+    /// `blocks`: run with `--block-size` (the size is in `Ctx`).
+    Vmsync {
+        inplace: bool,
+        blocks: bool,
+    },
+    Rsync {
+        inplace: bool,
+    },
 }
 
 struct Ctx {
@@ -1163,6 +1176,8 @@ struct Ctx {
     timeout: Duration,
     /// rsync accepts `--sparse` together with `--inplace`.
     sparse_inplace: bool,
+    /// `--vmsync-blocks`: the `--block-size` of that variant.
+    block_size: String,
     /// Seconds spent in untimed pre-syncs and verification.
     overhead: f64,
     _sshd: Sshd,
@@ -1171,12 +1186,15 @@ struct Ctx {
 impl Ctx {
     fn label(&self, tool: Tool, sparse: bool) -> String {
         match tool {
-            Tool::Vmsync { inplace } => {
+            Tool::Vmsync { inplace, blocks } => {
+                let mut s = String::from("vmsync");
                 if inplace {
-                    "vmsync --inplace".into()
-                } else {
-                    "vmsync".into()
+                    s.push_str(" --inplace");
                 }
+                if blocks {
+                    s.push_str(&format!(" --block-size {}", self.block_size));
+                }
+                s
             }
             Tool::Rsync { inplace } => {
                 let mut s = String::from("rsync");
@@ -1379,9 +1397,12 @@ fn sync(ctx: &Ctx, tool: Tool, sparse: bool, src: &Path, timed: bool) -> Result<
     };
     let dst = format!("127.0.0.1:{}", ctx.dst.display());
     match tool {
-        Tool::Vmsync { inplace } => {
+        Tool::Vmsync { inplace, blocks } => {
             if inplace {
                 cmd.arg("--inplace");
+            }
+            if blocks {
+                cmd.args(["--block-size", &ctx.block_size]);
             }
             cmd.args([
                 "--json",
@@ -1629,15 +1650,28 @@ fn run_scenario(
     sc: Scenario,
     runs: usize,
     vmsync_inplace: bool,
+    vmsync_blocks: bool,
 ) -> Result<ScenarioResult> {
     let start = Instant::now();
     let mut tools = vec![
-        Tool::Vmsync { inplace: false },
+        Tool::Vmsync {
+            inplace: false,
+            blocks: false,
+        },
         Tool::Rsync { inplace: false },
         Tool::Rsync { inplace: true },
     ];
     if vmsync_inplace {
-        tools.push(Tool::Vmsync { inplace: true });
+        tools.push(Tool::Vmsync {
+            inplace: true,
+            blocks: false,
+        });
+    }
+    if vmsync_blocks {
+        tools.push(Tool::Vmsync {
+            inplace: false,
+            blocks: true,
+        });
     }
     let mut modes: Vec<ModeStats> = tools
         .iter()
@@ -2309,6 +2343,7 @@ fn real_main() -> Result<()> {
         rsh: sshd.rsh(),
         timeout,
         sparse_inplace,
+        block_size: opts.vmsync_blocks.clone().unwrap_or_default(),
         overhead: 0.0,
         _sshd: sshd,
     };
@@ -2327,7 +2362,13 @@ fn real_main() -> Result<()> {
         let sc = prepare(id, opts.size, &src_dir)?;
         gen_secs += t.elapsed().as_secs_f64();
         let files = sc.files.clone();
-        let r = run_scenario(&mut ctx, sc, opts.runs, opts.vmsync_inplace)?;
+        let r = run_scenario(
+            &mut ctx,
+            sc,
+            opts.runs,
+            opts.vmsync_inplace,
+            opts.vmsync_blocks.is_some(),
+        )?;
         if !opts.keep {
             for f in files {
                 let _ = fs::remove_file(f);
