@@ -553,3 +553,99 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Sampled manifests (`--check --sample K/N`)
+// ---------------------------------------------------------------------------
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// A validator restricted to a slice's ranges accepts exactly the
+    /// entries that tile those ranges in order (none crossing a range's
+    /// end, short ones only at a range's end), places them at the right
+    /// offsets across the gaps, and finishes only when every range is
+    /// covered.
+    #[test]
+    fn sampled_validator_accepts_exactly_the_tiling_of_the_slice(
+        size in 0u64..(12 << 20),
+        n in 1u32..6,
+        k_r in any::<u32>(),
+        picks in vec((any::<bool>(), 0u8..8, any::<u64>()), 1..60),
+        split in 1usize..8,
+    ) {
+        let p = params(0); // 4 KiB average: min 1 KiB, max 16 KiB
+        let (min, max) = (u64::from(p.min()), u64::from(p.max()));
+        let k = 1 + k_r % n;
+        let ranges = vmsync::sample::ranges(size, k, n);
+        // Entries chosen against the model's position: mostly valid.
+        let mut entries = Vec::new();
+        let mut expect = Vec::new(); // model offsets of the valid prefix
+        let (mut r, mut pos) = (0usize, ranges.first().map_or(size, |x| x.0));
+        let mut valid = true;
+        for (data, sel, rnd) in picks {
+            let end = ranges.get(r).map_or(size, |x| x.1);
+            let left = end.saturating_sub(pos);
+            let len = match sel {
+                0 | 1 if !data => left, // rest of the range
+                0 | 1 => left.min(min + rnd % (max - min + 1)), // a legal chunk
+                2 => min + rnd % (max - min + 1),
+                3 => left + 1 + rnd % 3,                       // crosses the end
+                4 => rnd % min,                                 // short
+                5 => 0,
+                6 => left.saturating_sub(1 + rnd % min), // leaves a short tail
+                _ => left,
+            };
+            let kind = if data {
+                Kind::Data { len: len.min(u64::from(u32::MAX)) as u32, hash: ChunkHash([sel; 32]) }
+            } else {
+                Kind::Zero { len }
+            };
+            let e = Entry { offset: 0, kind };
+            let l = e.len();
+            let ok = valid
+                && r < ranges.len()
+                && l > 0
+                && !(data && l > max)
+                && l <= left
+                && (l >= min || l == left);
+            if ok {
+                expect.push(pos);
+                pos += l;
+                if pos == end && r + 1 < ranges.len() {
+                    r += 1;
+                    pos = ranges[r].0;
+                }
+            } else {
+                valid = false;
+            }
+            entries.push(e);
+        }
+        let complete = valid && (ranges.is_empty() || (r + 1 == ranges.len() && pos == ranges[r].1));
+
+        let mut v = Validator::new(size, p).restrict(ranges.clone());
+        let mut all = Vec::new();
+        for part in entries.chunks(split) {
+            let mut buf = Vec::new();
+            encode_batch(part, &mut buf);
+            if v.decode_batch(&buf, &mut all).is_err() {
+                break;
+            }
+        }
+        prop_assert_eq!(all.len(), expect.len(), "accepted prefix");
+        for (e, want) in all.iter().zip(&expect) {
+            prop_assert_eq!(e.offset, *want);
+            prop_assert!(ranges.iter().any(|&(a, b)| a <= e.offset && e.end() <= b), "{:?} outside {:?}", e, ranges);
+        }
+        if all.len() == entries.len() {
+            let mut d = FileDigest::default();
+            for e in &all {
+                match e.kind {
+                    Kind::Data { len, hash } => d.add_data(u64::from(len), &hash),
+                    Kind::Zero { len } => d.add_zero(len),
+                }
+            }
+            prop_assert_eq!(v.finish(all.len() as u64, &d.finish()).is_ok(), complete);
+        }
+    }
+}
