@@ -137,6 +137,15 @@ fn print_stats(out: &mut impl Write, report: &Report) {
                 "verified         re-read from disk, matches the source"
             );
         }
+        if s.source_changed {
+            let _ = writeln!(
+                out,
+                "source changed   while it was read; committed anyway (--allow-changing-source)"
+            );
+        }
+        if s.dry_run {
+            let _ = writeln!(out, "dry run          nothing was written");
+        }
     }
 }
 

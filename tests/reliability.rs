@@ -673,6 +673,30 @@ fn allow_changing_source_commits_a_source_rewritten_before_the_scan() {
         // The scan came after the change: the copy is the source as it is now.
         assert_same_content(&pair.src, &pair.dst);
     }
+    // --stats says so too.
+    let pair = Pair::new();
+    pair.write_src(&random_bytes(54, 1 << 20));
+    let cmd = format!(
+        "printf XXXXXXXX | dd of={} bs=1 seek=3000 conv=notrunc status=none",
+        pair.src.display()
+    );
+    let relay = Relay::new(
+        pair.tmp.path(),
+        &format!("--run-before-byte 16 --run-direction down --run '{cmd}'"),
+    );
+    let run = vmsync()
+        .args(["-e", &relay.rsh(), "--remote-path"])
+        .arg(bin())
+        .args(["--allow-changing-source", "--stats"])
+        .arg(&pair.src)
+        .arg(remote(&pair.dst))
+        .run();
+    relay.wait_server_gone();
+    run.assert_ok();
+    assert!(
+        run.stdout.contains("source changed   while it was read"),
+        "{run}"
+    );
 }
 
 /// Pull into an old copy: after the sender scanned the changed region,
