@@ -153,6 +153,20 @@ pub fn bit(bits: &[u8], i: usize) -> bool {
     bits.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
 }
 
+/// The pieces of a chunk (`data`, at file offset `offset`) whose bits are
+/// set in `bitmap`, concatenated: the payload of a `CHUNK` that answers a
+/// `PIECE_REQUEST`.
+pub fn gather(offset: u64, data: &[u8], bitmap: &[u8]) -> Vec<u8> {
+    let mut wanted = Vec::new();
+    for (k, (start, len)) in pieces(offset, data.len() as u32).enumerate() {
+        if bit(bitmap, k) {
+            let a = (start - offset) as usize;
+            wanted.extend_from_slice(&data[a..a + len as usize]);
+        }
+    }
+    wanted
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -413,13 +413,7 @@ where
                             ),
                         ));
                     }
-                    let mut wanted = Vec::new();
-                    for (k, (start, len)) in refine::pieces(offset, raw.len() as u32).enumerate() {
-                        if refine::bit(&bitmap, k) {
-                            let a = (start - offset) as usize;
-                            wanted.extend_from_slice(&raw[a..a + len as usize]);
-                        }
-                    }
+                    let wanted = refine::gather(offset, &raw, &bitmap);
                     writer.send(&Msg::Chunk(chunk_msg(&mut encoder, index, &wanted, true)?))?;
                     writer.flush()?;
                 }

@@ -1252,15 +1252,7 @@ fn refine_with(
             In::Msg(Msg::PieceRequest { index, bitmap, .. }) => {
                 let e = src.entries[index as usize];
                 let data = src.bytes(index as usize);
-                let mut wanted = Vec::new();
-                for (k, (start, len)) in
-                    vmsync::refine::pieces(e.offset, e.len() as u32).enumerate()
-                {
-                    if vmsync::refine::bit(&bitmap, k) {
-                        let a = (start - e.offset) as usize;
-                        wanted.extend_from_slice(&data[a..a + len as usize]);
-                    }
-                }
+                let wanted = vmsync::refine::gather(e.offset, data, &bitmap);
                 assert_eq!(wanted.len(), 4096, "one changed 4 KiB piece");
                 let c = chunker.chunk(index as usize, &wanted, true);
                 let _ = s.send(&Msg::Chunk((pieces.take().expect("one PIECE_REQUEST"))(c)));

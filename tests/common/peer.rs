@@ -847,15 +847,7 @@ pub fn answer_requests(
             }) => {
                 let e = src.entries[index as usize];
                 let data = src.bytes(index as usize);
-                let mut wanted = Vec::new();
-                for (k, (start, len)) in
-                    vmsync::refine::pieces(e.offset, e.len() as u32).enumerate()
-                {
-                    if vmsync::refine::bit(&bitmap, k) {
-                        let a = (start - e.offset) as usize;
-                        wanted.extend_from_slice(&data[a..a + len as usize]);
-                    }
-                }
+                let wanted = vmsync::refine::gather(e.offset, data, &bitmap);
                 let mut c = chunker.chunk(index as usize, &wanted, true);
                 tamper(&mut c);
                 let _ = server.send(&Msg::Chunk(c));
