@@ -48,7 +48,7 @@ pub fn run(cfg: &Config, umask: u32) -> Result<Report> {
         }
     }
     let mut progress = Progress::new(!cfg.quiet && !cfg.json);
-    let report = transfer(cfg, &cfg.src, &cfg.dst, None, umask, &mut progress);
+    let report = transfer(cfg, &cfg.src, &cfg.dst, None, true, umask, &mut progress);
     progress.finish();
     report
 }
@@ -100,11 +100,15 @@ pub(crate) fn launch(cfg: &Config) -> Launch<'_> {
 /// `name` overrides the source's name, which a destination that is a
 /// directory receives the file under: `-r` gives an empty one, so that a
 /// directory where a file belongs is an error, never a place to write into.
+/// `prescan`: when pushing, start scanning the source while the other end
+/// starts up ([`sender::Prescan`]); worth it unless the destination is
+/// known to be up to date or missing.
 pub(crate) fn transfer(
     cfg: &Config,
     src: &Operand,
     dst: &Operand,
     name: Option<&[u8]>,
+    prescan: bool,
     umask: u32,
     progress: &mut Progress,
 ) -> Result<Report> {
@@ -145,12 +149,19 @@ pub(crate) fn transfer(
                 sample: cfg.sample,
             };
             let size = source.info.size;
+            let prescan = if prescan {
+                Some(sender::Prescan::start(&source, &opts)?)
+            } else {
+                None
+            };
             let s = session(
                 remote,
                 &launch,
                 open,
                 progress,
-                |reader, writer, progress| sender::send(&source, reader, writer, &opts, progress),
+                |reader, writer, progress| {
+                    sender::send(&source, reader, writer, &opts, progress, prescan)
+                },
             )?;
             (s.0, size, s.1)
         }

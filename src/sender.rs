@@ -198,8 +198,11 @@ pub struct SendOptions {
 
 enum Event {
     /// Manifest entries, and in inline mode the `CHUNK`s of their data
-    /// chunks, compressed on the scanning thread.
-    Batch(Vec<Entry>, Vec<ChunkMsg>),
+    /// chunks, compressed on the scanning thread; then the bytes of the
+    /// source they cover, for the progress bar, which only the main thread
+    /// drives (a scan started before the connection must not draw over an
+    /// ssh password prompt).
+    Batch(Vec<Entry>, Vec<ChunkMsg>, u64),
     ScanDone(u64, ChunkHash),
     /// `REQUEST`, `BLOCK_REQUEST` or `PIECE_REQUEST`.
     Peer(Msg),
@@ -207,13 +210,53 @@ enum Event {
     Failed(anyhow::Error),
 }
 
-/// Runs the sending end until the receiver's `DONE`.
+/// Batches a scan started before the connection may run ahead: enough to
+/// cover an ssh connection's setup (about 0.3 s here, some 400 MiB of
+/// scanning), few enough that a destination found up to date costs little
+/// reading (16 segments, at most 256 MiB of data).
+const PRESCAN_BATCHES: usize = 16;
+
+/// A manifest scan started before the other end answered, so that the
+/// connection's setup (ssh's handshake, starting the remote binary, the
+/// receiver's quick check) overlaps with reading the source instead of
+/// preceding it. Used only if the receiver asks for a manifest: a receiver
+/// that is up to date or wants every chunk inline makes it a wasted head
+/// start, dropped (its thread stops at its next batch).
+pub struct Prescan {
+    tx: mpsc::SyncSender<Event>,
+    rx: mpsc::Receiver<Event>,
+}
+
+impl Prescan {
+    pub fn start(src: &Source, opts: &SendOptions) -> Result<Prescan> {
+        let (tx, rx) = mpsc::sync_channel::<Event>(PRESCAN_BATCHES);
+        spawn_manifest_scanner(src, opts, tx.clone())?;
+        Ok(Prescan { tx, rx })
+    }
+}
+
+/// Starts the scan that streams the manifest (no chunk data): slice K/N
+/// of it for `--sample`, else all of it.
+fn spawn_manifest_scanner(
+    src: &Source,
+    opts: &SendOptions,
+    tx: mpsc::SyncSender<Event>,
+) -> Result<()> {
+    match opts.sample {
+        Some((k, n)) => spawn_sample_scanner(src, opts.params, k, n, tx),
+        None => spawn_scanner(src, opts, false, tx),
+    }
+}
+
+/// Runs the sending end until the receiver's `DONE`. `prescan`, if any,
+/// is this source's scan already under way with the same options.
 pub fn send<R, W>(
     src: &Source,
     mut reader: FrameReader<R>,
     writer: &mut FrameWriter<W>,
     opts: &SendOptions,
     progress: &Progress,
+    prescan: Option<Prescan>,
 ) -> Result<Summary>
 where
     R: Read + Send + 'static,
@@ -257,13 +300,21 @@ where
         if inline { ", all chunks inline" } else { "" }
     );
 
-    // A batch carries up to a segment (16 MiB) of compressed data inline:
-    // keep the queue short so memory stays flat when the link is slow.
-    let (tx, rx) = mpsc::sync_channel::<Event>(2);
-    match opts.sample {
-        Some((k, n)) => spawn_sample_scanner(src, opts.params, k, n, tx.clone(), progress.clone())?,
-        None => spawn_scanner(src, opts, inline, tx.clone(), progress.clone())?,
-    }
+    let (tx, rx) = match prescan {
+        Some(p) if !inline => (p.tx, p.rx),
+        _ => {
+            // A batch carries up to a segment (16 MiB) of compressed data
+            // inline: keep the queue short so memory stays flat when the
+            // link is slow.
+            let (tx, rx) = mpsc::sync_channel::<Event>(2);
+            if inline {
+                spawn_scanner(src, opts, true, tx.clone())?;
+            } else {
+                spawn_manifest_scanner(src, opts, tx.clone())?;
+            }
+            (tx, rx)
+        }
+    };
     let peer_tx = tx;
     std::thread::Builder::new()
         .name("requests".into())
@@ -319,8 +370,9 @@ where
                 .recv()
                 .map_err(|_| fail(Exit::Connection, "the connection ended without a result"))?;
             match ev {
-                Event::Batch(v, chunks) if !known.is_empty() => {
+                Event::Batch(v, chunks, covered) if !known.is_empty() => {
                     debug_assert!(chunks.is_empty(), "no pieces with inline chunks");
+                    progress.advance(covered);
                     for e in &v {
                         if let Some(piece) = piecer.push(*e) {
                             send_piece(writer, &known, &piece)?;
@@ -329,7 +381,8 @@ where
                     entries.extend(v);
                     writer.flush()?;
                 }
-                Event::Batch(v, chunks) => {
+                Event::Batch(v, chunks, covered) => {
+                    progress.advance(covered);
                     for part in v.chunks(manifest::MAX_BATCH) {
                         batch.clear();
                         manifest::encode_batch(part, &mut batch);
@@ -528,7 +581,6 @@ fn spawn_sample_scanner(
     k: u32,
     n: u32,
     tx: mpsc::SyncSender<Event>,
-    progress: Progress,
 ) -> Result<()> {
     let (file, size, path) = src.for_thread()?;
     let piece = u64::from(params.avg());
@@ -537,6 +589,7 @@ fn spawn_sample_scanner(
         .spawn(move || {
             let mut builder = Builder::default();
             let mut buf = Vec::new();
+            let mut covered = 0;
             let mut scan = || -> Result<()> {
                 for (start, end) in crate::sample::ranges(size, k, n) {
                     let mut at = start;
@@ -565,9 +618,10 @@ fn spawn_sample_scanner(
                         if at + len == end {
                             builder.break_run(&mut out);
                         }
-                        progress.advance(len);
+                        covered += len;
                         if !out.is_empty() {
-                            tx.send(Event::Batch(out, Vec::new()))
+                            let covered = std::mem::take(&mut covered);
+                            tx.send(Event::Batch(out, Vec::new(), covered))
                                 .map_err(|_| anyhow::anyhow!("sender stopped"))?;
                         }
                         at += len;
@@ -576,19 +630,26 @@ fn spawn_sample_scanner(
                 Ok(())
             };
             let r = scan();
-            end_scan(r, builder, &path, &tx);
+            end_scan(r, builder, covered, &path, &tx);
         })
         .context("cannot start a thread")?;
     Ok(())
 }
 
-/// Sends the manifest's last entries and its end (or the scan's error).
-fn end_scan(r: Result<()>, builder: Builder, path: &Path, tx: &mpsc::SyncSender<Event>) {
+/// Sends the manifest's last entries (and the bytes scanned since the last
+/// batch) and its end, or the scan's error.
+fn end_scan(
+    r: Result<()>,
+    builder: Builder,
+    covered: u64,
+    path: &Path,
+    tx: &mpsc::SyncSender<Event>,
+) {
     let ev = match r {
         Ok(()) => {
             let mut tail = Vec::new();
             let (count, digest) = builder.finish(&mut tail);
-            if !tail.is_empty() && tx.send(Event::Batch(tail, Vec::new())).is_err() {
+            if tx.send(Event::Batch(tail, Vec::new(), covered)).is_err() {
                 return;
             }
             Event::ScanDone(count, digest)
@@ -603,7 +664,6 @@ fn spawn_scanner(
     opts: &SendOptions,
     inline: bool,
     tx: mpsc::SyncSender<Event>,
-    progress: Progress,
 ) -> Result<()> {
     let (file, size, path) = src.for_thread()?;
     let params = opts.params;
@@ -619,10 +679,10 @@ fn spawn_scanner(
             let mut extents = Extents::of(&file, size);
             let mut builder = Builder::default();
             let mut emitted: u64 = 0;
+            let mut covered = 0;
             let r = scan::scan_with_data(&file, size, &mut extents, &cutter, |recs, data, at| {
                 let mut out = Vec::with_capacity(recs.len());
                 let mut chunks = Vec::new();
-                let mut covered = 0;
                 for r in &recs {
                     let before = out.len();
                     builder.push(r, &mut out);
@@ -639,14 +699,14 @@ fn spawn_scanner(
                     }
                 }
                 emitted += out.len() as u64;
-                progress.advance(covered);
                 if out.is_empty() {
                     return Ok(());
                 }
-                tx.send(Event::Batch(out, chunks))
+                let covered = std::mem::take(&mut covered);
+                tx.send(Event::Batch(out, chunks, covered))
                     .map_err(|_| anyhow::anyhow!("sender stopped"))
             });
-            end_scan(r, builder, &path, &tx);
+            end_scan(r, builder, covered, &path, &tx);
         })
         .context("cannot start a thread")?;
     Ok(())

@@ -117,7 +117,7 @@ fn serve_on(
                 allow_changing: open.flags & flags::ALLOW_CHANGING != 0,
                 sample: open.sample,
             };
-            sender::send(&src, reader, writer, &opts, &quiet)?;
+            sender::send(&src, reader, writer, &opts, &quiet, None)?;
         }
         Role::Receive => {
             let check = open.flags & flags::CHECK != 0;

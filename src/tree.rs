@@ -1175,10 +1175,13 @@ fn apply(
     }
 }
 
-/// A file to sync: its path relative to the tree, and its size.
+/// A file to sync: its path relative to the tree, its size, and whether
+/// its session should scan the source before the receiver asks
+/// ([`client::transfer`]'s `prescan`).
 struct Job {
     rel: Vec<u8>,
     size: u64,
+    prescan: bool,
 }
 
 /// Where the tree goes: `dst` itself (`src/`, rsync's trailing slash), or
@@ -1351,6 +1354,20 @@ impl Tree<'_> {
         }
     }
 
+    /// Whether a pushed file's scan should start before its receiver
+    /// answers: only when the receiver will ask for a manifest, which is
+    /// when its file exists and the quick check (size and mtime) will not
+    /// pass it, or `always` (`--checksum`, `--check`). A missing file
+    /// takes every chunk inline and an unchanged one nothing, and a tree of
+    /// unchanged files must not be read ahead.
+    fn worth_prescanning(&self, e: &ListEntry, always: bool) -> bool {
+        self.dst.get(&e.path).is_some_and(|d| {
+            d.kind == EntryKind::File
+                && (always
+                    || (d.size, d.mtime_sec, d.mtime_nsec) != (e.size, e.mtime_sec, e.mtime_nsec))
+        })
+    }
+
     fn transfer(&self, job: &Job) -> FileResult {
         let path = self.shown_dst(&job.rel);
         let src = self.src_end.operand(join(&self.src_path, &job.rel));
@@ -1362,6 +1379,7 @@ impl Tree<'_> {
             &src,
             &dst,
             Some(b""),
+            job.prescan,
             self.umask,
             &mut Progress::hidden(),
         )
@@ -1545,6 +1563,7 @@ impl Tree<'_> {
                 jobs.push(Job {
                     rel: e.path.clone(),
                     size: e.size,
+                    prescan: self.worth_prescanning(e, cfg.checksum),
                 });
             }
         }
@@ -1691,6 +1710,7 @@ impl Tree<'_> {
                 (EntryKind::File, _) => jobs.push(Job {
                     rel: e.path.clone(),
                     size: e.size,
+                    prescan: self.worth_prescanning(e, true),
                 }),
                 _ => {}
             }
