@@ -3,7 +3,7 @@
 //! ```text
 //! cargo bench --bench compare -- [--size-gib N] [--runs K] [--scenarios 1,2,...]
 //!                                [--out FILE] [--quick] [--keep] [--calibrate] [--vmsync-inplace]
-//!                                [--vmsync-blocks SIZE]
+//!                                [--vmsync-blocks SIZE] [--rss-slope]
 //! ```
 //!
 //! Generates deterministic disk-image-like files under /var/tmp, starts a
@@ -15,6 +15,15 @@
 //! `target/compare-quick.md` so a smoke run never overwrites the committed
 //! results). See `benches/README.md` for what the scenarios are and how to
 //! read the table.
+//!
+//! `--rss-slope` then measures how vmsync's memory grows with the data: one
+//! more (checked) vmsync run each on scenario 1 (first copy) and scenario 2
+//! (incremental), at the size and at twice the size, regardless of
+//! `--scenarios`. The report's "Memory growth" section gives the peak RSS of
+//! client and server at both sizes, the slope in MiB per GiB of source data
+//! (allocated bytes: holes are neither read nor kept), and a verdict against
+//! the targets (at most ~40 MiB per GiB, under 200 MiB for a 4 GiB image).
+//! It needs 14x the size free instead of 7x.
 
 // Shared with the integration tests, which lint it (and own it): its lints
 // are theirs to fix, so they do not fail the benches too.
@@ -113,6 +122,9 @@ struct Opts {
     vmsync_inplace: bool,
     /// Also time `vmsync --block-size SIZE` (details only).
     vmsync_blocks: Option<String>,
+    /// After the scenarios, measure vmsync's peak RSS on scenarios 1 and 2
+    /// at the size and at twice the size (section "Memory growth").
+    rss_slope: bool,
     /// What the user typed after `--` (cargo's own `--bench` removed).
     args: Vec<String>,
 }
@@ -126,6 +138,7 @@ fn parse_args() -> Result<Opts> {
     let (mut quick, mut keep, mut calibrate) = (false, false, false);
     let mut vmsync_inplace = false;
     let mut vmsync_blocks = None;
+    let mut rss_slope = false;
     let mut args = Vec::new();
     let mut i = 0;
     while i < raw.len() {
@@ -189,11 +202,12 @@ fn parse_args() -> Result<Opts> {
             "--calibrate" => calibrate = true,
             "--vmsync-inplace" => vmsync_inplace = true,
             "--vmsync-blocks" => vmsync_blocks = Some(value.unwrap()),
+            "--rss-slope" => rss_slope = true,
             "-h" | "--help" => {
                 println!(
                     "usage: cargo bench --bench compare -- [--size-gib N] [--runs K] \
                      [--scenarios 1,2,...] [--out FILE] [--quick] [--keep] [--calibrate] \
-                     [--vmsync-inplace] [--vmsync-blocks SIZE]\n\
+                     [--vmsync-inplace] [--vmsync-blocks SIZE] [--rss-slope]\n\
                      see benches/README.md"
                 );
                 std::process::exit(0);
@@ -229,6 +243,7 @@ fn parse_args() -> Result<Opts> {
         calibrate,
         vmsync_inplace,
         vmsync_blocks,
+        rss_slope,
         args,
     })
 }
@@ -1645,6 +1660,83 @@ struct ScenarioResult {
     secs: f64,
 }
 
+/// What one checked run of a tool left behind.
+struct RunOutcome {
+    m: Measured,
+    /// Allocated bytes of the destination after the run.
+    dst_alloc: u64,
+    /// Other files left in the destination directory.
+    stray: Vec<String>,
+}
+
+/// One measured run of `tool` on `sc`: resets the destination (empty, then
+/// the old version synced untimed by the tool itself, checked), runs the
+/// sync of the new version under GNU time (time, CPU, peak RSS of both
+/// ends), checks the destination is byte-identical to the source, and
+/// flushes it. Fails on any difference.
+fn measure_run(ctx: &mut Ctx, sc: &Scenario, tool: Tool, what: &str) -> Result<RunOutcome> {
+    let prep = Instant::now();
+    clear_dst(ctx)?;
+    if let Some(old) = &sc.old {
+        if sc.touch {
+            set_mtime(old, MTIME_OLD)?;
+        }
+        sync(ctx, tool, sc.sparse, old, false)
+            .with_context(|| format!("{what}: pre-sync of the old version"))?;
+        verify_identical(old, &ctx.dst, &format!("{what} (pre-sync)"))?;
+        settle(&ctx.dst)?;
+    }
+    if sc.touch {
+        set_mtime(&sc.new, MTIME_NEW)?;
+    }
+    // SAFETY: plain syscall.
+    unsafe { libc::sync() };
+    ctx.overhead += prep.elapsed().as_secs_f64();
+
+    let m = sync(ctx, tool, sc.sparse, &sc.new, true).with_context(|| what.to_string())?;
+
+    let post = Instant::now();
+    verify_identical(&sc.new, &ctx.dst, what)?;
+    settle(&ctx.dst)?;
+    let dst_alloc = allocated(&ctx.dst)?;
+    let stray: Vec<String> = fs::read_dir(&ctx.dst_dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| Some(n.as_str()) != ctx.dst.file_name().and_then(|s| s.to_str()))
+        .collect();
+    ctx.overhead += post.elapsed().as_secs_f64();
+    eprintln!(
+        "compare: {what}: {:.2} s (cpu {:.2}+{:.2}, busy {:.2}), wire {}, RSS {}/{}, dst alloc {}{} — identical",
+        m.secs,
+        m.cpu_client,
+        m.cpu_server,
+        m.machine_busy,
+        fmt_bytes(m.wire),
+        fmt_kib(m.rss_client_kib),
+        fmt_kib(m.rss_server_kib),
+        fmt_bytes(dst_alloc),
+        if stray.is_empty() {
+            String::new()
+        } else {
+            format!(", LEFTOVER FILES {stray:?}")
+        }
+    );
+    Ok(RunOutcome {
+        m,
+        dst_alloc,
+        stray,
+    })
+}
+
+/// Deletes a scenario's generated files, unless `keep`.
+fn discard(sc: &Scenario, keep: bool) {
+    if !keep {
+        for f in &sc.files {
+            let _ = fs::remove_file(f);
+        }
+    }
+}
+
 fn run_scenario(
     ctx: &mut Ctx,
     sc: Scenario,
@@ -1682,64 +1774,16 @@ fn run_scenario(
         .collect();
     for run in 0..runs {
         for (k, &tool) in tools.iter().enumerate() {
-            let label = modes[k].label.clone();
-            let what = format!("scenario {} run {} {label}", sc.id, run + 1);
-            // Reset: an empty destination, then (untimed) the old version synced
-            // by the tool under test itself.
-            let prep = Instant::now();
-            clear_dst(ctx)?;
-            if let Some(old) = &sc.old {
-                if sc.touch {
-                    set_mtime(old, MTIME_OLD)?;
-                }
-                sync(ctx, tool, sc.sparse, old, false)
-                    .with_context(|| format!("{what}: pre-sync of the old version"))?;
-                verify_identical(old, &ctx.dst, &format!("{what} (pre-sync)"))?;
-                settle(&ctx.dst)?;
-            }
-            if sc.touch {
-                set_mtime(&sc.new, MTIME_NEW)?;
-            }
-            // SAFETY: plain syscall.
-            unsafe { libc::sync() };
-            ctx.overhead += prep.elapsed().as_secs_f64();
-
-            let m = sync(ctx, tool, sc.sparse, &sc.new, true).with_context(|| what.clone())?;
-
-            let post = Instant::now();
-            verify_identical(&sc.new, &ctx.dst, &what)?;
-            settle(&ctx.dst)?;
-            let alloc = allocated(&ctx.dst)?;
-            let stray: Vec<String> = fs::read_dir(&ctx.dst_dir)?
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| Some(n.as_str()) != ctx.dst.file_name().and_then(|s| s.to_str()))
-                .collect();
-            ctx.overhead += post.elapsed().as_secs_f64();
-            eprintln!(
-                "compare: {what}: {:.2} s (cpu {:.2}+{:.2}, busy {:.2}), wire {}, RSS {}/{}, dst alloc {}{} — identical",
-                m.secs,
-                m.cpu_client,
-                m.cpu_server,
-                m.machine_busy,
-                fmt_bytes(m.wire),
-                fmt_kib(m.rss_client_kib),
-                fmt_kib(m.rss_server_kib),
-                fmt_bytes(alloc),
-                if stray.is_empty() {
-                    String::new()
-                } else {
-                    format!(", LEFTOVER FILES {stray:?}")
-                }
-            );
+            let what = format!("scenario {} run {} {}", sc.id, run + 1, modes[k].label);
+            let r = measure_run(ctx, &sc, tool, &what)?;
             let ms = &mut modes[k];
-            ms.dst_alloc = alloc;
-            for s in stray {
+            ms.dst_alloc = r.dst_alloc;
+            for s in r.stray {
                 if !ms.leftovers.contains(&s) {
                     ms.leftovers.push(s);
                 }
             }
-            ms.runs.push(m);
+            ms.runs.push(r.m);
         }
     }
     clear_dst(ctx)?;
@@ -1749,6 +1793,135 @@ fn run_scenario(
         src_alloc,
         modes,
         secs: start.elapsed().as_secs_f64(),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Memory growth (`--rss-slope`)
+// ---------------------------------------------------------------------------
+
+/// The scenarios `--rss-slope` measures: the largest data volume (a first
+/// copy) and an incremental sync.
+const SLOPE_SCENARIOS: [usize; 2] = [1, 2];
+/// The performance target: peak RSS grows by at most this much (MiB) per
+/// GiB of source data ...
+const SLOPE_TARGET_MIB_PER_GIB: f64 = 40.0;
+/// ... and stays under this (MiB) for a 4 GiB image.
+const RSS_TARGET_MIB: f64 = 200.0;
+const RSS_TARGET_AT: u64 = 4 * GIB;
+/// Below this much more data at B than at A, the slope is marked as
+/// indicative: 1 MiB of RSS noise would move it by more than 2 MiB/GiB.
+const SLOPE_MIN_SPAN: u64 = 512 * MIB;
+
+/// Peak RSS of one vmsync run at one size.
+struct SlopePoint {
+    /// Apparent size of the source.
+    apparent: u64,
+    /// Allocated bytes of the source: the basis of the slope.
+    data: u64,
+    rss_client_kib: u64,
+    rss_server_kib: u64,
+}
+
+impl SlopePoint {
+    /// Peak RSS of the client (`server == false`) or of the server, MiB.
+    fn rss_mib(&self, server: bool) -> f64 {
+        let kib = if server {
+            self.rss_server_kib
+        } else {
+            self.rss_client_kib
+        };
+        kib as f64 / 1024.0
+    }
+}
+
+struct SlopeResult {
+    id: usize,
+    title: &'static str,
+    a: SlopePoint,
+    b: SlopePoint,
+    /// Seconds spent generating the data.
+    gen_secs: f64,
+}
+
+/// Slope from `a` to `b` in MiB per GiB of source data, of the client
+/// (`server == false`) or of the server.
+fn rss_slope(a: &SlopePoint, b: &SlopePoint, server: bool) -> f64 {
+    let ddata = (b.data as f64 - a.data as f64) / GIB as f64;
+    if ddata <= 0.0 {
+        return f64::NAN;
+    }
+    (b.rss_mib(server) - a.rss_mib(server)) / ddata
+}
+
+/// Peak RSS (MiB) projected to [`RSS_TARGET_AT`] bytes of source data: the
+/// line through the two points, but never below a peak measured at or under
+/// that much data.
+fn rss_projected(a: &SlopePoint, b: &SlopePoint, server: bool) -> f64 {
+    let slope = rss_slope(a, b, server);
+    if slope.is_nan() {
+        return f64::NAN;
+    }
+    let at = RSS_TARGET_AT as f64 / GIB as f64;
+    let mut p = a.rss_mib(server) + slope * (at - a.data as f64 / GIB as f64);
+    for q in [a, b] {
+        if q.data <= RSS_TARGET_AT {
+            p = p.max(q.rss_mib(server));
+        }
+    }
+    p
+}
+
+/// Runs vmsync once on scenario `id` at `size` and at twice that, each a
+/// checked run exactly like the timed ones (pre-sync, byte-identity check),
+/// and records the peak RSS of both ends. The data of each size is deleted
+/// after its run unless `keep`.
+fn measure_slope(
+    ctx: &mut Ctx,
+    id: usize,
+    size: u64,
+    src_dir: &Path,
+    keep: bool,
+) -> Result<SlopeResult> {
+    let tool = Tool::Vmsync {
+        inplace: false,
+        blocks: false,
+    };
+    let mut points = Vec::new();
+    let mut title = "";
+    let mut gen_secs = 0.0;
+    for sz in [size, 2 * size] {
+        // A directory per size, so --keep keeps both.
+        let dir = src_dir.join(format!("rss-slope-{}m", sz / MIB));
+        fs::create_dir_all(&dir)?;
+        let t = Instant::now();
+        let sc = prepare(id, sz, &dir)?;
+        gen_secs += t.elapsed().as_secs_f64();
+        title = sc.title;
+        let what = format!("memory growth: scenario {id} at {} vmsync", fmt_bytes(sz));
+        let r = measure_run(ctx, &sc, tool, &what)?;
+        points.push(SlopePoint {
+            apparent: fs::metadata(&sc.new)?.len(),
+            data: allocated(&sc.new)?,
+            rss_client_kib: r.m.rss_client_kib,
+            rss_server_kib: r.m.rss_server_kib,
+        });
+        clear_dst(ctx)?;
+        discard(&sc, keep);
+    }
+    let b = points.pop().unwrap();
+    let a = points.pop().unwrap();
+    eprintln!(
+        "compare: memory growth, scenario {id}: client {:.1} MiB/GiB, server {:.1} MiB/GiB of data",
+        rss_slope(&a, &b, false),
+        rss_slope(&a, &b, true)
+    );
+    Ok(SlopeResult {
+        id,
+        title,
+        a,
+        b,
+        gen_secs,
     })
 }
 
@@ -2026,10 +2199,101 @@ fn calibration() -> Result<String> {
     Ok(parts.join(", "))
 }
 
+/// The "Memory growth" section (`--rss-slope`).
+fn render_slopes(s: &mut String, slopes: &[SlopeResult]) {
+    let target_at = format!("{} GiB", RSS_TARGET_AT / GIB);
+    let _ = writeln!(
+        s,
+        "\n## Memory growth\n\n\
+         vmsync only (defaults), one run per scenario and size after the scenarios above \
+         and not part of their numbers, reset and checked byte-identical like every run; \
+         peak RSS from GNU time `%M` as in the table. Size B is twice size A. **Slope** = \
+         (peak at B − peak at A) ÷ (data at B − data at A), in MiB of RSS per GiB of \
+         source **data**: the source's allocated bytes (`st_blocks × 512`), not its \
+         apparent size, since holes are neither read nor kept. Targets: at most \
+         ~{SLOPE_TARGET_MIB_PER_GIB:.0} MiB per GiB, and under {RSS_TARGET_MIB:.0} MiB on \
+         either side for a {} image, checked on a projection to {} of *data* (the line \
+         through both points, never below a peak measured at that much data or less): \
+         the strict reading, as an image of that size holds at most that much data.\n",
+        target_at, target_at,
+    );
+    let _ = writeln!(
+        s,
+        "| # | scenario | size A: apparent (data) | size B: apparent (data) | \
+         peak RSS at A client / server | peak RSS at B client / server | \
+         slope client / server (MiB per GiB of data) | projected at {} of data client / server | verdict |",
+        target_at
+    );
+    let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|--:|---|");
+    let mib = |k: u64| format!("{:.1} MiB", k as f64 / 1024.0);
+    for r in slopes {
+        let (a, b) = (&r.a, &r.b);
+        let mut misses = Vec::new();
+        let mut slope = [0.0; 2];
+        let mut proj = [0.0; 2];
+        for (k, (server, side)) in [(false, "client"), (true, "server")]
+            .into_iter()
+            .enumerate()
+        {
+            slope[k] = rss_slope(a, b, server);
+            proj[k] = rss_projected(a, b, server);
+            if slope[k].is_nan() || slope[k] > SLOPE_TARGET_MIB_PER_GIB {
+                misses.push(format!(
+                    "{side} grows {:.1} > {SLOPE_TARGET_MIB_PER_GIB:.0} MiB/GiB",
+                    slope[k]
+                ));
+            }
+            if proj[k].is_nan() || proj[k] >= RSS_TARGET_MIB {
+                misses.push(format!(
+                    "{side} {:.0} MiB ≥ {RSS_TARGET_MIB:.0} MiB at {}",
+                    proj[k], target_at
+                ));
+            }
+        }
+        let mut verdict = if misses.is_empty() {
+            format!(
+                "meets both (≤ {SLOPE_TARGET_MIB_PER_GIB:.0} MiB/GiB, < {RSS_TARGET_MIB:.0} MiB)"
+            )
+        } else {
+            format!("**misses**: {}", misses.join("; "))
+        };
+        let ddata = b.data.saturating_sub(a.data);
+        if ddata < SLOPE_MIN_SPAN {
+            let _ = write!(
+                verdict,
+                " — indicative only: B has {} more data than A, so 1 MiB of RSS noise moves \
+                 the slope by {:.1} MiB/GiB",
+                fmt_bytes(ddata),
+                GIB as f64 / ddata.max(1) as f64
+            );
+        }
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} ({}) | {} ({}) | {} / {} | {} / {} | {:+.1} / {:+.1} | {:.0} MiB / {:.0} MiB | {} |",
+            r.id,
+            r.title,
+            fmt_bytes(a.apparent),
+            fmt_bytes(a.data),
+            fmt_bytes(b.apparent),
+            fmt_bytes(b.data),
+            mib(a.rss_client_kib),
+            mib(a.rss_server_kib),
+            mib(b.rss_client_kib),
+            mib(b.rss_server_kib),
+            slope[0],
+            slope[1],
+            proj[0],
+            proj[1],
+            verdict
+        );
+    }
+}
+
 fn render(
     env: &Env,
     opts: &Opts,
     results: &[ScenarioResult],
+    slopes: &[SlopeResult],
     total: f64,
     load_end: &str,
 ) -> String {
@@ -2067,6 +2331,15 @@ fn render(
         fmt_bytes(4 * opts.size),
         opts.runs
     );
+    if opts.rss_slope {
+        let _ = writeln!(
+            s,
+            "- memory growth (`--rss-slope`): vmsync on scenarios 1 and 2 at {} and {}, \
+             one run each, see the section after the table",
+            fmt_bytes(opts.size),
+            fmt_bytes(2 * opts.size)
+        );
+    }
     let _ = writeln!(s, "- generated data (zstd -3 ratios): {}", env.calibration);
     let _ = writeln!(
         s,
@@ -2133,6 +2406,9 @@ fn render(
             fmt_kib(rc),
             fmt_kib(rs),
         );
+    }
+    if !slopes.is_empty() {
+        render_slopes(&mut s, slopes);
     }
     let _ = writeln!(
         s,
@@ -2252,7 +2528,15 @@ fn real_main() -> Result<()> {
         "openssh-server",
     )?;
 
-    let need = 7 * opts.size + GIB;
+    // The largest scenario (2: old, new, destination and vmsync's temporary
+    // file) needs about 4x the size at once; 7x leaves room. --rss-slope
+    // generates scenarios 1 and 2 again at twice the size.
+    let largest = if opts.rss_slope {
+        2 * opts.size
+    } else {
+        opts.size
+    };
+    let need = 7 * largest + GIB;
     let free = free_space(Path::new(WORK_PARENT))?;
     if free < need {
         bail!(
@@ -2334,7 +2618,7 @@ fn real_main() -> Result<()> {
         ssh_baseline: ssh_baseline(&sshd)?,
     };
     let dst = dst_dir.join("disk.img");
-    let timeout = Duration::from_secs(600 + (1200.0 * opts.size as f64 / GIB as f64) as u64);
+    let timeout = Duration::from_secs(600 + (1200.0 * largest as f64 / GIB as f64) as u64);
     let mut ctx = Ctx {
         work: work.clone(),
         vmsync,
@@ -2361,7 +2645,6 @@ fn real_main() -> Result<()> {
         let t = Instant::now();
         let sc = prepare(id, opts.size, &src_dir)?;
         gen_secs += t.elapsed().as_secs_f64();
-        let files = sc.files.clone();
         let r = run_scenario(
             &mut ctx,
             sc,
@@ -2369,15 +2652,19 @@ fn real_main() -> Result<()> {
             opts.vmsync_inplace,
             opts.vmsync_blocks.is_some(),
         )?;
-        if !opts.keep {
-            for f in files {
-                let _ = fs::remove_file(f);
-            }
-        }
+        discard(&r.sc, opts.keep);
         results.push(r);
     }
+    let mut slopes = Vec::new();
+    if opts.rss_slope {
+        for id in SLOPE_SCENARIOS {
+            let r = measure_slope(&mut ctx, id, opts.size, &src_dir, opts.keep)?;
+            gen_secs += r.gen_secs;
+            slopes.push(r);
+        }
+    }
     let total = bench_start.elapsed().as_secs_f64();
-    let report = render(&env, &opts, &results, total, &loadavg());
+    let report = render(&env, &opts, &results, &slopes, total, &loadavg());
     println!("{report}");
     if let Some(dir) = opts.out.parent() {
         fs::create_dir_all(dir)?;
