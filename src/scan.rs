@@ -11,8 +11,17 @@
 //! chunks through the zero check like zeros written out in a file, so an
 //! empty device still sends no data.
 //!
-//! Cutting is serial (a gear hash cannot be split); hashing and zero checks
-//! of a segment's chunks run in parallel on rayon's pool.
+//! Cutting runs in parallel too, though a chunk's end depends on where it
+//! starts: a stretch of data is split into pieces, each cut as if a chunk
+//! started at its beginning, and the pieces are stitched in order. The chain
+//! of cuts from the stretch's start, continued into a piece, soon lands on
+//! one of the piece's own cut points (usually within a chunk or two) and
+//! from there on is the piece's chain; until it does, it is cut serially.
+//! So the cut points are exactly those of a serial pass ([`cut_run`]), and a
+//! piece that never lines up (long runs of one byte value written out) only
+//! costs its speculative work. Hashing and zero checks of a segment's chunks
+//! run in parallel on rayon's pool, overlapping the next segment's read and
+//! cut.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -28,6 +37,9 @@ use crate::hash::ChunkHash;
 const SEGMENT: usize = 16 << 20;
 /// Most records in one segment (bounds memory over terabytes of holes).
 const MAX_PENDING: usize = 65536;
+/// Fewest bytes of a piece cut on its own thread: smaller stretches are cut
+/// serially, where spreading them would cost more than it saves.
+const MIN_PIECE: usize = 2 << 20;
 
 /// What a chunk holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +130,26 @@ impl Extents {
         }
     }
 
+    /// Right after `is_hole(pos, _)` said false: a position `r > pos` such
+    /// that `is_hole(q, q + max)` (with the end clamped to the file size) is
+    /// false for every `q` in `[pos, r)`, namely the end of the data that
+    /// windows of `max` bytes bridge to without a gap; the search stops once
+    /// it has reached `limit`.
+    ///
+    /// The extent at the cursor ends after `pos` and starts before
+    /// `pos + max`, so it meets the window of every `q` in `[pos, e)`; the
+    /// next extent meets the window of every `q` in `[e, e')` when it starts
+    /// before `e + max`, and so on.
+    fn data_run_end(&self, max: u64, limit: u64) -> u64 {
+        let mut k = self.cursor;
+        let mut end = self.data[k].1;
+        while end < limit && k + 1 < self.data.len() && self.data[k + 1].0 < end + max {
+            k += 1;
+            end = self.data[k].1;
+        }
+        end
+    }
+
     /// The data extents as `(start, end)` pairs, sorted.
     pub fn into_ranges(self) -> Vec<(u64, u64)> {
         self.data
@@ -145,8 +177,8 @@ pub fn scan(
 /// its file offset, so a data chunk's bytes are
 /// `&data[(rec.offset - at) as usize..][..rec.len]` without reading them again.
 ///
-/// Reading and cutting a segment (serial: a gear hash cannot be split)
-/// overlaps with hashing the previous one on rayon's pool.
+/// Reading and cutting a segment (cut in parallel pieces, see
+/// [`cut_run`]) overlaps with hashing the previous one on rayon's pool.
 pub fn scan_with_data(
     file: &File,
     size: u64,
@@ -231,12 +263,33 @@ impl Cutting<'_> {
             } else if window_end > start + len as u64 {
                 break; // the next window is past this buffer
             }
+            // Here the loop above would go on cutting chunk after chunk from
+            // the buffer for as long as each chunk's start passes both tests
+            // (not a hole, window inside the buffer): that is every start
+            // before `until`, where `data_run_end` bounds the first test and
+            // `fits` the second (a window of `max` bytes inside the buffer,
+            // or any window when the buffer reaches the end of the file).
+            // Cutting `buf[..len]` with windows of `max` bytes clamped to
+            // `len` is then the same cut as from `buf[off..end]`: the two
+            // windows differ only past `max`, which no cut reads. So
+            // `cut_run` gives the chunks the loop would, and the loop carries
+            // on from where they end, with the same hole test as before.
             let off = (pos - start) as usize;
-            let end = off + (window_end - pos) as usize;
-            let n = self.cutter.cut(&buf[off..end]);
-            cuts.push((off, n));
-            pending.push(Pending::Cut(cuts.len() - 1));
-            self.pos += n as u64;
+            let fits = if start + len as u64 == self.size {
+                len
+            } else {
+                len - max as usize + 1
+            };
+            let run_end = self.extents.data_run_end(max, start + len as u64);
+            let until = fits.min((run_end - start) as usize);
+            debug_assert!(off < until);
+            let run = cut_run(self.cutter, &buf[..len], off, until);
+            for c in run {
+                cuts.push(c);
+                pending.push(Pending::Cut(cuts.len() - 1));
+            }
+            let &(last, n) = cuts.last().expect("a run has a chunk");
+            self.pos = start + (last + n) as u64;
         }
         Ok(Some(Segment {
             buf,
@@ -245,6 +298,92 @@ impl Cutting<'_> {
             pending,
         }))
     }
+}
+
+/// The chunks from `from` on whose starts are before `until`, cut from
+/// `data` with windows of `max` bytes clamped to its end: exactly the
+/// chunks of the serial loop
+///
+/// ```text
+/// q = from; while q < until { n = cutter.cut(&data[q..(q + max).min(len)]); q += n }
+/// ```
+///
+/// The caller must make those windows right: `data` holds at least `max`
+/// bytes after every start before `until`, or ends where the file does.
+/// Long stretches are cut in parallel pieces (one per thread of rayon's pool)
+/// and stitched, see [`cut_run_in`].
+fn cut_run(cutter: &Cutter, data: &[u8], from: usize, until: usize) -> Vec<(usize, usize)> {
+    let len = until - from;
+    let pieces = rayon::current_num_threads().min(len / MIN_PIECE).max(1);
+    cut_run_in(cutter, data, from, until, len.div_ceil(pieces))
+}
+
+/// [`cut_run`] with pieces of `piece` bytes (the tests pick small ones).
+///
+/// Each piece is cut on its own, as if a chunk started at its first byte,
+/// until a chunk ends at or past the piece's end. Stitching in order keeps
+/// the serial chain, which is always at `q`, the end of the chunks so far:
+/// the first piece's cuts are that chain outright. In a later piece, when `q`
+/// is one of the piece's chunk starts, the rest of the piece's cuts are the
+/// serial chain from `q` on (a cut depends only on its start and the data),
+/// and they are taken whole. Otherwise one chunk is cut at `q` serially and
+/// the test repeats, until `q` matches or passes the piece's end (the whole
+/// piece was then recut serially: correct, just not faster). Every chunk
+/// taken starts before its piece's end, so before `until`, and the last
+/// one ends at or past `until`: the chain is the serial loop's, no more.
+///
+/// Piece starts are rounded down to multiples of `min` from `from`, so fixed
+/// blocks (a chain of steps of exactly `min`) line up at once.
+fn cut_run_in(
+    cutter: &Cutter,
+    data: &[u8],
+    from: usize,
+    until: usize,
+    piece: usize,
+) -> Vec<(usize, usize)> {
+    let max = cutter.params().max() as usize;
+    let align = cutter.params().min() as usize;
+    let cut_at = |q: usize| cutter.cut(&data[q..(q + max).min(data.len())]);
+    let chain = |mut q: usize, end: usize| {
+        let mut out = Vec::with_capacity((end - q) / align + 1);
+        while q < end {
+            let n = cut_at(q);
+            out.push((q, n));
+            q += n;
+        }
+        out
+    };
+    let mut bounds: Vec<usize> = (0..until - from)
+        .step_by(piece.max(1))
+        .map(|d| from + d - d % align)
+        .collect();
+    bounds.dedup();
+    if bounds.len() <= 1 {
+        return chain(from, until);
+    }
+    bounds.push(until);
+    let pieces: Vec<Vec<(usize, usize)>> =
+        bounds.par_windows(2).map(|w| chain(w[0], w[1])).collect();
+    let mut out = Vec::with_capacity(pieces.iter().map(Vec::len).sum::<usize>() + 16);
+    let mut q = from;
+    for (cuts, &end) in pieces.iter().zip(&bounds[1..]) {
+        let mut j = 0;
+        while q < end {
+            while j < cuts.len() && cuts[j].0 < q {
+                j += 1;
+            }
+            if j < cuts.len() && cuts[j].0 == q {
+                out.extend_from_slice(&cuts[j..]);
+                let &(last, n) = cuts.last().expect("a piece has a chunk");
+                q = last + n;
+                break;
+            }
+            let n = cut_at(q);
+            out.push((q, n));
+            q += n;
+        }
+    }
+    out
 }
 
 impl Segment {
@@ -398,5 +537,243 @@ mod tests {
             pos += n;
         }
         assert_eq!(pos, data.len());
+    }
+
+    /// The loop `cut_run` stands for.
+    fn serial(cutter: &Cutter, data: &[u8], from: usize, until: usize) -> Vec<(usize, usize)> {
+        let max = cutter.params().max() as usize;
+        let mut out = Vec::new();
+        let mut q = from;
+        while q < until {
+            let n = cutter.cut(&data[q..(q + max).min(data.len())]);
+            out.push((q, n));
+            q += n;
+        }
+        out
+    }
+
+    fn cutters() -> Vec<Cutter> {
+        [
+            ChunkParams::new(4096),
+            ChunkParams::new(65536),
+            ChunkParams::new(1 << 20),
+            ChunkParams::fixed(4096),
+            ChunkParams::fixed(65536),
+        ]
+        .into_iter()
+        .map(|p| Cutter::new(p.unwrap()))
+        .collect()
+    }
+
+    /// Noise, runs of one byte (0 and 0xAB), a short block repeated, and
+    /// noise again. A piece that starts inside a run of one value (or of a
+    /// short period) may not line up with the serial chain before the run
+    /// ends, and is recut serially that far.
+    fn mixed(len: usize, seed: u64) -> Vec<u8> {
+        let mut v = noise(len, seed);
+        let q = len / 8;
+        v[q..3 * q].fill(0);
+        v[3 * q..4 * q].fill(0xAB);
+        let block = noise(1000, seed + 1);
+        for (i, b) in v[5 * q..7 * q].iter_mut().enumerate() {
+            *b = block[i % block.len()];
+        }
+        v
+    }
+
+    /// Of the piece starts after the first, as `cut_run_in` splits
+    /// `[from, until)`: how many the serial chain `cuts` misses (the stitch
+    /// recuts at least one chunk serially) and how many it hits.
+    fn sync_counts(
+        cuts: &[(usize, usize)],
+        from: usize,
+        until: usize,
+        piece: usize,
+        align: usize,
+    ) -> (usize, usize) {
+        let (mut miss, mut hit) = (0, 0);
+        for d in (piece..until - from).step_by(piece) {
+            let start = from + d - d % align;
+            if cuts.binary_search_by_key(&start, |c| c.0).is_ok() {
+                hit += 1;
+            } else {
+                miss += 1;
+            }
+        }
+        (miss, hit)
+    }
+
+    #[test]
+    fn parallel_cut_is_the_serial_cut() {
+        let inputs: Vec<Vec<u8>> = vec![
+            Vec::new(),
+            vec![7],
+            noise(100, 1),
+            noise(5000, 2),
+            vec![0; 300_000],
+            vec![0xAB; 3 << 20],
+            noise(3 << 20, 3),
+            mixed(3 << 20, 4),
+            mixed(20 << 20, 5),
+        ];
+        let pieces = [1, 777, 4096, 10_000, 100_000, 1 << 20, 4 << 20];
+        let (mut missed, mut hit) = (0, 0);
+        for cutter in cutters() {
+            let max = cutter.params().max() as usize;
+            let align = cutter.params().min() as usize;
+            for data in &inputs {
+                // The 20 MiB input only in coarser pieces, to keep the test quick.
+                let pieces = if data.len() > 4 << 20 {
+                    &pieces[3..]
+                } else {
+                    &pieces[..]
+                };
+                // The whole file; a run that starts later; a run in a buffer
+                // that does not reach the end of the file (windows of `max`).
+                let mut runs = vec![(0, data.len())];
+                if data.len() > 2 * max {
+                    runs.push((data.len() / 3 + 5, data.len()));
+                    runs.push((12_345 % data.len(), data.len() - max + 1));
+                }
+                for (from, until) in runs {
+                    let want = serial(&cutter, data, from, until);
+                    assert_eq!(cut_run(&cutter, data, from, until), want);
+                    for &piece in pieces {
+                        let got = cut_run_in(&cutter, data, from, until, piece);
+                        assert!(
+                            got == want,
+                            "{:?}, {} bytes [{from}, {until}), pieces of {piece}",
+                            cutter.params(),
+                            data.len()
+                        );
+                        let (m, h) = sync_counts(&want, from, until, piece, align);
+                        missed += m;
+                        hit += h;
+                    }
+                }
+            }
+        }
+        // Both ways of stitching a piece were taken.
+        assert!(missed > 100 && hit > 100, "missed {missed}, hit {hit}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+        #[test]
+        fn parallel_cut_is_the_serial_cut_prop(
+            parts in proptest::collection::vec((0u8..4, 1usize..200_000, proptest::prelude::any::<u64>()), 1..12),
+            which in 0usize..5,
+            piece in 1usize..300_000,
+            from_frac in 0.0f64..1.0,
+            to_eof in proptest::prelude::any::<bool>(),
+        ) {
+            let mut data = Vec::new();
+            for (kind, len, seed) in parts {
+                match kind {
+                    0 => data.extend(noise(len, seed)),
+                    1 => data.extend(std::iter::repeat_n(0u8, len)),
+                    2 => data.extend(std::iter::repeat_n(0xABu8, len)),
+                    _ => {
+                        let block = noise(1 + (seed % 5000) as usize, seed);
+                        data.extend(block.iter().cycle().take(len));
+                    }
+                }
+            }
+            let cutter = &cutters()[which];
+            let max = cutter.params().max() as usize;
+            let until = if to_eof || data.len() < max { data.len() } else { data.len() - max + 1 };
+            let from = ((until as f64 * from_frac) as usize).min(until - 1);
+            let want = serial(cutter, &data, from, until);
+            proptest::prop_assert_eq!(cut_run_in(cutter, &data, from, until, piece), want);
+        }
+    }
+
+    #[test]
+    fn data_run_end_bounds_the_non_holes() {
+        // Extents with gaps shorter than `max`, as long and longer.
+        let max = 1000u64;
+        let size = 20_000u64;
+        let data = vec![
+            (100, 300),
+            (900, 1000),
+            (2100, 2500),
+            (3000, 3001),
+            (3999, 4100),
+            (9000, 9500),
+            // Gaps of exactly `max` (a hole at 9500) and one less (none).
+            (10_500, 10_600),
+            (11_599, 11_700),
+            (19_990, 20_000),
+        ];
+        let brute = |q: u64| {
+            let end = (q + max).min(size);
+            !data.iter().any(|&(s, e)| s < end && e > q)
+        };
+        let mut ext = Extents {
+            data: data.clone(),
+            cursor: 0,
+        };
+        let mut pos = 0;
+        while pos < size {
+            if ext.is_hole(pos, (pos + max).min(size)) {
+                assert!(brute(pos));
+                pos += 1;
+                continue;
+            }
+            let r = ext.data_run_end(max, size);
+            assert!(r > pos);
+            for q in pos..r {
+                assert!(!brute(q), "{q} in [{pos}, {r})");
+            }
+            // Exact, not just a bound (the search had no limit to stop at).
+            assert!(r == size || brute(r), "{r}");
+            pos += 37;
+        }
+        // With a limit it stops once past it, still a bound.
+        let mut ext = Extents { data, cursor: 0 };
+        assert!(!ext.is_hole(0, max));
+        assert_eq!(ext.data_run_end(max, 500), 1000);
+    }
+
+    #[test]
+    fn runs_between_holes_cut_as_written_zeros() {
+        // Data runs long enough to be cut in parallel pieces, ending at holes
+        // that windows bridge (8 KiB < max) and that they do not, one run
+        // across the segment boundary, a little data at the very end.
+        let dir = tempfile::tempdir().unwrap();
+        let size = (SEGMENT + (9 << 20)) as u64;
+        let extents = [
+            (0usize, 5usize << 20),
+            ((5 << 20) + 8192, 12 << 20),
+            (13 << 20, SEGMENT + (3 << 20)),
+            (size as usize - 5000, size as usize),
+        ];
+        let mut dense = vec![0u8; size as usize];
+        let sparse = dir.path().join("sparse");
+        let f = File::create(&sparse).unwrap();
+        f.set_len(size).unwrap();
+        for (i, &(s, e)) in extents.iter().enumerate() {
+            let d = mixed(e - s, 10 + i as u64);
+            dense[s..e].copy_from_slice(&d);
+            f.write_all_at(&d, s as u64).unwrap();
+        }
+        drop(f);
+        let dense_path = dir.path().join("dense");
+        File::create(&dense_path)
+            .unwrap()
+            .write_all(&dense)
+            .unwrap();
+
+        let a = records(&File::open(&sparse).unwrap(), size, true);
+        let b = records(&File::open(&dense_path).unwrap(), size, false);
+        assert_eq!(a, b);
+        let cutter = Cutter::new(ChunkParams::new(4096).unwrap());
+        let want = serial(&cutter, &dense, 0, dense.len());
+        let got: Vec<(usize, usize)> = a
+            .iter()
+            .map(|r| (r.offset as usize, r.len as usize))
+            .collect();
+        assert_eq!(got, want);
     }
 }
