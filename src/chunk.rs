@@ -155,6 +155,14 @@ impl Cutter {
             // and every block but the last is full.
             return data.len().min(self.params.avg as usize);
         }
+        // Zeros written out (free space of a guest filesystem that was never
+        // trimmed) cut like a hole: the cut sees only the first `max` bytes,
+        // and checking them for zeros is several times faster than the gear
+        // hash (which stops at the first non-zero block on real data).
+        let max = self.params.max() as usize;
+        if self.zero_run_len != 0 && data.len() >= max && is_zero(&data[..max]) {
+            return self.zero_run_len as usize;
+        }
         let (_, n) = fastcdc::v2020::cut(
             data,
             self.params.min() as usize,
@@ -251,6 +259,40 @@ mod tests {
             for len in [0u64, 1, 100, 5000, u64::from(c.params().max()) - 1] {
                 assert_eq!(c.cut_zeros(len), c.cut(&big[..len as usize]), "len {len}");
             }
+        }
+    }
+
+    #[test]
+    fn written_zeros_cut_as_the_gear_hash_does() {
+        for avg in [4096u64, 65536, 1 << 20] {
+            let c = Cutter::new(ChunkParams::new(avg).unwrap());
+            let max = c.params().max() as usize;
+            let (mask_s, mask_l) = fastcdc::v2020::select_masks(
+                avg as usize,
+                fastcdc::v2020::Normalization::Level1,
+            );
+            let gear = |d: &[u8]| {
+                fastcdc::v2020::cut(
+                    d,
+                    max / 16,
+                    avg as usize,
+                    max,
+                    mask_s,
+                    mask_l,
+                    mask_s << 1,
+                    mask_l << 1,
+                )
+                .1
+            };
+            // Zeros for exactly max bytes, then data; zeros then data inside
+            // the window; and zeros to the end of a short input.
+            for zeros in [max, max - 1, max / 2, 100] {
+                let mut d = vec![0u8; zeros];
+                d.extend((0..max as u32).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8));
+                assert_eq!(c.cut(&d), gear(&d), "avg {avg} zeros {zeros}");
+            }
+            let short = vec![0u8; max - 1];
+            assert_eq!(c.cut(&short), gear(&short));
         }
     }
 
