@@ -210,11 +210,13 @@ enum Event {
     Failed(anyhow::Error),
 }
 
-/// Batches a scan started before the connection may run ahead: enough to
-/// cover an ssh connection's setup (about 0.3 s here, some 400 MiB of
-/// scanning), few enough that a destination found up to date costs little
-/// reading (16 segments, at most 256 MiB of data).
-const PRESCAN_BATCHES: usize = 16;
+/// Batches a scan started before the connection may run ahead (64
+/// segments: at most 1 GiB of data, a few hundred KiB of entries). Enough
+/// to cover an ssh connection's setup (about 0.3 s here, some 600 MiB of
+/// scanning). A receiver that turns out to be up to date stops the scan at
+/// its next batch, so the bound matters only when the connection is slow to
+/// come up (a password prompt): then it caps the reading done for nothing.
+const PRESCAN_BATCHES: usize = 64;
 
 /// A manifest scan started before the other end answered, so that the
 /// connection's setup (ssh's handshake, starting the remote binary, the
