@@ -267,10 +267,8 @@ mod tests {
         for avg in [4096u64, 65536, 1 << 20] {
             let c = Cutter::new(ChunkParams::new(avg).unwrap());
             let max = c.params().max() as usize;
-            let (mask_s, mask_l) = fastcdc::v2020::select_masks(
-                avg as usize,
-                fastcdc::v2020::Normalization::Level1,
-            );
+            let (mask_s, mask_l) =
+                fastcdc::v2020::select_masks(avg as usize, fastcdc::v2020::Normalization::Level1);
             let gear = |d: &[u8]| {
                 fastcdc::v2020::cut(
                     d,

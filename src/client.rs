@@ -150,7 +150,7 @@ pub(crate) fn transfer(
             };
             let size = source.info.size;
             let prescan = if prescan {
-                Some(sender::Prescan::start(&source, &opts)?)
+                sender::Prescan::start(&source, &opts)?
             } else {
                 None
             };

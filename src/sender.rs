@@ -224,16 +224,36 @@ const PRESCAN_BATCHES: usize = 64;
 /// preceding it. Used only if the receiver asks for a manifest: a receiver
 /// that is up to date or wants every chunk inline makes it a wasted head
 /// start, dropped (its thread stops at its next batch).
+///
+/// Measured on a 700 MiB image over loopback ssh (medians of 5): a lead of
+/// 16 segments took a touched image from 0.71 s to 0.49 s, 64 segments to
+/// 0.43 s; an up-to-date one went from 0.29 s to 0.30 s and 0.34 s. The
+/// cost is the scanning done during the handshake, whether on one core or
+/// all (one core: 0.34 s and 0.50 s), so the scan uses all from the start.
 pub struct Prescan {
     tx: mpsc::SyncSender<Event>,
     rx: mpsc::Receiver<Event>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl Prescan {
-    pub fn start(src: &Source, opts: &SendOptions) -> Result<Prescan> {
+    /// Starts the scan; `None` for `--sample`, whose slices are small.
+    pub fn start(src: &Source, opts: &SendOptions) -> Result<Option<Prescan>> {
+        if opts.sample.is_some() {
+            return Ok(None);
+        }
         let (tx, rx) = mpsc::sync_channel::<Event>(PRESCAN_BATCHES);
-        spawn_manifest_scanner(src, opts, tx.clone())?;
-        Ok(Prescan { tx, rx })
+        let thread = spawn_scanner(src, opts, false, tx.clone())?;
+        Ok(Some(Prescan { tx, rx, thread }))
+    }
+
+    /// Stops the scan and waits for its thread (at most the segment it is
+    /// on), so that a scan started next never runs beside it, doubling the
+    /// buffers held and competing for the cores. Merely dropping a
+    /// `Prescan` also stops it, at its next batch, without waiting.
+    fn stop(self) {
+        drop((self.tx, self.rx));
+        let _ = self.thread.join();
     }
 }
 
@@ -243,7 +263,7 @@ fn spawn_manifest_scanner(
     src: &Source,
     opts: &SendOptions,
     tx: mpsc::SyncSender<Event>,
-) -> Result<()> {
+) -> Result<std::thread::JoinHandle<()>> {
     match opts.sample {
         Some((k, n)) => spawn_sample_scanner(src, opts.params, k, n, tx),
         None => spawn_scanner(src, opts, false, tx),
@@ -304,7 +324,10 @@ where
 
     let (tx, rx) = match prescan {
         Some(p) if !inline => (p.tx, p.rx),
-        _ => {
+        p => {
+            if let Some(p) = p {
+                p.stop();
+            }
             // A batch carries up to a segment (16 MiB) of compressed data
             // inline: keep the queue short so memory stays flat when the
             // link is slow.
@@ -583,7 +606,7 @@ fn spawn_sample_scanner(
     k: u32,
     n: u32,
     tx: mpsc::SyncSender<Event>,
-) -> Result<()> {
+) -> Result<std::thread::JoinHandle<()>> {
     let (file, size, path) = src.for_thread()?;
     let piece = u64::from(params.avg());
     std::thread::Builder::new()
@@ -634,8 +657,7 @@ fn spawn_sample_scanner(
             let r = scan();
             end_scan(r, builder, covered, &path, &tx);
         })
-        .context("cannot start a thread")?;
-    Ok(())
+        .context("cannot start a thread")
 }
 
 /// Sends the manifest's last entries (and the bytes scanned since the last
@@ -666,7 +688,7 @@ fn spawn_scanner(
     opts: &SendOptions,
     inline: bool,
     tx: mpsc::SyncSender<Event>,
-) -> Result<()> {
+) -> Result<std::thread::JoinHandle<()>> {
     let (file, size, path) = src.for_thread()?;
     let params = opts.params;
     // Inline, this thread compresses too: the stream's order is the scan's.
@@ -710,6 +732,5 @@ fn spawn_scanner(
             });
             end_scan(r, builder, covered, &path, &tx);
         })
-        .context("cannot start a thread")?;
-    Ok(())
+        .context("cannot start a thread")
 }
