@@ -205,7 +205,9 @@ pub struct Cli {
     #[arg(short = 'c', long)]
     pub checksum: bool,
 
-    /// zstd compression level for chunk data: 1 (fast) to 19 (small); 0 turns it off.
+    /// zstd compression level for chunk data: 1 (fast) to 19 (small); 0 turns it off. On a first
+    /// copy it is a ceiling: the level goes down (to 1 at least) while compressing is slower than
+    /// the link, and back up while the link is slower.
     #[arg(short = 'z', long, value_name = "N", default_value_t = 3,
           value_parser = clap::value_parser!(u8).range(0..=19))]
     pub compress_level: u8,

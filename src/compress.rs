@@ -6,6 +6,12 @@
 //! whole connection and flushes it after every chunk, which makes each
 //! `CHUNK` message decodable as soon as it arrives.
 //!
+//! On a first copy, where every chunk travels, the level adapts to the link
+//! ([`Adapt`]): between 1 and the level asked for, lowered while compressing
+//! is what holds the transfer back and raised while the link is. A level
+//! change ends the zstd frame (a new one starts at the new level), which the
+//! decoder follows without being told: frames simply follow each other.
+//!
 //! The receiver's decoder is bounded: its window is capped at
 //! [`WINDOW_LOG_MAX`], and each chunk decodes into a buffer of exactly the
 //! length the manifest promised, so a zstd bomb can neither allocate more nor
@@ -24,6 +30,10 @@ pub const MAX_LEVEL: u8 = 19;
 /// The sender's side of the stream.
 pub struct StreamEncoder {
     enc: Encoder<'static>,
+    level: u8,
+    /// The end of a frame closed by [`StreamEncoder::set_level`], sent at
+    /// the head of the next payload.
+    pending: Vec<u8>,
 }
 
 impl StreamEncoder {
@@ -33,14 +43,58 @@ impl StreamEncoder {
         // The receiver refuses larger windows; stay within them.
         enc.set_parameter(zstd::stream::raw::CParameter::WindowLog(WINDOW_LOG_MAX - 2))
             .map_err(|e| anyhow::anyhow!("zstd window: {e}"))?;
-        Ok(StreamEncoder { enc })
+        Ok(StreamEncoder {
+            enc,
+            level,
+            pending: Vec::new(),
+        })
+    }
+
+    pub fn level(&self) -> u8 {
+        self.level
+    }
+
+    /// Compresses what follows at `level`. zstd applies a new level only
+    /// from a frame's start, so this ends the current frame (its last bytes
+    /// lead the next payload) and the next [`StreamEncoder::encode`] starts
+    /// a new one: the data before is no longer a source of matches.
+    pub fn set_level(&mut self, level: u8) -> Result<()> {
+        if level == self.level {
+            return Ok(());
+        }
+        loop {
+            self.grow_pending();
+            let at = self.pending.len();
+            let mut o = OutBuffer::around_pos(&mut self.pending, at);
+            let left = self
+                .enc
+                .finish(&mut o, true)
+                .map_err(|e| anyhow::anyhow!("zstd frame end failed: {e}"))?;
+            if left == 0 {
+                break;
+            }
+        }
+        self.enc
+            .set_parameter(zstd::stream::raw::CParameter::CompressionLevel(i32::from(
+                level,
+            )))
+            .map_err(|e| anyhow::anyhow!("cannot set zstd level {level}: {e}"))?;
+        self.level = level;
+        Ok(())
+    }
+
+    fn grow_pending(&mut self) {
+        if self.pending.capacity() - self.pending.len() < 64 {
+            self.pending.reserve(256);
+        }
     }
 
     /// Compresses `data` and flushes, replacing `out`'s contents with bytes
     /// that decode to exactly `data` given everything sent before.
     pub fn encode(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<()> {
         out.clear();
-        out.reserve(zstd::zstd_safe::compress_bound(data.len()) + 64);
+        out.reserve(zstd::zstd_safe::compress_bound(data.len()) + 64 + self.pending.len());
+        out.append(&mut self.pending);
         let mut input = InBuffer::around(data);
         while input.pos() < data.len() {
             self.grow(out);
@@ -66,6 +120,77 @@ impl StreamEncoder {
         if out.capacity() - out.len() < 4096 {
             out.reserve(out.capacity().max(64 * 1024));
         }
+    }
+}
+
+/// Picks the level of a first copy's stream from how the sending side
+/// spends its time, one segment (16 MiB of source) at a time: working
+/// (reading, cutting, hashing, compressing) or blocked handing batches on
+/// because the link (ssh, the network, the receiver) is slower. Over a
+/// window of [`Adapt::WINDOW`] segments: blocked under 5% of the time means
+/// compressing holds the transfer back, so one level lower; over 30%
+/// means the link does and there is time to spare, so one level higher.
+/// At most one step per window, so a level is measured before it moves
+/// again and each frame restart (a lost context) is amortized over 128 MiB.
+#[derive(Debug, Clone)]
+pub struct Adapt {
+    lo: u8,
+    hi: u8,
+    level: u8,
+    segments: u32,
+    working: std::time::Duration,
+    blocked: std::time::Duration,
+}
+
+impl Adapt {
+    /// Segments per decision.
+    pub const WINDOW: u32 = 8;
+
+    /// Between 1 and `hi` (the level asked for), starting at `hi`.
+    pub fn new(hi: u8) -> Adapt {
+        let hi = hi.max(1);
+        Adapt {
+            lo: 1,
+            hi,
+            level: hi,
+            segments: 0,
+            working: std::time::Duration::ZERO,
+            blocked: std::time::Duration::ZERO,
+        }
+    }
+
+    /// Records one segment; returns the new level when it changes.
+    pub fn record(
+        &mut self,
+        working: std::time::Duration,
+        blocked: std::time::Duration,
+    ) -> Option<u8> {
+        self.segments += 1;
+        self.working += working;
+        self.blocked += blocked;
+        if self.segments < Self::WINDOW {
+            return None;
+        }
+        let total = (self.working + self.blocked).as_secs_f64();
+        let share = if total > 0.0 {
+            self.blocked.as_secs_f64() / total
+        } else {
+            0.0
+        };
+        self.segments = 0;
+        self.working = std::time::Duration::ZERO;
+        self.blocked = std::time::Duration::ZERO;
+        let next = if share < 0.05 {
+            self.level.saturating_sub(1).max(self.lo)
+        } else if share > 0.30 {
+            (self.level + 1).min(self.hi)
+        } else {
+            self.level
+        };
+        (next != self.level).then(|| {
+            self.level = next;
+            next
+        })
     }
 }
 
@@ -165,6 +290,65 @@ mod tests {
         assert!(wire.len() > 60000);
         e.encode(&block, &mut wire).unwrap();
         assert!(wire.len() < 1000, "second copy cost {}", wire.len());
+    }
+
+    #[test]
+    fn level_changes_between_chunks_decode_in_one_stream() {
+        let mut e = StreamEncoder::new(3).unwrap();
+        let mut d = StreamDecoder::new().unwrap();
+        let mut wire = Vec::new();
+        let text: Vec<u8> = b"the quick brown fox jumps over the lazy dog "
+            .iter()
+            .copied()
+            .cycle()
+            .take(70_000)
+            .collect();
+        for (i, level) in [3u8, 3, 1, 1, 2, 3, 19, 1].into_iter().enumerate() {
+            e.set_level(level).unwrap();
+            assert_eq!(e.level(), level);
+            let mut chunk = text.clone();
+            chunk[i] = i as u8; // each differs
+            e.encode(&chunk, &mut wire).unwrap();
+            assert!(
+                wire.len() < chunk.len() / 4,
+                "level {level}: {}",
+                wire.len()
+            );
+            let mut out = vec![0u8; chunk.len()];
+            d.decode(&wire, &mut out).unwrap();
+            assert_eq!(out, chunk, "chunk {i} at level {level}");
+        }
+    }
+
+    #[test]
+    fn adapt_steps_down_when_compressing_is_the_bottleneck_and_up_when_the_link_is() {
+        use std::time::Duration;
+        let ms = Duration::from_millis;
+        let mut a = Adapt::new(3);
+        let window = |a: &mut Adapt, work: u64, blocked: u64| {
+            let mut out = None;
+            for _ in 0..Adapt::WINDOW {
+                if let Some(l) = a.record(ms(work), ms(blocked)) {
+                    assert!(out.is_none(), "one step per window");
+                    out = Some(l);
+                }
+            }
+            out
+        };
+        // Never blocked: compressing is the bottleneck.
+        assert_eq!(window(&mut a, 100, 0), Some(2));
+        assert_eq!(window(&mut a, 100, 1), Some(1));
+        assert_eq!(window(&mut a, 100, 0), None, "1 is the floor");
+        // In between: stay.
+        assert_eq!(window(&mut a, 100, 20), None);
+        // Mostly blocked: the link is slower; climb back, not past 3.
+        assert_eq!(window(&mut a, 50, 100), Some(2));
+        assert_eq!(window(&mut a, 50, 100), Some(3));
+        assert_eq!(window(&mut a, 50, 100), None);
+        // Level 1 asked for: nothing to adapt.
+        let mut one = Adapt::new(1);
+        assert_eq!(window(&mut one, 100, 0), None);
+        assert_eq!(window(&mut one, 10, 100), None);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use anyhow::{Context, Result};
 use rayon::prelude::*;
 
 use crate::chunk::{ChunkParams, Cutter};
-use crate::compress::StreamEncoder;
+use crate::compress::{Adapt, StreamEncoder};
 use crate::error::{exit_code_of, fail, Exit, WithExit};
 use crate::hash::ChunkHash;
 use crate::manifest::{self, Builder, Entry, Kind};
@@ -692,10 +692,12 @@ fn spawn_scanner(
     let (file, size, path) = src.for_thread()?;
     let params = opts.params;
     // Inline, this thread compresses too: the stream's order is the scan's.
+    // The level adapts to the link (see `compress::Adapt`).
     let mut encoder = match (inline, opts.compress_level) {
         (true, l) if l > 0 => Some(StreamEncoder::new(l)?),
         _ => None,
     };
+    let mut adapt = Adapt::new(opts.compress_level);
     std::thread::Builder::new()
         .name("scan".into())
         .spawn(move || {
@@ -704,6 +706,7 @@ fn spawn_scanner(
             let mut builder = Builder::default();
             let mut emitted: u64 = 0;
             let mut covered = 0;
+            let mut last = std::time::Instant::now();
             let r = scan::scan_with_data(&file, size, &mut extents, &cutter, |recs, data, at| {
                 let mut out = Vec::with_capacity(recs.len());
                 let mut chunks = Vec::new();
@@ -727,8 +730,18 @@ fn spawn_scanner(
                     return Ok(());
                 }
                 let covered = std::mem::take(&mut covered);
+                let sending = std::time::Instant::now();
                 tx.send(Event::Batch(out, chunks, covered))
-                    .map_err(|_| anyhow::anyhow!("sender stopped"))
+                    .map_err(|_| anyhow::anyhow!("sender stopped"))?;
+                let sent = std::time::Instant::now();
+                if let Some(enc) = encoder.as_mut() {
+                    if let Some(level) = adapt.record(sending - last, sent - sending) {
+                        crate::vlog!(2, "sender: zstd level {} -> {level}", enc.level());
+                        enc.set_level(level)?;
+                    }
+                }
+                last = sent;
+                Ok(())
             });
             end_scan(r, builder, covered, &path, &tx);
         })
