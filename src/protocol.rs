@@ -36,7 +36,7 @@
 //! | 5    | `MANIFEST`     | sender→recv   | a manifest batch, see [`crate::manifest`] |
 //! | 6    | `MANIFEST_END` | sender→recv   | entry count u64, file digest (32 bytes), flags u8 (1: the source changed while it was scanned and `ALLOW_CHANGING` lets it be committed) |
 //! | 7    | `REQUEST`      | recv→sender   | count u32 (1 ≤ n ≤ [`MAX_REQUEST`]), n entry indices u64 |
-//! | 8    | `CHUNK`        | sender→recv   | entry index u64, raw length u32, encoding u8 (bit 0: zstd stream; bit 1: only the pieces asked for, concatenated; bit 2: the source changed since the manifest, this is the chunk's new content, to be hashed by the receiver: only with `ALLOW_CHANGING`), payload |
+//! | 8    | `CHUNK`        | sender→recv   | entry index u64, raw length u32, encoding u8 (bit 0: the connection's zstd stream, one or more frames in sequence, flushed at the end of each payload; bit 1: only the pieces asked for, concatenated; bit 2: the source changed since the manifest, this is the chunk's new content, to be hashed by the receiver: only with `ALLOW_CHANGING`), payload |
 //! | 9    | `DONE`         | recv→sender   | see [`Summary`] |
 //! | 10   | `BLOCK_REQUEST`| recv→sender   | count u32 (1 ≤ n ≤ [`MAX_REQUEST`]), n entry indices u64: send piece hashes |
 //! | 11   | `BLOCK_HASHES` | sender→recv   | entry index u64, count u32 (≤ [`MAX_PIECES`]), count × 8-byte piece hash |

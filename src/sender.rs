@@ -4,7 +4,10 @@
 //! Three threads: the scanner cuts and hashes the file and hands manifest
 //! batches over; the request reader drains the peer's `REQUEST`s (so the
 //! peer never blocks writing them); the main thread does all the writing,
-//! interleaving manifest batches with requested chunks. Every chunk is
+//! interleaving manifest batches with requested chunks. On a push the
+//! scanner starts before the connection is up ([`Prescan`]). On a first
+//! copy it also compresses every chunk, at a level that follows the link
+//! ([`crate::compress::Adapt`]). Every chunk is
 //! re-hashed when it is read for sending, so a source that changed since the
 //! scan is caught here (exit 7) and never sent under a stale hash.
 //!
