@@ -132,44 +132,33 @@ fn compression(c: &mut Criterion) {
 }
 
 fn scanning(c: &mut Criterion) {
-    let data = data();
     let dir = common::tempdir();
-    let path = dir.path().join("scan.img");
-    File::create(&path).unwrap().write_all(&data).unwrap();
+    // The file sits in the page cache: this is cut + zero check + hash, the
+    // CPU side of a scan, not disk speed.
+    bench_scan(c, &dir, "file/64k-avg", &data(), 100);
+    // Many segments: reading and cutting one overlaps hashing the one
+    // before, so this shows the whole pipeline, not one segment's cut and
+    // hash back to back.
+    bench_scan(
+        c,
+        &dir,
+        "file-256m/64k-avg",
+        &common::mixed_bytes(43, BIG_SCAN),
+        10,
+    );
+}
+
+/// Scans a file holding `data` with the default chunking, as `scan/NAME`.
+fn bench_scan(c: &mut Criterion, dir: &tempfile::TempDir, name: &str, data: &[u8], samples: usize) {
+    let path = dir.path().join(name.replace('/', "-"));
+    File::create(&path).unwrap().write_all(data).unwrap();
     let file = File::open(&path).unwrap();
     let size = data.len() as u64;
     let cutter = Cutter::new(ChunkParams::default());
     let mut g = c.benchmark_group("scan");
     g.throughput(Throughput::Bytes(size));
-    // The file sits in the page cache: this is cut + zero check + hash, the
-    // CPU side of a scan, not disk speed.
-    g.bench_function("file/64k-avg", |b| {
-        b.iter(|| {
-            let mut extents = Extents::of(&file, size);
-            let mut n = 0usize;
-            scan::scan(&file, size, &mut extents, &cutter, |recs| {
-                n += recs.len();
-                Ok(())
-            })
-            .unwrap();
-            n
-        })
-    });
-    g.finish();
-
-    // Many segments: reading and cutting one overlaps hashing the one
-    // before, so this shows the whole pipeline, not one segment's cut and
-    // hash back to back.
-    let big = common::mixed_bytes(43, BIG_SCAN);
-    let path = dir.path().join("scan-big.img");
-    File::create(&path).unwrap().write_all(&big).unwrap();
-    drop(big);
-    let file = File::open(&path).unwrap();
-    let size = BIG_SCAN as u64;
-    let mut g = c.benchmark_group("scan");
-    g.throughput(Throughput::Bytes(size));
-    g.sample_size(10);
-    g.bench_function("file-256m/64k-avg", |b| {
+    g.sample_size(samples);
+    g.bench_function(name, |b| {
         b.iter(|| {
             let mut extents = Extents::of(&file, size);
             let mut n = 0usize;
