@@ -24,11 +24,11 @@ use std::io::Write;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
-use vmsync::chunk::{ChunkParams, Cutter};
-use vmsync::compress::{StreamDecoder, StreamEncoder};
-use vmsync::hash::ChunkHash;
-use vmsync::manifest::{encode_batch, Builder, Entry, Kind, Validator, MAX_BATCH};
-use vmsync::scan::{self, ChunkRec, Content, Extents};
+use vmsync::content::chunk::{ChunkParams, Cutter};
+use vmsync::content::compress::{StreamDecoder, StreamEncoder};
+use vmsync::content::hash::ChunkHash;
+use vmsync::content::manifest::{encode_batch, Builder, Entry, Kind, Validator, MAX_BATCH};
+use vmsync::content::scan::{self, ChunkRec, Content, Extents};
 
 /// Bytes of input for the data benches.
 const LEN: usize = 16 << 20;

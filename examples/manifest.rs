@@ -9,9 +9,9 @@
 use std::fs::File;
 
 use anyhow::{Context, Result};
-use vmsync::chunk::{ChunkParams, Cutter};
-use vmsync::manifest::{Builder, Kind};
-use vmsync::scan::{scan, Extents};
+use vmsync::content::chunk::{ChunkParams, Cutter};
+use vmsync::content::manifest::{Builder, Kind};
+use vmsync::content::scan::{scan, Extents};
 use vmsync::units::{bytes, parse_size};
 
 fn main() -> Result<()> {

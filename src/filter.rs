@@ -21,7 +21,7 @@ use anyhow::Result;
 use globset::{GlobBuilder, GlobMatcher};
 
 use crate::error::{fail, Exit};
-use crate::protocol::{FilterRule, MAX_PATTERN, MAX_RULES};
+use crate::wire::protocol::{FilterRule, MAX_PATTERN, MAX_RULES};
 
 /// Compiled rules.
 #[derive(Debug, Clone, Default)]

@@ -15,36 +15,19 @@
 //! results; [`error`] holds the exit codes; [`signals`] cleans up on SIGINT
 //! and SIGTERM.
 
-pub mod bwlimit;
-pub mod cache;
-pub mod chunk;
-pub mod cli;
+pub mod app;
 pub mod client;
-pub mod compress;
-pub mod config;
-pub mod confine;
+pub mod content;
+pub mod dest;
 pub mod error;
 pub mod filter;
-pub mod hash;
-pub mod lock;
 pub mod log;
-pub mod manifest;
-pub mod metrics;
 pub mod progress;
-pub mod protocol;
-pub mod receiver;
-pub mod refine;
-pub mod report;
-pub mod sample;
-pub mod scan;
-pub mod sender;
+pub mod roles;
 pub mod server;
 pub mod signals;
-pub mod transport;
-pub mod tree;
 pub mod units;
-pub mod verify;
-pub mod writer;
+pub mod wire;
 
 /// The process umask, read once before any thread starts (reading it means
 /// setting it, which would race with threads creating files).

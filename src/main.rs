@@ -3,7 +3,9 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use vmsync::{client, config::Config, report, server, signals, tree};
+use vmsync::app::{config::Config, report};
+use vmsync::roles::tree;
+use vmsync::{client, server, signals};
 
 /// What a run produced: one file's report, or a tree's.
 enum Outcome {
@@ -14,7 +16,7 @@ enum Outcome {
 fn main() -> ExitCode {
     let umask = vmsync::read_umask();
     signals::install();
-    let cli = vmsync::cli::parse();
+    let cli = vmsync::app::cli::parse();
     if cli.server {
         signals::set_quiet(true);
         let limits = server::Limits {
@@ -26,7 +28,7 @@ fn main() -> ExitCode {
         return ExitCode::from(code.code());
     }
     if let Some(shell) = cli.completions {
-        let mut cmd = <vmsync::cli::Cli as clap::CommandFactory>::command();
+        let mut cmd = <vmsync::app::cli::Cli as clap::CommandFactory>::command();
         clap_complete::generate(shell, &mut cmd, "vmsync", &mut std::io::stdout());
         return ExitCode::SUCCESS;
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::transport::Counter;
+use crate::wire::transport::Counter;
 
 #[derive(Clone)]
 pub struct Progress {

@@ -7,25 +7,25 @@
 //! name; the server itself prints nothing.
 //!
 //! Besides sending or receiving one file, it lists a tree or applies
-//! operations to one for `-r` ([`crate::tree`]); `--root` confines those
+//! operations to one for `-r` ([`crate::roles::tree`]); `--root` confines those
 //! too, and `--read-only` refuses the operations.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-use crate::bwlimit::{Limited, Limiter};
-use crate::chunk::ChunkParams;
-use crate::compress::MAX_LEVEL;
-use crate::confine::Root;
+use crate::content::chunk::ChunkParams;
+use crate::content::compress::MAX_LEVEL;
+use crate::dest::confine::Root;
 use crate::error::{exit_code_of, fail, message_of, Exit};
 use crate::progress::Progress;
-use crate::protocol::{flags, FrameReader, FrameWriter, Msg, Role};
-use crate::receiver::{self, RecvOptions, Seed};
-use crate::sender::{self, SendOptions, Source};
+use crate::roles::receive::{self, RecvOptions, Seed};
+use crate::roles::sender::{self, SendOptions, Source};
+use crate::roles::tree;
 use crate::signals;
-use crate::transport::{bytes_path, keepalive_interval, Silence, Watched};
-use crate::tree;
+use crate::wire::bwlimit::{Limited, Limiter};
+use crate::wire::protocol::{flags, FrameReader, FrameWriter, Msg, Role};
+use crate::wire::transport::{bytes_path, keepalive_interval, Silence, Watched};
 
 /// What the server may touch (`--root`, `--read-only`).
 #[derive(Debug, Clone, Default)]
@@ -162,7 +162,7 @@ fn serve_on(
                 allow_changing: open.flags & flags::ALLOW_CHANGING != 0,
                 sample: open.sample,
             };
-            receiver::receive(
+            receive::receive(
                 Path::new(&path),
                 &source_name,
                 seeds,

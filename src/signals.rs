@@ -99,7 +99,7 @@ fn on_signal(sig: libc::c_int) -> ! {
     };
     let code = 128 + sig;
     if JSON.load(Ordering::Relaxed) {
-        let v = crate::report::error_json(code as u8, &format!("interrupted by {name}"));
+        let v = crate::app::report::error_json(code as u8, &format!("interrupted by {name}"));
         println!("{v}");
     }
     if !QUIET.load(Ordering::Relaxed) {

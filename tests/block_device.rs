@@ -383,7 +383,7 @@ fn a_second_sync_to_a_device_in_use_by_vmsync_exits_8() {
     let first = Source::new(random_bytes(41, 3 << 20), 64 * 1024);
     let mut holder = Server::connect();
     let mode = holder.open_receive(open_receive(&dev.path), first.info());
-    assert_eq!(mode, vmsync::protocol::StartMode::Manifest);
+    assert_eq!(mode, vmsync::wire::protocol::StartMode::Manifest);
 
     let (run, v) = vmsync().arg(&src).arg(&dev.path).run_json();
     run.assert_code(exit::LOCKED);
@@ -399,7 +399,7 @@ fn a_second_sync_to_a_device_in_use_by_vmsync_exits_8() {
     let _ = holder.send(&first.manifest_end());
     let end = answer_requests(&mut holder, &first, &mut Chunker::compressed(), |_| {});
     assert!(
-        matches!(end, In::Msg(vmsync::protocol::Msg::Done(_))),
+        matches!(end, In::Msg(vmsync::wire::protocol::Msg::Done(_))),
         "{end:?}"
     );
     holder.finish().assert_code(0);

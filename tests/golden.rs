@@ -7,8 +7,8 @@
 use std::fs::File;
 use std::io::Write;
 
-use vmsync::chunk::{ChunkParams, Cutter};
-use vmsync::scan::{scan, Content, Extents};
+use vmsync::content::chunk::{ChunkParams, Cutter};
+use vmsync::content::scan::{scan, Content, Extents};
 
 /// A fixed pseudo-random input (xorshift64), with a repetitive stretch and
 /// a zero run so both kinds of cut show up.

@@ -27,9 +27,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use peer::*;
-use vmsync::hash::ChunkHash;
-use vmsync::manifest::{Entry, Kind};
-use vmsync::protocol::{flags, ChunkMsg, Msg, StartMode, Summary, MAX_FRAME};
+use vmsync::content::hash::ChunkHash;
+use vmsync::content::manifest::{Entry, Kind};
+use vmsync::wire::protocol::{flags, ChunkMsg, Msg, StartMode, Summary, MAX_FRAME};
 
 // ---------------------------------------------------------------------------
 // Destinations
@@ -109,8 +109,8 @@ fn receiver(dest: &Dest, src: &Source) -> (Server, StartMode) {
 
 fn receiver_with(
     dest: &Dest,
-    info: vmsync::protocol::FileInfo,
-    edit: impl FnOnce(&mut vmsync::protocol::Open),
+    info: vmsync::wire::protocol::FileInfo,
+    edit: impl FnOnce(&mut vmsync::wire::protocol::Open),
 ) -> (Server, StartMode) {
     let mut s = Server::connect();
     let mut open = open_receive(&dest.path);
@@ -280,7 +280,7 @@ fn stream_truncated_anywhere_is_a_connection_error_and_writes_nothing() {
 
     // The whole client side of an inline session, frame by frame.
     let mut frames: Vec<Vec<u8>> = vec![
-        hello_bytes(vmsync::protocol::PROTOCOL_VERSION, 0),
+        hello_bytes(vmsync::wire::protocol::PROTOCOL_VERSION, 0),
         frame(&Msg::Open(open_receive(&dest.path))),
         frame(&Msg::FileInfo(src.info())),
         frame(&src.manifest()[0]),
@@ -423,7 +423,7 @@ fn largest_frame_full_of_garbage_is_rejected_with_bounded_memory() {
 /// One lie after a valid start; exit 5 with `word` in the message, and the
 /// destination untouched.
 fn lie_after_start(
-    info: vmsync::protocol::FileInfo,
+    info: vmsync::wire::protocol::FileInfo,
     existing: bool,
     before: &[Msg],
     lie: &[u8],
@@ -476,7 +476,7 @@ fn huge_and_zero_values_in_messages_are_rejected() {
     let big = file_info(1 << 40);
     type Case<'a> = (
         &'a str,
-        vmsync::protocol::FileInfo,
+        vmsync::wire::protocol::FileInfo,
         Vec<Msg>,
         Vec<u8>,
         &'a str,
@@ -491,7 +491,7 @@ fn huge_and_zero_values_in_messages_are_rejected() {
         ),
         (
             "FILE_INFO nanoseconds 10^9",
-            vmsync::protocol::FileInfo {
+            vmsync::wire::protocol::FileInfo {
                 mtime_nsec: 1_000_000_000,
                 ..src.info()
             },
@@ -621,7 +621,7 @@ fn bad_open_fields_are_refused() {
     bad_role[5] = 7;
     let mut bad_flags = frame(&Msg::Open(good.clone()));
     bad_flags[6..10].copy_from_slice(&0x8000_0000u32.to_le_bytes());
-    let with = |f: &dyn Fn(&mut vmsync::protocol::Open)| {
+    let with = |f: &dyn Fn(&mut vmsync::wire::protocol::Open)| {
         let mut o = good.clone();
         f(&mut o);
         frame(&Msg::Open(o))
@@ -716,8 +716,8 @@ fn misplaced_messages_are_protocol_errors() {
 #[test]
 fn newer_protocol_version_is_refused_naming_both_versions() {
     let mut s = Server::spawn();
-    let ours = format!("v{}", vmsync::protocol::PROTOCOL_VERSION);
-    let newer = vmsync::protocol::PROTOCOL_VERSION + 1;
+    let ours = format!("v{}", vmsync::wire::protocol::PROTOCOL_VERSION);
+    let newer = vmsync::wire::protocol::PROTOCOL_VERSION + 1;
     let _ = s.send_raw(&hello_bytes(newer, 0));
     s.expect_hello();
     s.finish()
@@ -743,7 +743,10 @@ fn unknown_feature_flags_in_the_hello_are_ignored() {
     let dest = Dest::fresh();
     let src = Source::new(random_bytes(11, 50_000), 64 * 1024);
     let mut s = Server::spawn();
-    let _ = s.send_raw(&hello_bytes(vmsync::protocol::PROTOCOL_VERSION, u32::MAX));
+    let _ = s.send_raw(&hello_bytes(
+        vmsync::wire::protocol::PROTOCOL_VERSION,
+        u32::MAX,
+    ));
     s.expect_hello();
     assert_eq!(
         s.open_receive(open_receive(&dest.path), src.info()),
@@ -1041,10 +1044,13 @@ fn a_million_identical_chunks_are_handled_in_linear_time() {
     // Every later chunk of the stream is the same few bytes: zstd repeats
     // its previous 1 KiB.
     let again = chunker.chunk(1, &block, false);
-    for (b, part) in entries.chunks(vmsync::manifest::MAX_BATCH).enumerate() {
+    for (b, part) in entries
+        .chunks(vmsync::content::manifest::MAX_BATCH)
+        .enumerate()
+    {
         let _ = s.queue(&manifest_msgs(part)[0]);
         for k in 0..part.len() {
-            let i = (b * vmsync::manifest::MAX_BATCH + k) as u64;
+            let i = (b * vmsync::content::manifest::MAX_BATCH + k) as u64;
             let mut c = if i == 0 { one.clone() } else { again.clone() };
             c.index = i;
             let _ = s.queue(&Msg::Chunk(c));
@@ -1246,13 +1252,13 @@ fn refine_with(
                 assert_eq!(v.len(), 1, "one changed chunk: {v:?}");
                 let i = v[0];
                 let e = src.entries[i as usize];
-                let h = vmsync::refine::piece_hashes(e.offset, src.bytes(i as usize));
+                let h = vmsync::content::refine::piece_hashes(e.offset, src.bytes(i as usize));
                 let _ = s.send(&(hashes.take().expect("one BLOCK_REQUEST"))(i, h));
             }
             In::Msg(Msg::PieceRequest { index, bitmap, .. }) => {
                 let e = src.entries[index as usize];
                 let data = src.bytes(index as usize);
-                let wanted = vmsync::refine::gather(e.offset, data, &bitmap);
+                let wanted = vmsync::content::refine::gather(e.offset, data, &bitmap);
                 assert_eq!(wanted.len(), 4096, "one changed 4 KiB piece");
                 let c = chunker.chunk(index as usize, &wanted, true);
                 let _ = s.send(&Msg::Chunk((pieces.take().expect("one PIECE_REQUEST"))(c)));
@@ -1314,7 +1320,7 @@ fn pieces_of_the_wrong_length_are_rejected() {
         (
             "compressed payload decoding to one byte less",
             Box::new(|c: ChunkMsg| {
-                let mut e = vmsync::compress::StreamEncoder::new(3).unwrap();
+                let mut e = vmsync::content::compress::StreamEncoder::new(3).unwrap();
                 let mut out = Vec::new();
                 e.encode(&c.payload[1..], &mut out).unwrap();
                 ChunkMsg {
@@ -1406,8 +1412,8 @@ fn sending_server() -> (tempfile::TempDir, PathBuf, Vec<u8>, Server, Vec<Entry>)
 
 /// Reads `MANIFEST` batches up to `MANIFEST_END`, checking them.
 fn read_manifest(s: &mut Server, size: u64) -> Vec<Entry> {
-    let params = vmsync::chunk::ChunkParams::new(u64::from(AVG)).unwrap();
-    let mut v = vmsync::manifest::Validator::new(size, params);
+    let params = vmsync::content::chunk::ChunkParams::new(u64::from(AVG)).unwrap();
+    let mut v = vmsync::content::manifest::Validator::new(size, params);
     let mut entries = Vec::new();
     loop {
         match s.recv_msg() {
@@ -1428,7 +1434,7 @@ fn honest_receiver_gets_the_source_from_a_sending_server() {
         .filter(|&i| matches!(entries[i as usize].kind, Kind::Data { .. }))
         .collect();
     s.send(&Msg::Request(wanted.clone())).unwrap();
-    let mut dec = vmsync::compress::StreamDecoder::new().unwrap();
+    let mut dec = vmsync::content::compress::StreamDecoder::new().unwrap();
     let mut got = vec![0u8; data.len()];
     for &i in &wanted {
         let Msg::Chunk(c) = s.recv_msg() else {
@@ -1502,7 +1508,7 @@ fn block_request_out_of_range_is_rejected() {
 fn piece_request_with_a_wrong_piece_count_is_rejected() {
     lying_receiver(
         |e| {
-            let n = vmsync::refine::piece_count(e[0].offset, e[0].len() as u32) as u32;
+            let n = vmsync::content::refine::piece_count(e[0].offset, e[0].len() as u32) as u32;
             frame(&Msg::PieceRequest {
                 index: 0,
                 count: n + 1,
@@ -1598,9 +1604,9 @@ fn source_changes(change: impl FnOnce(&std::path::Path, &[u8])) {
         Msg::Manifest(b) => b,
         m => panic!("expected MANIFEST, got {}\n{}", short(&m), s.finish()),
     };
-    let params = vmsync::chunk::ChunkParams::new(u64::from(AVG)).unwrap();
+    let params = vmsync::content::chunk::ChunkParams::new(u64::from(AVG)).unwrap();
     let mut entries = Vec::new();
-    vmsync::manifest::Validator::new(data.len() as u64, params)
+    vmsync::content::manifest::Validator::new(data.len() as u64, params)
         .decode_batch(&first, &mut entries)
         .unwrap();
     change(&path, &data);
@@ -1730,7 +1736,7 @@ fn receiver_indexing_its_basis_does_not_buffer_a_flood_from_the_sender() {
     set_mtime_ns(&dest.path, OLD_MTIME_NS);
     let input = dest.tmp.path().join("client-side");
     let mut frames = vec![
-        hello_bytes(vmsync::protocol::PROTOCOL_VERSION, 0),
+        hello_bytes(vmsync::wire::protocol::PROTOCOL_VERSION, 0),
         frame(&Msg::Open(open_receive(&dest.path))),
         frame(&Msg::FileInfo(file_info(1 << 20))),
     ];
@@ -1774,7 +1780,7 @@ fn compressible_chunks_taken_in_together_do_not_inflate_memory() {
     let mut open = open_receive(&dest.path);
     open.chunking = 1 << 20;
     let mut frames = vec![
-        hello_bytes(vmsync::protocol::PROTOCOL_VERSION, 0),
+        hello_bytes(vmsync::wire::protocol::PROTOCOL_VERSION, 0),
         frame(&Msg::Open(open)),
         frame(&Msg::FileInfo(file_info((N * CHUNK) as u64))),
         frame(&manifest_msgs(&entries)[0]),
@@ -1824,7 +1830,7 @@ fn inline_receiver_does_not_buffer_a_flood_of_the_largest_frames() {
     let mut open = open_receive(&dest.path);
     open.chunking = 1 << 20;
     let mut frames = vec![
-        hello_bytes(vmsync::protocol::PROTOCOL_VERSION, 0),
+        hello_bytes(vmsync::wire::protocol::PROTOCOL_VERSION, 0),
         frame(&Msg::Open(open)),
         frame(&Msg::FileInfo(file_info((n * CHUNK) as u64))),
         frame(&manifest_msgs(&entries)[0]),
@@ -1864,7 +1870,7 @@ fn extreme_mtimes_from_the_peer_never_panic() {
     for mtime_sec in [i64::MIN, i64::MIN + 1, -(1 << 40), -1, 1 << 40, i64::MAX] {
         let dest = Dest::fresh();
         let src = Source::new(random_bytes(25, 20_000), 64 * 1024);
-        let info = vmsync::protocol::FileInfo {
+        let info = vmsync::wire::protocol::FileInfo {
             mtime_sec,
             mtime_nsec: 999_999_999,
             ..src.info()
@@ -1892,7 +1898,7 @@ fn extreme_mtimes_from_the_peer_never_panic() {
 fn check_mode_compares_without_writing_and_rejects_lies() {
     let old = random_bytes(26, 300 * 1024);
     let dest = Dest::existing(&old);
-    let check = |o: &mut vmsync::protocol::Open| o.flags = flags::CHECK;
+    let check = |o: &mut vmsync::wire::protocol::Open| o.flags = flags::CHECK;
 
     // An honest manifest of other contents: differences, nothing written.
     let mut other = old.clone();

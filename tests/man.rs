@@ -21,7 +21,7 @@ fn section(out: &mut Vec<u8>, title: &str, body: &str) {
 }
 
 fn render() -> String {
-    let cmd = vmsync::cli::Cli::command();
+    let cmd = vmsync::app::cli::Cli::command();
     let man = clap_mangen::Man::new(cmd).date("2026-11");
     let mut out = Vec::new();
     man.render_title(&mut out).unwrap();
@@ -37,7 +37,7 @@ fn render() -> String {
     section(&mut out, "EXIT STATUS", &exit);
 
     let mut ex = String::new();
-    for (cmdline, what) in vmsync::cli::EXAMPLES {
+    for (cmdline, what) in vmsync::app::cli::EXAMPLES {
         ex.push_str(&format!(
             ".TP\n.B {}\n{}\n",
             roff_escape(cmdline),

@@ -6,16 +6,16 @@
 use proptest::collection::vec;
 use proptest::prelude::*;
 
-use vmsync::chunk::ChunkParams;
-use vmsync::compress::{StreamDecoder, StreamEncoder};
+use vmsync::content::chunk::ChunkParams;
+use vmsync::content::compress::{StreamDecoder, StreamEncoder};
+use vmsync::content::hash::{ChunkHash, FileDigest};
+use vmsync::content::manifest::{encode_batch, Entry, Kind, Validator, MAX_BATCH};
+use vmsync::content::refine::MAX_PIECES;
 use vmsync::error::{exit_code_of, Exit};
-use vmsync::hash::{ChunkHash, FileDigest};
-use vmsync::manifest::{encode_batch, Entry, Kind, Validator, MAX_BATCH};
-use vmsync::protocol::{
+use vmsync::wire::protocol::{
     flags, ChunkMsg, FileInfo, FrameReader, FrameWriter, Msg, Open, Role, StartMode, Summary,
     MAX_PATH,
 };
-use vmsync::refine::MAX_PIECES;
 
 // ---------------------------------------------------------------------------
 // Messages
@@ -30,7 +30,7 @@ fn arb_open() -> impl Strategy<Value = Open> {
         vec(any::<u8>(), 0..64),
         vec(any::<u8>(), 0..32),
         any::<bool>(),
-        (0..=vmsync::protocol::MAX_TIMEOUT, any::<u64>()),
+        (0..=vmsync::wire::protocol::MAX_TIMEOUT, any::<u64>()),
         (
             proptest::option::of((1u32..=100, 0u32..=100)),
             vec(vec(any::<u8>(), 0..16), 0..4),
@@ -203,7 +203,7 @@ proptest! {
     fn messages_round_trip(m in arb_msg()) {
         let mut buf = Vec::new();
         m.encode(&mut buf);
-        prop_assert!(buf.len() <= vmsync::protocol::MAX_FRAME);
+        prop_assert!(buf.len() <= vmsync::wire::protocol::MAX_FRAME);
         prop_assert_eq!(&Msg::decode(&buf).unwrap(), &m);
         // Every prefix of short messages; a spread of them (and the last
         // few) for long ones.
@@ -577,7 +577,7 @@ proptest! {
         let p = params(0); // 4 KiB average: min 1 KiB, max 16 KiB
         let (min, max) = (u64::from(p.min()), u64::from(p.max()));
         let k = 1 + k_r % n;
-        let ranges = vmsync::sample::ranges(size, k, n);
+        let ranges = vmsync::content::sample::ranges(size, k, n);
         // Entries chosen against the model's position: mostly valid.
         let mut entries = Vec::new();
         let mut expect = Vec::new(); // model offsets of the valid prefix

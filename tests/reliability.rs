@@ -138,7 +138,7 @@ fn second_sync_of_a_locked_destination_exits_8_and_the_first_completes() {
     let first = Source::new(random_bytes(4, 300_000), 64 * 1024);
     let mut holder = Server::connect();
     let mode = holder.open_receive(open_receive(&pair.dst), first.info());
-    assert_eq!(mode, vmsync::protocol::StartMode::Inline);
+    assert_eq!(mode, vmsync::wire::protocol::StartMode::Inline);
 
     let (run, v) = vmsync().arg(&pair.src).arg(&pair.dst).run_json();
     run.assert_code(exit::LOCKED);
@@ -713,8 +713,8 @@ fn allow_changing_source_sends_chunks_that_changed_after_the_scan() {
     pair.write_src(&new);
     // The first client→server byte after hello, OPEN and START is the
     // first REQUEST (with this flag nothing is refined first).
-    let open = vmsync::protocol::Msg::Open(vmsync::protocol::Open {
-        role: vmsync::protocol::Role::Send,
+    let open = vmsync::wire::protocol::Msg::Open(vmsync::wire::protocol::Open {
+        role: vmsync::wire::protocol::Role::Send,
         flags: 0,
         compress_level: 3,
         chunking: 0,

@@ -591,7 +591,7 @@ fn confined_server_lists_and_applies_only_beneath_its_root() {
 /// `--read-only` refuses it outright.
 #[test]
 fn apply_operations_never_follow_links_out_of_the_root() {
-    use vmsync::protocol::{attrs, FrameReader, FrameWriter, Msg, Op, Open, Role};
+    use vmsync::wire::protocol::{attrs, FrameReader, FrameWriter, Msg, Op, Open, Role};
     let tmp = tempdir();
     let root = tmp.path().join("root");
     let outside = tmp.path().join("outside");

@@ -8,7 +8,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmsync::compress::StreamDecoder;
+use vmsync::content::compress::StreamDecoder;
 
 const CANARY: u8 = 0xa5;
 const GUARD: usize = 64;

@@ -8,9 +8,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmsync::chunk::ChunkParams;
-use vmsync::hash::FileDigest;
-use vmsync::manifest::{Entry, Kind, Validator};
+use vmsync::content::chunk::ChunkParams;
+use vmsync::content::hash::FileDigest;
+use vmsync::content::manifest::{Entry, Kind, Validator};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 9 {

@@ -28,11 +28,11 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vmsync::chunk::{ChunkParams, Cutter};
-use vmsync::compress::StreamEncoder;
-use vmsync::hash::{ChunkHash, FileDigest};
-use vmsync::manifest::{encode_batch, Entry, Kind, MAX_BATCH};
-use vmsync::protocol::{
+use vmsync::content::chunk::{ChunkParams, Cutter};
+use vmsync::content::compress::StreamEncoder;
+use vmsync::content::hash::{ChunkHash, FileDigest};
+use vmsync::content::manifest::{encode_batch, Entry, Kind, MAX_BATCH};
+use vmsync::wire::protocol::{
     ChunkMsg, FileInfo, FrameWriter, Msg, Open, Role, StartMode, MAGIC, PROTOCOL_VERSION,
 };
 
@@ -100,7 +100,7 @@ impl Outcome {
     }
 
     /// The server's `DONE`, if it sent one.
-    pub fn done(&self) -> Option<&vmsync::protocol::Summary> {
+    pub fn done(&self) -> Option<&vmsync::wire::protocol::Summary> {
         self.messages.iter().find_map(|m| match m {
             Msg::Done(s) => Some(s),
             _ => None,
@@ -262,7 +262,7 @@ fn reader_thread(
                 return;
             }
             let len = u32::from_le_bytes(len) as usize;
-            if len == 0 || len > vmsync::protocol::MAX_FRAME {
+            if len == 0 || len > vmsync::wire::protocol::MAX_FRAME {
                 let _ = tx.send(In::Bad(format!("server sent a frame of {len} bytes")));
                 let _ = tx.send(In::Eof);
                 return;
@@ -836,7 +836,8 @@ pub fn answer_requests(
             In::Msg(Msg::BlockRequest(idx)) => {
                 for i in idx {
                     let e = src.entries[i as usize];
-                    let hashes = vmsync::refine::piece_hashes(e.offset, src.bytes(i as usize));
+                    let hashes =
+                        vmsync::content::refine::piece_hashes(e.offset, src.bytes(i as usize));
                     let _ = server.send(&Msg::BlockHashes { index: i, hashes });
                 }
             }
@@ -847,7 +848,7 @@ pub fn answer_requests(
             }) => {
                 let e = src.entries[index as usize];
                 let data = src.bytes(index as usize);
-                let wanted = vmsync::refine::gather(e.offset, data, &bitmap);
+                let wanted = vmsync::content::refine::gather(e.offset, data, &bitmap);
                 let mut c = chunker.chunk(index as usize, &wanted, true);
                 tamper(&mut c);
                 let _ = server.send(&Msg::Chunk(c));

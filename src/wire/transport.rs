@@ -18,9 +18,9 @@ use std::thread::JoinHandle;
 
 use anyhow::Result;
 
-use crate::bwlimit::{Limited, Limiter};
 use crate::error::{fail, Exit};
 use crate::signals;
+use crate::wire::bwlimit::{Limited, Limiter};
 
 /// Name of the peer in a local-to-local sync, for messages.
 pub const LOCAL_PEER: &str = "local server";

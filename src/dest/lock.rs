@@ -1,7 +1,7 @@
 //! One writer per destination: an exclusive `flock` on its partial file.
 //!
 //! A sync creates (or reopens) the hidden partial file beside the
-//! destination, `.NAME.vmsync-partial` ([`crate::writer::partial_path`]),
+//! destination, `.NAME.vmsync-partial` ([`crate::dest::writer::partial_path`]),
 //! and holds an exclusive lock on it for its whole run; `--check` holds a
 //! shared lock on it when it exists. A second sync of the same destination
 //! fails at once (exit 8) naming the holder's pid and host, which the holder
@@ -26,9 +26,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+use crate::dest::writer::partial_path;
 use crate::error::{fail, Exit, WithExit};
 use crate::signals::TempGuard;
-use crate::writer::partial_path;
 
 const HOLDER_XATTR: &[u8] = b"user.vmsync.holder\0";
 
@@ -116,7 +116,7 @@ impl Lock {
     /// Locks the block device `dest` itself: exclusive for a sync, shared
     /// for a check. The device is opened read-only and never followed
     /// through a symlink; the writer opens it again for writing (see
-    /// [`crate::writer::Output::device`]), after the lock is held, so two
+    /// [`crate::dest::writer::Output::device`]), after the lock is held, so two
     /// syncs of one device always meet here and the second gets exit 8.
     pub fn device(dest: &Path, exclusive: bool) -> Result<Lock> {
         let file = OpenOptions::new()
@@ -129,7 +129,7 @@ impl Lock {
             .metadata()
             .with_context(|| format!("cannot stat destination device {}", dest.display()))
             .exit_with(Exit::Io)?;
-        if !crate::scan::is_block_device(&meta) {
+        if !crate::content::scan::is_block_device(&meta) {
             return Err(fail(
                 Exit::Io,
                 format!(

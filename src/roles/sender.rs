@@ -7,7 +7,7 @@
 //! interleaving manifest batches with requested chunks. On a push the
 //! scanner starts before the connection is up ([`Prescan`]). On a first
 //! copy it also compresses every chunk, at a level that follows the link
-//! ([`crate::compress::Adapt`]). Every chunk is
+//! ([`crate::content::compress::Adapt`]). Every chunk is
 //! re-hashed when it is read for sending, so a source that changed since the
 //! scan is caught here (exit 7) and never sent under a stale hash.
 //!
@@ -25,15 +25,17 @@ use std::sync::mpsc;
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 
-use crate::chunk::{ChunkParams, Cutter};
-use crate::compress::{Adapt, StreamEncoder};
+use crate::content::chunk::{ChunkParams, Cutter};
+use crate::content::compress::{Adapt, StreamEncoder};
+use crate::content::hash::ChunkHash;
+use crate::content::manifest::{self, Builder, Entry, Kind};
+use crate::content::refine;
+use crate::content::scan::{self, read_full, ChunkRec, Content, Extents};
 use crate::error::{exit_code_of, fail, Exit, WithExit};
-use crate::hash::ChunkHash;
-use crate::manifest::{self, Builder, Entry, Kind};
 use crate::progress::Progress;
-use crate::protocol::{ChunkMsg, FileInfo, FrameReader, FrameWriter, Msg, StartMode, Summary};
-use crate::refine;
-use crate::scan::{self, read_full, ChunkRec, Content, Extents};
+use crate::wire::protocol::{
+    ChunkMsg, FileInfo, FrameReader, FrameWriter, Msg, StartMode, Summary,
+};
 
 /// The file being sent, opened once.
 pub struct Source {
@@ -601,7 +603,7 @@ fn chunk_msg(
 }
 
 /// `--check --sample K/N`: the manifest of slice K only (see
-/// [`crate::sample`]), in fixed pieces of the chunking's average length,
+/// [`crate::content::sample`]), in fixed pieces of the chunking's average length,
 /// hashed in parallel; zero runs never span a gap between ranges.
 fn spawn_sample_scanner(
     src: &Source,
@@ -619,7 +621,7 @@ fn spawn_sample_scanner(
             let mut buf = Vec::new();
             let mut covered = 0;
             let mut scan = || -> Result<()> {
-                for (start, end) in crate::sample::ranges(size, k, n) {
+                for (start, end) in crate::content::sample::ranges(size, k, n) {
                     let mut at = start;
                     while at < end {
                         // Up to 8 MiB at a time, a whole number of pieces.
@@ -632,7 +634,7 @@ fn spawn_sample_scanner(
                             .map(|(j, d)| ChunkRec {
                                 offset: at + j as u64 * piece,
                                 len: d.len() as u32,
-                                content: if crate::chunk::is_zero(d) {
+                                content: if crate::content::chunk::is_zero(d) {
                                     Content::Zero
                                 } else {
                                     Content::Data(ChunkHash::of(d))

@@ -14,16 +14,16 @@
 //!    so that nothing done afterwards moves a directory's mtime.
 //!
 //! A remote tree is listed and changed through the `List` and `Apply`
-//! roles of the protocol ([`crate::protocol`]); a local one directly, with
+//! roles of the protocol ([`crate::wire::protocol`]); a local one directly, with
 //! the same code ([`walk`], [`Applier`]). One file's failure does not stop
 //! the others: it is reported, and the run exits 23.
 //!
 //! Nothing beneath a tree's root is reached through a symlink. The root
 //! itself is opened by path (a symlink there is followed, as the user named
 //! it; under `--server --root` it is resolved with `openat2` beneath DIR,
-//! [`crate::confine`]); below it, every lookup opens one name at a time
+//! [`crate::dest::confine`]); below it, every lookup opens one name at a time
 //! from a directory descriptor with `O_NOFOLLOW`, and names are validated
-//! ([`crate::protocol::valid_rel_path`]), so no `..` and no link is ever
+//! ([`crate::wire::protocol::valid_rel_path`]), so no `..` and no link is ever
 //! crossed, whatever was swapped in since the listing. (walkdir works on
 //! path strings, which a concurrent rename could redirect, so the walk here
 //! is descriptor-based too.) Links are listed and recreated as links with
@@ -41,17 +41,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+use crate::app::config::Config;
 use crate::client::{self, Report};
-use crate::config::Config;
-use crate::confine::Root;
+use crate::dest::confine::Root;
 use crate::error::{exit_code_of, fail, message_of, Exit, WithExit};
 use crate::filter::Filter;
 use crate::progress::Progress;
-use crate::protocol::{
+use crate::wire::protocol::{
     attrs, list_flags, valid_rel_path, EntryKind, FrameReader, FrameWriter, ListEntry, Msg, Op,
     OpResult, Open, Role, Summary, MAX_ENTRIES, MAX_LIST_BATCH, MAX_OPS, MAX_PATH,
 };
-use crate::transport::{self, bytes_path, Operand, Remote};
+use crate::wire::transport::{self, bytes_path, Operand, Remote};
 
 /// File sessions run at once: enough to overlap one file's fsync and
 /// network round trips with another's transfer, few enough that image-sized
@@ -1107,7 +1107,7 @@ fn list(
 fn meta_open(cfg: &Config) -> Open {
     Open {
         role: Role::List,
-        flags: u32::from(crate::log::level().min(3)) << crate::protocol::flags::VERBOSE_SHIFT,
+        flags: u32::from(crate::log::level().min(3)) << crate::wire::protocol::flags::VERBOSE_SHIFT,
         compress_level: 0,
         chunking: cfg.params.code(),
         path: Vec::new(),
@@ -1822,7 +1822,7 @@ mod tests {
         std::fs::write(d.join("a/b/x.img"), b"x").unwrap();
         std::fs::write(d.join("a/y.tmp"), b"y").unwrap();
         std::os::unix::fs::symlink("/etc", d.join("a/out")).unwrap();
-        let filter = Filter::new(&[crate::protocol::FilterRule {
+        let filter = Filter::new(&[crate::wire::protocol::FilterRule {
             exclude: true,
             pattern: "*.tmp".into(),
         }])

@@ -30,8 +30,8 @@ use std::os::unix::io::AsRawFd;
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 
-use crate::chunk::{is_zero, Cutter};
-use crate::hash::ChunkHash;
+use crate::content::chunk::{is_zero, Cutter};
+use crate::content::hash::ChunkHash;
 
 /// Bytes read and cut per segment before its chunks are hashed in parallel.
 const SEGMENT: usize = 16 << 20;
@@ -460,7 +460,7 @@ pub fn read_full(file: &File, buf: &mut [u8], offset: u64) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunk::ChunkParams;
+    use crate::content::chunk::ChunkParams;
     use std::io::Write;
 
     fn records(file: &File, size: u64, holes: bool) -> Vec<ChunkRec> {

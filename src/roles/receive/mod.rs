@@ -14,10 +14,10 @@
 //!
 //! Other sources of old data: the partial file an interrupted run left
 //! (resumed, written in place), and, for a chunk found nowhere whole, its
-//! 4 KiB pieces ([`crate::refine`]). A file whose content did not change is
+//! 4 KiB pieces ([`crate::content::refine`]). A file whose content did not change is
 //! not rewritten: the partial file is only filled once the new file
 //! differs from the old one at the same offsets. The run holds the
-//! destination's lock ([`crate::lock`]) throughout.
+//! destination's lock ([`crate::dest::lock`]) throughout.
 //!
 //! A block device at the destination path (not behind a symlink: a link to
 //! a device is refused, never followed nor replaced) is written in place
@@ -42,21 +42,21 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 
-use crate::cache;
-use crate::chunk::{ChunkParams, Cutter};
-use crate::compress::StreamDecoder;
+use crate::content::chunk::{ChunkParams, Cutter};
+use crate::content::compress::StreamDecoder;
+use crate::content::hash::{ChunkHash, ChunkHashMap};
+use crate::content::manifest::{self, piece_digest, Entry, Kind, Piecer, Validator};
+use crate::content::refine::{self, BlockIndex, PieceSource};
+use crate::content::scan::{self, read_full, Content, Extents};
+use crate::content::verify::Comparer;
+use crate::dest::cache;
+use crate::dest::lock::Lock;
+use crate::dest::writer::{self, Output};
 use crate::error::{exit_code_of, fail, Exit, WithExit};
-use crate::hash::{ChunkHash, ChunkHashMap};
-use crate::lock::Lock;
-use crate::manifest::{self, piece_digest, Entry, Kind, Piecer, Validator};
 use crate::progress::Progress;
-use crate::protocol::{
+use crate::wire::protocol::{
     FileInfo, FrameReader, FrameWriter, Msg, StartMode, Summary, MAX_RANGES, MAX_REQUEST,
 };
-use crate::refine::{self, BlockIndex, PieceSource};
-use crate::scan::{self, read_full, Content, Extents};
-use crate::verify::Comparer;
-use crate::writer::{self, Output};
 
 /// Most bytes of requested chunks in flight at once.
 pub const WINDOW: u64 = 64 << 20;
@@ -271,7 +271,7 @@ where
     let pieces = match regular {
         Some(m) if !inline && !device => cache::load(&dest, m, opts.params)
             .map(|cached| Piecer::cut(&cached))
-            .filter(|p| p.len() <= crate::protocol::MAX_PIECE_REFS)
+            .filter(|p| p.len() <= crate::wire::protocol::MAX_PIECE_REFS)
             .unwrap_or_default(),
         _ => Vec::new(),
     };
@@ -615,7 +615,7 @@ struct Queue {
 const INLINE_QUEUE: u64 = 32 << 20;
 /// Chunk bytes a well-behaved sender can have queued: the request window
 /// and a frame of slack, with room for compression overhead.
-const REQUEST_QUEUE: u64 = 2 * WINDOW + crate::protocol::MAX_FRAME as u64;
+const REQUEST_QUEUE: u64 = 2 * WINDOW + crate::wire::protocol::MAX_FRAME as u64;
 
 impl Queue {
     fn new(inline: bool, size: u64, params: ChunkParams) -> Queue {
@@ -694,7 +694,7 @@ fn resolve_dest(dest: &Path, source_name: &[u8]) -> Result<PathBuf> {
     if !is_dir {
         return Ok(dest.to_path_buf());
     }
-    Ok(dest.join(crate::confine::entry_name(
+    Ok(dest.join(crate::dest::confine::entry_name(
         source_name,
         &dest.display().to_string(),
     )?))
@@ -736,8 +736,9 @@ fn check<R: Read>(
     let mut cmp = target.as_ref().map(|(f, size)| Comparer::new(f, *size));
     let (validator, checked) = match opts.sample {
         Some((k, n)) => (
-            Validator::new(info.size, opts.params).restrict(crate::sample::ranges(info.size, k, n)),
-            crate::sample::covered(info.size, k, n),
+            Validator::new(info.size, opts.params)
+                .restrict(crate::content::sample::ranges(info.size, k, n)),
+            crate::content::sample::covered(info.size, k, n),
         ),
         None => (Validator::new(info.size, opts.params), info.size),
     };
@@ -758,7 +759,7 @@ fn check<R: Read>(
             let mut r = writer::RangeSet::default();
             match opts.sample {
                 Some((k, n)) => {
-                    for (a, b) in crate::sample::ranges(info.size, k, n) {
+                    for (a, b) in crate::content::sample::ranges(info.size, k, n) {
                         r.insert(a, b);
                     }
                 }
@@ -1075,7 +1076,7 @@ fn index_seeds(seeds: Vec<Seed>, opts: &RecvOptions) -> Result<Vec<Basis>> {
 fn manifest_of(file: &File, size: u64, params: ChunkParams) -> Result<Vec<Entry>> {
     let cutter = Cutter::new(params);
     let mut extents = Extents::of(file, size);
-    let mut builder = crate::manifest::Builder::default();
+    let mut builder = crate::content::manifest::Builder::default();
     let mut entries = Vec::new();
     scan::scan(file, size, &mut extents, &cutter, |recs| {
         for r in &recs {
@@ -1642,7 +1643,7 @@ impl Run<'_> {
     /// Chunks from the sender: checked against what was asked for and
     /// decoded into bounded buffers in arrival order (one zstd stream), then
     /// completed together.
-    fn accept(&mut self, msgs: Vec<crate::protocol::ChunkMsg>) -> Result<()> {
+    fn accept(&mut self, msgs: Vec<crate::wire::protocol::ChunkMsg>) -> Result<()> {
         let mut items = Vec::with_capacity(msgs.len());
         for c in msgs {
             let i = usize::try_from(c.index).unwrap_or(usize::MAX);
@@ -1722,7 +1723,7 @@ impl Run<'_> {
 
     /// The raw bytes of a `CHUNK` payload, decompressed into a buffer of
     /// exactly `raw_len` (already checked against what was asked for).
-    fn decode(&mut self, c: &crate::protocol::ChunkMsg) -> Result<Vec<u8>> {
+    fn decode(&mut self, c: &crate::wire::protocol::ChunkMsg) -> Result<Vec<u8>> {
         if !c.compressed {
             if c.payload.len() != c.raw_len as usize {
                 return Err(fail(

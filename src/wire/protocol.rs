@@ -33,7 +33,7 @@
 //! | 2    | `ERROR`        | either        | exit code u8, message bytes (UTF-8, ≤ 64 KiB) |
 //! | 3    | `FILE_INFO`    | sender→recv   | size u64, mtime seconds i64, mtime nanoseconds u32, mode u32 (full `st_mode`: `S_IFBLK` marks a block device source, never quick-checked, whose mtime is the time of the copy) |
 //! | 4    | `START`        | recv→sender   | u8: 0 = send the manifest, 1 = up to date (quick check), 2 = send the manifest with every data chunk inline (nothing to reuse) |
-//! | 5    | `MANIFEST`     | sender→recv   | a manifest batch, see [`crate::manifest`] |
+//! | 5    | `MANIFEST`     | sender→recv   | a manifest batch, see [`crate::content::manifest`] |
 //! | 6    | `MANIFEST_END` | sender→recv   | entry count u64, file digest (32 bytes), flags u8 (1: the source changed while it was scanned and `ALLOW_CHANGING` lets it be committed) |
 //! | 7    | `REQUEST`      | recv→sender   | count u32 (1 ≤ n ≤ [`MAX_REQUEST`]), n entry indices u64 |
 //! | 8    | `CHUNK`        | sender→recv   | entry index u64, raw length u32, encoding u8 (bit 0: the connection's zstd stream, one or more frames in sequence, flushed at the end of each payload; bit 1: only the pieces asked for, concatenated; bit 2: the source changed since the manifest, this is the chunk's new content, to be hashed by the receiver: only with `ALLOW_CHANGING`), payload |
@@ -48,7 +48,7 @@
 //! | 17   | `APPLY`        | client→server | after `OPEN` with role 3: count u32 (1 ≤ n ≤ [`MAX_OPS`]) × op: code u8, path bytes (relative to `OPEN`'s path, see below; empty = that directory itself, for `MKDIR` and `ATTRS` only), then by code: 0 `MKDIR` mode u32 (≤ 0o7777); 1 `SYMLINK` target bytes (1 to [`MAX_PATH`], no NUL); 2 `ATTRS` which u8 (1 mode, 2 owner, 4 mtime; not 0), mode u32 (≤ 0o7777), uid u32, gid u32, mtime seconds i64, mtime nanoseconds u32 (< 10⁹); 3 `DELETE` nothing |
 //! | 18   | `APPLIED`      | server→client | count u32 (1 ≤ n ≤ [`MAX_OPS`], one per op of the `APPLY` it answers, in order) × (status u8: 0 done, else the exit code of the op's failure; message bytes, ≤ [`MAX_OP_MESSAGE`] bytes of UTF-8: the failure, or with status 0 a warning or nothing) |
 //! | 19   | `END`          | client→server | empty: no more `APPLY`; the server exits |
-//! | 20   | `PIECES`       | recv→sender   | count u32 (≤ [`MAX_PIECE_REFS`]) × 16-byte digest of a piece of the receiver's cached manifest (see [`crate::manifest`]); optional, only right before `START` `0` |
+//! | 20   | `PIECES`       | recv→sender   | count u32 (≤ [`MAX_PIECE_REFS`]) × 16-byte digest of a piece of the receiver's cached manifest (see [`crate::content::manifest`]); optional, only right before `START` `0` |
 //! | 21   | `MANIFEST_REF` | sender→recv   | piece index u32 into the receiver's `PIECES`: "these entries come next" |
 //!
 //! A relative path in `ENTRIES` and `APPLY` is at most [`MAX_PATH`] bytes of
@@ -61,7 +61,7 @@
 //! receiver answers `START`; the sender streams `MANIFEST`…`MANIFEST_END`
 //! while the receiver streams `REQUEST`s and the sender answers each index
 //! with a `CHUNK`; for a chunk it lacks but may partly hold (see
-//! [`crate::refine`]) it asks `BLOCK_REQUEST`, gets `BLOCK_HASHES`, and
+//! [`crate::content::refine`]) it asks `BLOCK_REQUEST`, gets `BLOCK_HASHES`, and
 //! answers `PIECE_REQUEST` for the pieces it did not find, which come back
 //! as a `CHUNK` carrying only those pieces; the receiver ends with `DONE`. `ERROR` may come at any
 //! point and ends the run with its exit code.
@@ -85,9 +85,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
+use crate::content::hash::{ChunkHash, HASH_LEN};
+use crate::content::refine::{PieceHash, MAX_PIECES, PIECE_HASH_LEN};
 use crate::error::{fail, Exit};
-use crate::hash::{ChunkHash, HASH_LEN};
-use crate::refine::{PieceHash, MAX_PIECES, PIECE_HASH_LEN};
 
 /// Version of this protocol; bump on any change to the tables above.
 pub const PROTOCOL_VERSION: u32 = 2;
@@ -401,7 +401,7 @@ pub enum Msg {
     Apply(Vec<Op>),
     Applied(Vec<OpResult>),
     End,
-    Pieces(Vec<crate::manifest::PieceDigest>),
+    Pieces(Vec<crate::content::manifest::PieceDigest>),
     ManifestRef(u32),
 }
 
@@ -1249,7 +1249,7 @@ impl<R: Read> FrameReader<R> {
                     c => Exit::from_code(c),
                 };
                 // A local server's errors are about local files: no prefix.
-                if self.peer == crate::transport::LOCAL_PEER {
+                if self.peer == crate::wire::transport::LOCAL_PEER {
                     Err(fail(exit, message))
                 } else {
                     Err(fail(exit, format!("{}: {message}", self.peer)))

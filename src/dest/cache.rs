@@ -22,7 +22,7 @@
 //! | 12     | 4    | chunking the manifest was cut with (`ChunkParams::code`) |
 //! | 16     | 56   | dev, ino, size (u64 each), mtime s, mtime ns, ctime s, ctime ns (i64 each) |
 //! | 72     | 8    | entry count                                        |
-//! | 80     | …    | manifest batches, each: length u32 + a batch as in [`crate::manifest`] |
+//! | 80     | …    | manifest batches, each: length u32 + a batch as in [`crate::content::manifest`] |
 //! | end−32 | 32   | BLAKE3 of everything before it                     |
 //!
 //! A cache file is at most [`MAX_CACHE_FILE`] bytes; anything malformed,
@@ -35,8 +35,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::chunk::ChunkParams;
-use crate::manifest::{encode_batch, Entry, Validator, MAX_BATCH};
+use crate::content::chunk::ChunkParams;
+use crate::content::manifest::{encode_batch, Entry, Validator, MAX_BATCH};
 
 pub const CACHE_VERSION: u32 = 1;
 const MAGIC: &[u8; 8] = b"VMSYNCMC";
@@ -191,8 +191,8 @@ pub fn forget(dest: &Path, params: ChunkParams) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hash::ChunkHash;
-    use crate::manifest::Kind;
+    use crate::content::hash::ChunkHash;
+    use crate::content::manifest::Kind;
 
     #[test]
     fn stores_loads_and_notices_changes() {

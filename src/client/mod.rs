@@ -4,7 +4,7 @@
 //! Which end sends follows the operands: a local source is scanned here and
 //! the other end receives; a remote source is scanned there and we receive.
 //! Local-to-local starts `vmsync --server` as a child and pushes to it, so
-//! every sync runs the same protocol code. A recursive run ([`crate::tree`])
+//! every sync runs the same protocol code. A recursive run ([`crate::roles::tree`])
 //! runs one such session per file.
 
 use std::os::unix::ffi::OsStrExt;
@@ -12,13 +12,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use crate::config::Config;
+use crate::app::config::Config;
 use crate::error::{exit_code_of, fail, Exit};
 use crate::progress::Progress;
-use crate::protocol::{flags, FrameReader, FrameWriter, Msg, Open, Role, Summary};
-use crate::receiver::{self, RecvOptions, Seed};
-use crate::sender::{self, SendOptions, Source};
-use crate::transport::{self, Launch, Operand, Peer, PeerReader, PeerWriter, Remote, Silence};
+use crate::roles::receive::{self, RecvOptions, Seed};
+use crate::roles::sender::{self, SendOptions, Source};
+use crate::wire::protocol::{flags, FrameReader, FrameWriter, Msg, Open, Role, Summary};
+use crate::wire::transport::{
+    self, Launch, Operand, Peer, PeerReader, PeerWriter, Remote, Silence,
+};
 
 /// The outcome of a run that completed.
 #[derive(Debug, Clone)]
@@ -210,7 +212,7 @@ pub(crate) fn transfer(
                 open,
                 progress,
                 |reader, writer, progress| {
-                    receiver::receive(dst, &name, seeds, reader, writer, &opts, progress)
+                    receive::receive(dst, &name, seeds, reader, writer, &opts, progress)
                 },
             )?;
             let size = s.0.source_bytes;

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::client::Report;
 use crate::error::{exit_code_of, message_of, Exit};
-use crate::tree::TreeReport;
+use crate::roles::tree::TreeReport;
 use crate::units::bytes;
 
 /// Ranges listed before "… and N more".
@@ -67,7 +67,7 @@ pub fn print(report: &Report, stats: bool, json_out: bool, quiet: bool) {
 }
 
 /// The first screenful of a summary's byte ranges.
-fn print_ranges(out: &mut impl Write, s: &crate::protocol::Summary) {
+fn print_ranges(out: &mut impl Write, s: &crate::wire::protocol::Summary) {
     for (o, l) in s.ranges.iter().take(SCREENFUL) {
         let _ = writeln!(out, "  offset {o}..{} ({})", o + l, bytes(*l));
     }
@@ -368,7 +368,7 @@ pub fn write_metrics(
     duration: std::time::Duration,
 ) {
     let s = report.map(|r| &r.summary);
-    let run = crate::metrics::RunMetrics {
+    let run = crate::app::metrics::RunMetrics {
         source: src.to_string(),
         destination: dst.to_string(),
         check,
@@ -387,7 +387,7 @@ pub fn write_metrics(
             None
         },
     };
-    if let Err(e) = crate::metrics::write_textfile(path, &run) {
+    if let Err(e) = crate::app::metrics::write_textfile(path, &run) {
         eprintln!("vmsync: warning: {}", message_of(&e));
     }
 }

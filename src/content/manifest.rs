@@ -48,10 +48,10 @@
 
 use anyhow::Result;
 
-use crate::chunk::ChunkParams;
+use crate::content::chunk::ChunkParams;
+use crate::content::hash::{ChunkHash, FileDigest, HASH_LEN};
+use crate::content::scan::{ChunkRec, Content};
 use crate::error::{fail, Exit};
-use crate::hash::{ChunkHash, FileDigest, HASH_LEN};
-use crate::scan::{ChunkRec, Content};
 
 /// Most entries in one batch (a batch of data entries is about 600 KiB).
 pub const MAX_BATCH: usize = 16384;

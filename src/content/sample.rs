@@ -13,7 +13,7 @@
 //!
 //! In a sampled check the manifest covers only the slice: its entries'
 //! implicit offsets run through the slice's ranges in order, jumping the
-//! gaps (see [`crate::manifest::Validator::restrict`]). Entries are fixed
+//! gaps (see [`crate::content::manifest::Validator::restrict`]). Entries are fixed
 //! pieces, not content-defined chunks: a check compares the destination at
 //! the same offsets, so any cut will do, and fixed ones need no context
 //! from outside the slice.

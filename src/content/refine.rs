@@ -18,8 +18,8 @@ use std::fs::File;
 use anyhow::Result;
 use rayon::prelude::*;
 
-use crate::chunk::is_zero;
-use crate::scan::read_full;
+use crate::content::chunk::is_zero;
+use crate::content::scan::read_full;
 
 /// Refinement granularity, aligned to absolute file offsets.
 pub const BLOCK: u64 = 4096;
@@ -27,7 +27,7 @@ pub const BLOCK: u64 = 4096;
 /// whole-chunk refetch, since the assembled chunk is verified in full.
 pub const PIECE_HASH_LEN: usize = 8;
 /// Most pieces in one chunk: a maximal chunk spans this many 4 KiB blocks.
-pub const MAX_PIECES: usize = (crate::chunk::MAX_CHUNK as usize) / BLOCK as usize + 1;
+pub const MAX_PIECES: usize = (crate::content::chunk::MAX_CHUNK as usize) / BLOCK as usize + 1;
 
 pub type PieceHash = [u8; PIECE_HASH_LEN];
 
@@ -188,7 +188,7 @@ mod tests {
                 u64::from(l)
             );
         }
-        assert!(piece_count(4095, crate::chunk::MAX_CHUNK) <= MAX_PIECES);
+        assert!(piece_count(4095, crate::content::chunk::MAX_CHUNK) <= MAX_PIECES);
     }
 
     #[test]

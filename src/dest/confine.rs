@@ -186,7 +186,7 @@ impl Root {
 }
 
 /// The roots of `-r` runs: the listed tree, or the tree that operations
-/// apply to. Beneath such a root, [`crate::tree`] resolves one name at a
+/// apply to. Beneath such a root, [`crate::roles::tree`] resolves one name at a
 /// time without following symlinks, so nothing it touches leaves the root.
 impl Root {
     /// `p` (a tree's root) opened with `O_PATH` beneath DIR, following

@@ -5,10 +5,10 @@
 
 use anyhow::Result;
 
-use crate::chunk::ChunkParams;
-use crate::cli::Cli;
+use crate::app::cli::Cli;
+use crate::content::chunk::ChunkParams;
 use crate::error::{fail, Exit};
-use crate::transport::{parse_operand, split_command, Operand};
+use crate::wire::transport::{parse_operand, split_command, Operand};
 
 /// One sync or check, ready to run.
 #[derive(Debug, Clone)]
@@ -44,16 +44,16 @@ pub struct Config {
     /// `--delete` (with `-r`).
     pub delete: bool,
     /// `--include`/`--exclude`, in command-line order.
-    pub filters: Vec<crate::protocol::FilterRule>,
+    pub filters: Vec<crate::wire::protocol::FilterRule>,
 }
 
-/// Parses `K/N` with 1 ≤ K ≤ N ≤ [`crate::protocol::MAX_SAMPLE`].
+/// Parses `K/N` with 1 ≤ K ≤ N ≤ [`crate::wire::protocol::MAX_SAMPLE`].
 pub fn parse_sample(s: &str) -> Result<(u32, u32), String> {
     let bad = || format!("'{s}' is not K/N with 1 <= K <= N (for example 3/7)");
     let (k, n) = s.trim().split_once('/').ok_or_else(bad)?;
     let k: u32 = k.trim().parse().map_err(|_| bad())?;
     let n: u32 = n.trim().parse().map_err(|_| bad())?;
-    if k == 0 || k > n || n > crate::protocol::MAX_SAMPLE {
+    if k == 0 || k > n || n > crate::wire::protocol::MAX_SAMPLE {
         return Err(bad());
     }
     Ok((k, n))
@@ -88,7 +88,7 @@ impl Config {
         };
         let rsh = split_command(&cli.rsh).map_err(|e| usage(format!("--rsh: {e}")))?;
         let bwlimit = match &cli.bwlimit {
-            Some(r) => crate::bwlimit::parse_rate(r)
+            Some(r) => crate::wire::bwlimit::parse_rate(r)
                 .map_err(|e| usage(format!("--bwlimit: {e}")))?
                 .unwrap_or(0),
             None => 0,
@@ -97,10 +97,10 @@ impl Config {
             Some(s) => Some(parse_sample(s).map_err(|e| usage(format!("--sample: {e}")))?),
             None => None,
         };
-        if cli.seed.len() > crate::protocol::MAX_SEEDS {
+        if cli.seed.len() > crate::wire::protocol::MAX_SEEDS {
             return Err(usage(format!(
                 "at most {} --seed files",
-                crate::protocol::MAX_SEEDS
+                crate::wire::protocol::MAX_SEEDS
             )));
         }
         // Bad patterns are usage errors before anything is listed.
@@ -136,7 +136,7 @@ impl Config {
     }
 
     /// The operand that is remote, if any.
-    pub fn remote(&self) -> Option<&crate::transport::Remote> {
+    pub fn remote(&self) -> Option<&crate::wire::transport::Remote> {
         match (&self.src, &self.dst) {
             (Operand::Remote(r), _) | (_, Operand::Remote(r)) => Some(r),
             _ => None,

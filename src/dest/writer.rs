@@ -51,11 +51,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 
-use crate::chunk::is_zero;
+use crate::content::chunk::is_zero;
+use crate::content::hash::ChunkHash;
 use crate::error::{fail, Exit, WithExit};
-use crate::hash::ChunkHash;
-use crate::protocol::FileInfo;
 use crate::signals::TempGuard;
+use crate::wire::protocol::FileInfo;
 
 /// Granularity of holes left in written data.
 const BLOCK: usize = 4096;
@@ -145,7 +145,7 @@ fn open_rw_nofollow(path: &Path, create: bool, mode: u32) -> std::io::Result<Fil
 
 impl Output {
     /// The partial file for `dest`, already opened and locked by
-    /// [`crate::lock::Lock`]: emptied (`resume` false: `size` bytes of
+    /// [`crate::dest::lock::Lock`]: emptied (`resume` false: `size` bytes of
     /// holes) or as an interrupted run left it (`resume` true).
     ///
     /// It takes over the permissions (and, as root, the owner) of the file it
@@ -233,7 +233,7 @@ impl Output {
         })
     }
 
-    /// The block device `dest`, locked by [`crate::lock::Lock::device`] as
+    /// The block device `dest`, locked by [`crate::dest::lock::Lock::device`] as
     /// `locked`, opened for writing `size` bytes at its start. Refused (exit
     /// 3, before anything is written) when it is in use (EBUSY: mounted, or
     /// held by another driver), not writable, or smaller than `size`.
@@ -264,7 +264,7 @@ impl Output {
             .exit_with(Exit::Io)?;
         // The path may have been replaced since it was locked.
         let same = match (file.metadata(), locked.metadata()) {
-            (Ok(a), Ok(b)) => crate::scan::is_block_device(&a) && a.rdev() == b.rdev(),
+            (Ok(a), Ok(b)) => crate::content::scan::is_block_device(&a) && a.rdev() == b.rdev(),
             _ => false,
         };
         if !same {
@@ -276,7 +276,7 @@ impl Output {
                 ),
             ));
         }
-        let dev_size = crate::scan::device_size(&file)
+        let dev_size = crate::content::scan::device_size(&file)
             .with_context(|| format!("cannot get the size of device {}", dest.display()))
             .exit_with(Exit::Io)?;
         if dev_size < size {

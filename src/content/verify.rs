@@ -16,11 +16,11 @@ use std::fs::File;
 use anyhow::Result;
 use rayon::prelude::*;
 
-use crate::chunk::is_zero;
-use crate::hash::ChunkHash;
-use crate::manifest::{Entry, Kind};
-use crate::scan::{read_full, Extents};
-use crate::writer::RangeSet;
+use crate::content::chunk::is_zero;
+use crate::content::hash::ChunkHash;
+use crate::content::manifest::{Entry, Kind};
+use crate::content::scan::{read_full, Extents};
+use crate::dest::writer::RangeSet;
 
 /// Compares batches of entries against `file`, collecting differences.
 pub struct Comparer<'a> {

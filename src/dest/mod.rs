@@ -1,0 +1,6 @@
+//! How the destination is touched: the writer, the lock, the manifest cache, confinement under --root.
+
+pub mod cache;
+pub mod confine;
+pub mod lock;
+pub mod writer;

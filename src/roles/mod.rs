@@ -1,0 +1,5 @@
+//! The two ends' state machines: send, receive, and the tree roles.
+
+pub mod receive;
+pub mod sender;
+pub mod tree;
