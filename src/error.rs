@@ -33,6 +33,8 @@ pub enum Exit {
     /// `-r`: some files (or other entries) of the tree failed; the others
     /// were synced (rsync's code for the same case).
     Partial = 23,
+    /// Hung up on by SIGHUP.
+    Hangup = 129,
     /// Interrupted by SIGINT.
     Interrupted = 130,
     /// Terminated by SIGTERM.
@@ -96,6 +98,7 @@ impl Exit {
             7 => Exit::SourceChanged,
             8 => Exit::Locked,
             23 => Exit::Partial,
+            129 => Exit::Hangup,
             130 => Exit::Interrupted,
             143 => Exit::Terminated,
             _ => Exit::Protocol,

@@ -32,7 +32,10 @@ fn main() -> ExitCode {
         clap_complete::generate(shell, &mut cmd, "vmsync", &mut std::io::stdout());
         return ExitCode::SUCCESS;
     }
-    signals::set_json(cli.json);
+    let (json, recursive) = (cli.json, cli.recursive);
+    signals::set_fallback(Box::new(move |sig| {
+        report::error_message(sig.exit(), &sig.message(), json, recursive);
+    }));
     vmsync::log::init(if cli.quiet { 0 } else { cli.verbose });
     vmsync::log::set_quiet(cli.quiet);
     if let Some(path) = &cli.log_file {
@@ -56,7 +59,15 @@ fn main() -> ExitCode {
         };
         Ok((cfg, r))
     });
-    signals::hold_if_interrupted();
+    let mut outcome = outcome;
+    if let Some(sig) = signals::claim_report() {
+        // The signal thread stopped our children, so whatever the run
+        // returned is a consequence of the signal: report the signal.
+        match &mut outcome {
+            Ok((_, Outcome::Tree(r))) => r.fatal = Some((sig.exit(), sig.message())),
+            _ => outcome = Err(vmsync::error::fail(sig.exit(), sig.message())),
+        }
+    }
     let exit = match &outcome {
         Ok((cfg, Outcome::File(r))) => {
             report::print(r, cfg.stats, cfg.json, cfg.quiet);

@@ -1,24 +1,78 @@
-//! SIGINT/SIGTERM/SIGHUP: leave nothing half-done behind.
+//! SIGINT/SIGTERM/SIGHUP: leave nothing half-done behind, and let the code
+//! that owns the report say what happened.
 //!
 //! [`install`] blocks the signals in the calling thread before any other
 //! thread exists (so every thread inherits the mask) and waits for them in a
-//! dedicated thread with `sigwait`. On a signal that thread stops our child
-//! (ssh or a local server) and waits for it, so the child's own cleanup is
-//! over before we exit, removes every temporary file registered with
-//! [`TempGuard`], and exits with 128 + the signal number. No async-signal
-//! handler runs, so the cleanup may lock, allocate and print.
+//! dedicated thread with `sigwait`. On a signal that thread records it
+//! ([`interrupted`]), stops our children (ssh or a local server) and waits
+//! for them, so their own cleanup is over, and removes every temporary file
+//! registered with [`TempGuard`]. It prints nothing: with its children gone
+//! the main thread's I/O fails at once, and `main`, which owns the report,
+//! sees [`interrupted`] and ends the run with the signal's exit code and the
+//! report it would give for any failed run (a `-r` run keeps its `files` and
+//! `errors`; the metrics file is written). Only if the main thread has not
+//! claimed the report within [`GRACE`] (it may be deep in a local scan) does
+//! the signal thread end the process itself, through the fallback `main`
+//! registered with [`set_fallback`]. No async-signal handler runs, so all of
+//! this may lock, allocate and print.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+/// How long the main thread has, after a signal, to claim the report.
+pub const GRACE: Duration = Duration::from_secs(5);
 
 /// Files to remove on a signal, and whether only when empty.
 static TEMP_FILES: Mutex<Vec<(PathBuf, bool)>> = Mutex::new(Vec::new());
 static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
-static JSON: AtomicBool = AtomicBool::new(false);
 static QUIET: AtomicBool = AtomicBool::new(false);
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// The process is ending (a signal, or [`abandon`]): the main thread must
+/// not report a broken connection of its own.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+/// The signal being handled; 0 while none.
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// Who prints the run's outcome once a signal came.
+static REPORT: Mutex<Reporter> = Mutex::new(Reporter::Nobody);
+static REPORT_CLAIMED: Condvar = Condvar::new();
+static FALLBACK: Mutex<Option<Fallback>> = Mutex::new(None);
+
+/// What prints the outcome when the main thread cannot.
+pub type Fallback = Box<dyn Fn(Signal) + Send>;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reporter {
+    Nobody,
+    Main,
+    SignalThread,
+}
+
+/// A signal that ended (or is ending) the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Signal(i32);
+
+impl Signal {
+    /// `SIGINT`, `SIGTERM` or `SIGHUP`.
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            libc::SIGINT => "SIGINT",
+            libc::SIGTERM => "SIGTERM",
+            _ => "SIGHUP",
+        }
+    }
+
+    /// The process exit code: 128 + the signal number.
+    pub fn exit(self) -> crate::error::Exit {
+        crate::error::Exit::from_code((128 + self.0) as u8)
+    }
+
+    /// What the report says happened.
+    pub fn message(self) -> String {
+        format!("interrupted by {}", self.name())
+    }
+}
 
 fn signal_set() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset initializes it.
@@ -36,47 +90,107 @@ fn signal_set() -> libc::sigset_t {
 /// thing in `main`, before any thread is spawned.
 pub fn install() {
     let set = signal_set();
-    // SAFETY: valid sigset; pthread_sigmask only changes this thread's mask.
+    // SAFETY: a valid sigset; pthread_sigmask changes only this thread's mask,
+    // and sigwait only writes the signal number through a valid pointer.
     unsafe {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || loop {
+                let mut sig: libc::c_int = 0;
+                if libc::sigwait(&set, &mut sig) == 0 {
+                    on_signal(sig);
+                }
+            })
+            .expect("spawn signal thread");
     }
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: valid set and out-pointer.
-            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-                continue;
-            }
-            on_signal(sig);
-        })
-        .expect("spawn signal thread");
 }
 
-/// The server leaves messages to the client, which knows what happened.
+/// The server leaves messages to the client, which knows what happened, and
+/// exits at once on a signal.
 pub fn set_quiet(on: bool) {
     QUIET.store(on, Ordering::Relaxed);
 }
 
-/// When `--json` is on, an interrupted run still prints one JSON object.
-pub fn set_json(on: bool) {
-    JSON.store(on, Ordering::Relaxed);
+/// What to print and exit with if the main thread does not claim the report
+/// within [`GRACE`] of a signal.
+pub fn set_fallback(f: Fallback) {
+    if let Ok(mut slot) = FALLBACK.lock() {
+        *slot = Some(f);
+    }
 }
 
-/// Called by the main thread before it reports anything: once a signal is
-/// being handled, stopping our child makes the main thread see a broken
-/// connection, and it must not report that (or exit with its code) while
-/// the signal thread cleans up and exits with 128 + N.
+/// The signal that interrupted the run, if one did.
+pub fn interrupted() -> Option<Signal> {
+    match SIGNAL.load(Ordering::SeqCst) {
+        0 => None,
+        n => Some(Signal(n)),
+    }
+}
+
+/// Called by the main thread before it reports anything. After a signal
+/// it removes what the run left registered, and returns the signal; if the
+/// signal thread already took over the report it never returns.
+pub fn claim_report() -> Option<Signal> {
+    let mut who = REPORT.lock().unwrap_or_else(|e| e.into_inner());
+    if *who == Reporter::SignalThread {
+        drop(who);
+        loop {
+            std::thread::park();
+        }
+    }
+    *who = Reporter::Main;
+    REPORT_CLAIMED.notify_all();
+    drop(who);
+    let sig = interrupted();
+    if sig.is_some() {
+        remove_temp_files();
+    }
+    sig
+}
+
+/// The server's version of [`claim_report`]: it reports nothing, so once a
+/// signal is being handled it waits for the signal thread to exit.
 pub fn hold_if_interrupted() {
-    if INTERRUPTED.load(Ordering::SeqCst) {
+    if STOPPING.load(Ordering::SeqCst) {
         loop {
             std::thread::park();
         }
     }
 }
 
-fn on_signal(sig: libc::c_int) -> ! {
-    INTERRUPTED.store(true, Ordering::SeqCst);
+fn on_signal(sig: libc::c_int) {
+    if SIGNAL
+        .compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst)
+        .is_err()
+    {
+        return; // a second signal while the first is handled
+    }
+    STOPPING.store(true, Ordering::SeqCst);
+    stop_children();
+    remove_temp_files();
+    let signal = Signal(sig);
+    if QUIET.load(Ordering::Relaxed) {
+        std::process::exit(128 + sig);
+    }
+    let who = REPORT.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut who, _) = REPORT_CLAIMED
+        .wait_timeout_while(who, GRACE, |w| *w == Reporter::Nobody)
+        .unwrap_or_else(|e| e.into_inner());
+    if *who == Reporter::Main {
+        return; // main reports and exits
+    }
+    *who = Reporter::SignalThread;
+    drop(who);
+    match FALLBACK.lock().ok().and_then(|mut f| f.take()) {
+        Some(f) => f(signal),
+        None => eprintln!("vmsync: {}", signal.message()),
+    }
+    remove_temp_files();
+    std::process::exit(128 + sig);
+}
+
+fn stop_children() {
     let children: Vec<u32> = CHILDREN.lock().map(|c| c.clone()).unwrap_or_default();
     for pid in &children {
         // SAFETY: plain syscalls on pids we spawned and have not reaped.
@@ -91,28 +205,13 @@ fn on_signal(sig: libc::c_int) -> ! {
             libc::waitpid(*pid as libc::pid_t, &mut status, 0);
         }
     }
-    remove_temp_files();
-    let name = match sig {
-        libc::SIGINT => "SIGINT",
-        libc::SIGTERM => "SIGTERM",
-        _ => "SIGHUP",
-    };
-    let code = 128 + sig;
-    if JSON.load(Ordering::Relaxed) {
-        let v = crate::app::report::error_json(code as u8, &format!("interrupted by {name}"));
-        println!("{v}");
-    }
-    if !QUIET.load(Ordering::Relaxed) {
-        eprintln!("vmsync: interrupted by {name}; the destination was left as it was");
-    }
-    std::process::exit(code);
 }
 
 /// Ends the process at once with `code`, cleaning up as for a signal: for
 /// a server whose client is gone (`--timeout`), where the main thread may
 /// be blocked writing to it and would never see the error.
 pub fn abandon(code: u8) -> ! {
-    INTERRUPTED.store(true, Ordering::SeqCst);
+    STOPPING.store(true, Ordering::SeqCst);
     remove_temp_files();
     std::process::exit(i32::from(code));
 }
@@ -160,10 +259,17 @@ impl Drop for TempGuard {
     }
 }
 
-/// Records a child to stop on a signal.
+/// Records a child to stop on a signal. A child started after the signal
+/// (a `-r` worker racing the signal thread) is stopped at once.
 pub fn register_child(pid: u32) {
     if let Ok(mut c) = CHILDREN.lock() {
         c.push(pid);
+    }
+    if interrupted().is_some() {
+        // SAFETY: a plain syscall on a pid we just spawned; its owner reaps it.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGTERM);
+        }
     }
 }
 

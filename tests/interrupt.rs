@@ -201,3 +201,62 @@ fn sigterm_during_inplace_push_leaves_no_temp_file() {
     run.assert_code(exit::SIGTERM);
     assert_eq!(dir_entries(&pair.dst_dir()), ["disk.img"]);
 }
+
+/// `-r --json` interrupted mid-transfer ends like any failed `-r` run: one
+/// JSON line with the tree's keys (`files`, `errors`, totals), the signal's
+/// exit code, and the metrics file written.
+#[test]
+fn sigint_during_recursive_push_prints_the_tree_json_and_writes_metrics() {
+    let tmp = tempdir();
+    let src = tmp.path().join("src");
+    let dst = tmp.path().join("dst");
+    std::fs::create_dir_all(&src).unwrap();
+    for (i, name) in ["a.img", "b.img", "c.img"].iter().enumerate() {
+        write_file(
+            &src.join(name),
+            &random_bytes(10 + i as u64, (16 * MIB) as usize),
+        );
+    }
+    let prom_path = tmp.path().join("vmsync.prom");
+    // The listing and the first operations move a few KiB: the signal comes
+    // during the first file's data.
+    let relay = Relay::new(tmp.path(), "--signal-parent-after 4194304 --signal INT");
+    let (run, v) = vmsync()
+        .args(["-r", "-e", &relay.rsh(), "--remote-path"])
+        .arg(bin())
+        .arg("--metrics-file")
+        .arg(&prom_path)
+        .arg(format!("{}/", src.display()))
+        .arg(format!("127.0.0.1:{}", dst.display()))
+        .run_json();
+    relay.wait_server_gone();
+
+    run.assert_code(exit::SIGINT);
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "one JSON line on stdout: {run}");
+    assert_eq!(v["exit_code"], 130, "{v}");
+    assert!(
+        v["error"].as_str().is_some_and(|e| e.contains("SIGINT")),
+        "{v}"
+    );
+    assert!(v["files"].is_array(), "a tree summary has files: {v}");
+    assert!(v["errors"].is_array(), "a tree summary has errors: {v}");
+    assert!(v["files_total"].is_u64(), "{v}");
+    let metrics = std::fs::read_to_string(&prom_path).expect("metrics file written");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("vmsync_last_exit_code{") && l.ends_with(" 130")),
+        "{metrics}"
+    );
+    // Nothing half-written is left as a file of the tree.
+    for name in dir_entries(&dst) {
+        assert!(
+            !name.ends_with(".img") || {
+                let n = name.trim_start_matches('.');
+                ["a.img", "b.img", "c.img"].contains(&n)
+            },
+            "{name}"
+        );
+    }
+}

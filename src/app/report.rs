@@ -339,9 +339,14 @@ pub fn error_json(exit_code: u8, msg: &str) -> Value {
 /// keys when `recursive`); returns its exit code.
 pub fn error(e: &anyhow::Error, json_out: bool, recursive: bool) -> Exit {
     let exit = exit_code_of(e);
-    let msg = message_of(e);
+    error_message(exit, &message_of(e), json_out, recursive);
+    exit
+}
+
+/// [`error`] for a failure known by its exit code and message.
+pub fn error_message(exit: Exit, msg: &str, json_out: bool, recursive: bool) {
     if json_out {
-        let mut v = error_json(exit.code(), &msg);
+        let mut v = error_json(exit.code(), msg);
         if recursive {
             for key in ["files", "errors", "deleted", "differing_paths"] {
                 v[key] = json!([]);
@@ -352,7 +357,6 @@ pub fn error(e: &anyhow::Error, json_out: bool, recursive: bool) -> Exit {
         let _ = writeln!(std::io::stdout().lock(), "{v}");
     }
     eprintln!("vmsync: error: {msg}");
-    exit
 }
 
 /// `--metrics-file`: records this run for the destination `dst`. A failure
