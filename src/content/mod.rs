@@ -4,6 +4,7 @@ pub mod chunk;
 pub mod compress;
 pub mod hash;
 pub mod manifest;
+pub mod ranges;
 pub mod refine;
 pub mod sample;
 pub mod scan;

@@ -19,8 +19,8 @@ use rayon::prelude::*;
 use crate::content::chunk::is_zero;
 use crate::content::hash::ChunkHash;
 use crate::content::manifest::{Entry, Kind};
+use crate::content::ranges::RangeSet;
 use crate::content::scan::{read_full, Extents};
-use crate::dest::writer::RangeSet;
 
 /// Compares batches of entries against `file`, collecting differences.
 pub struct Comparer<'a> {

@@ -40,7 +40,6 @@
 //! [`Output::commit`], after everything else is done. It is only a head
 //! start: durability still comes from that fsync, which is unchanged.
 
-use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -55,6 +54,9 @@ use crate::content::chunk::is_zero;
 use crate::content::hash::ChunkHash;
 use crate::error::{fail, Exit, WithExit};
 use crate::signals::TempGuard;
+
+// TEMP alias: dest::writer::RangeSet -> content::ranges::RangeSet
+pub use crate::content::ranges::RangeSet;
 use crate::wire::protocol::FileInfo;
 
 /// Granularity of holes left in written data.
@@ -709,63 +711,6 @@ fn zero_device_range(file: &File, offset: u64, len: u64, wrote: Wrote<'_>) -> st
     write_zeros(file, mid_end, end - mid_end, wrote)
 }
 
-/// A set of byte ranges, merged on insert.
-#[derive(Default, Debug)]
-pub struct RangeSet {
-    /// start → end, disjoint and non-adjacent.
-    map: BTreeMap<u64, u64>,
-}
-
-impl RangeSet {
-    pub fn insert(&mut self, mut start: u64, mut end: u64) {
-        if start >= end {
-            return;
-        }
-        // Merge with a range that starts before and reaches start.
-        if let Some((&s, &e)) = self.map.range(..=start).next_back() {
-            if e >= start {
-                start = s;
-                end = end.max(e);
-                self.map.remove(&s);
-            }
-        }
-        // Swallow ranges starting inside [start, end].
-        while let Some((&s, &e)) = self.map.range(start..=end).next() {
-            end = end.max(e);
-            self.map.remove(&s);
-        }
-        self.map.insert(start, end);
-    }
-
-    pub fn overlaps(&self, start: u64, end: u64) -> bool {
-        if start >= end {
-            return false;
-        }
-        if let Some((_, &e)) = self.map.range(..=start).next_back() {
-            if e > start {
-                return true;
-            }
-        }
-        self.map.range(start..end).next().is_some()
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.map.iter().map(|(&s, &e)| (s, e))
-    }
-
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-
-    pub fn total(&self) -> u64 {
-        self.map.iter().map(|(s, e)| e - s).sum()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -873,25 +818,6 @@ mod tests {
         assert!(n <= 255, "{n}");
         assert!(long.to_string_lossy().contains(".vmsync-partial-"));
         assert_ne!(long, partial_path(&Path::new("/srv").join("y".repeat(250))));
-    }
-
-    #[test]
-    fn range_set_merges_and_overlaps() {
-        let mut r = RangeSet::default();
-        r.insert(10, 20);
-        r.insert(30, 40);
-        assert!(!r.overlaps(20, 30));
-        assert!(r.overlaps(19, 21));
-        assert!(r.overlaps(0, 11));
-        assert!(!r.overlaps(0, 10));
-        r.insert(20, 30);
-        assert_eq!(r.iter().collect::<Vec<_>>(), [(10, 40)]);
-        r.insert(5, 100);
-        assert_eq!(r.iter().collect::<Vec<_>>(), [(5, 100)]);
-        r.insert(200, 300);
-        r.insert(150, 160);
-        assert_eq!(r.len(), 3);
-        assert_eq!(r.total(), 95 + 100 + 10);
     }
 
     #[test]
