@@ -32,10 +32,8 @@ pub mod wire;
 /// The process umask, read once before any thread starts (reading it means
 /// setting it, which would race with threads creating files).
 pub fn read_umask() -> u32 {
-    // SAFETY: umask has no memory-safety preconditions.
-    unsafe {
-        let old = libc::umask(0o022);
-        libc::umask(old);
-        old as u32
-    }
+    use rustix::fs::Mode;
+    let old = rustix::process::umask(Mode::from_raw_mode(0o022));
+    rustix::process::umask(old);
+    old.as_raw_mode()
 }

@@ -192,18 +192,11 @@ fn on_signal(sig: libc::c_int) {
 
 fn stop_children() {
     let children: Vec<u32> = CHILDREN.lock().map(|c| c.clone()).unwrap_or_default();
-    for pid in &children {
-        // SAFETY: plain syscalls on pids we spawned and have not reaped.
-        unsafe {
-            libc::kill(*pid as libc::pid_t, libc::SIGTERM);
-        }
+    for &pid in &children {
+        terminate(pid);
     }
-    for pid in &children {
-        let mut status = 0;
-        // SAFETY: as above.
-        unsafe {
-            libc::waitpid(*pid as libc::pid_t, &mut status, 0);
-        }
+    for pid in children.iter().filter_map(|&p| pid_of(p)) {
+        let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
     }
 }
 
@@ -214,6 +207,17 @@ pub fn abandon(code: u8) -> ! {
     STOPPING.store(true, Ordering::SeqCst);
     remove_temp_files();
     std::process::exit(i32::from(code));
+}
+
+fn pid_of(pid: u32) -> Option<rustix::process::Pid> {
+    rustix::process::Pid::from_raw(i32::try_from(pid).ok()?)
+}
+
+/// SIGTERM to a child we spawned and have not reaped.
+fn terminate(pid: u32) {
+    if let Some(pid) = pid_of(pid) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
 }
 
 fn remove_temp_files() {
@@ -266,10 +270,7 @@ pub fn register_child(pid: u32) {
         c.push(pid);
     }
     if interrupted().is_some() {
-        // SAFETY: a plain syscall on a pid we just spawned; its owner reaps it.
-        unsafe {
-            libc::kill(pid as libc::pid_t, libc::SIGTERM);
-        }
+        terminate(pid); // its owner reaps it
     }
 }
 

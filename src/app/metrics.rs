@@ -86,7 +86,6 @@ use std::fmt::Write as _;
 use std::fs::{File, OpenOptions, Permissions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -217,17 +216,12 @@ fn lock(path: &Path) -> Result<File> {
         other => other,
     };
     let file = opened.with_context(|| format!("cannot open lock file {}", lock_path.display()))?;
-    loop {
-        // SAFETY: flock on a valid fd. Blocking is fine: a holder keeps the
-        // lock only for one small read and write.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
-            return Ok(file);
-        }
-        let err = std::io::Error::last_os_error();
-        if err.kind() != std::io::ErrorKind::Interrupted {
-            return Err(err).with_context(|| format!("cannot lock {}", lock_path.display()));
-        }
-    }
+    // Blocking is fine: a holder keeps the lock only for one small read
+    // and write. rustix retries on EINTR.
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(std::io::Error::from)
+        .with_context(|| format!("cannot lock {}", lock_path.display()))?;
+    Ok(file)
 }
 
 /// The samples of the current file; none if there is no file or it does

@@ -25,7 +25,6 @@
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt};
-use std::os::unix::io::AsRawFd;
 
 use anyhow::{Context, Result};
 use rayon::prelude::*;
@@ -78,29 +77,22 @@ impl Extents {
         if !file.metadata().is_ok_and(|m| m.is_file()) {
             return all;
         }
-        let fd = file.as_raw_fd();
+        use rustix::fs::{seek, SeekFrom};
         let mut data = Vec::new();
         let mut pos: u64 = 0;
         while pos < size {
-            // SAFETY: lseek on a valid fd has no memory-safety preconditions.
-            let start = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-            if start < 0 {
-                let err = std::io::Error::last_os_error();
-                if err.raw_os_error() == Some(libc::ENXIO) {
-                    break; // no data after pos
-                }
-                return all;
-            }
-            let start = start as u64;
+            let start = match seek(file, SeekFrom::Data(pos)) {
+                Ok(start) => start,
+                Err(rustix::io::Errno::NXIO) => break, // no data after pos
+                Err(_) => return all,
+            };
             if start >= size {
                 break;
             }
-            // SAFETY: as above.
-            let end = unsafe { libc::lseek(fd, start as libc::off_t, libc::SEEK_HOLE) };
-            if end < 0 {
+            let Ok(end) = seek(file, SeekFrom::Hole(start)) else {
                 return all;
-            }
-            let end = (end as u64).min(size);
+            };
+            let end = end.min(size);
             if end <= start {
                 return all;
             }
@@ -433,12 +425,7 @@ pub fn is_block_device(meta: &std::fs::Metadata) -> bool {
 /// block driver and needs no per-architecture ioctl number; it moves the
 /// descriptor's offset, which nothing here uses (all I/O is positioned).
 pub fn device_size(file: &File) -> std::io::Result<u64> {
-    // SAFETY: lseek on a valid fd has no memory-safety preconditions.
-    let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
-    if end < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(end as u64)
+    Ok(rustix::fs::seek(file, rustix::fs::SeekFrom::End(0))?)
 }
 
 /// `read_exact_at` that names the problem: a file that shrank under us

@@ -21,16 +21,17 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
 use crate::dest::writer::partial_path;
+use rustix::fs::FlockOperation;
+
 use crate::error::{fail, Exit, WithExit};
 use crate::signals::TempGuard;
 
-const HOLDER_XATTR: &[u8] = b"user.vmsync.holder\0";
+const HOLDER_XATTR: &str = "user.vmsync.holder";
 
 /// A held lock on `dest`'s partial file, or on `dest` itself for a block
 /// device.
@@ -81,9 +82,9 @@ impl Lock {
                 }
             };
             let op = if exclusive {
-                libc::LOCK_EX
+                FlockOperation::NonBlockingLockExclusive
             } else {
-                libc::LOCK_SH
+                FlockOperation::NonBlockingLockShared
             };
             try_flock(&file, op, dest, &path, || holder(&file))?;
             // The holder before us may have renamed or removed the file after
@@ -139,9 +140,9 @@ impl Lock {
             ));
         }
         let op = if exclusive {
-            libc::LOCK_EX
+            FlockOperation::NonBlockingLockExclusive
         } else {
-            libc::LOCK_SH
+            FlockOperation::NonBlockingLockShared
         };
         try_flock(&file, op, dest, dest, || {
             lock_holder(&meta).map(|pid| format!("pid {pid} on {}", hostname()))
@@ -185,30 +186,19 @@ impl Drop for Lock {
 
 fn set_holder(file: &File) {
     let value = format!("pid {} on {}", std::process::id(), hostname());
-    // SAFETY: valid fd, NUL-terminated name, value buffer with its length.
-    unsafe {
-        libc::fsetxattr(
-            file.as_raw_fd(),
-            HOLDER_XATTR.as_ptr().cast(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        );
-    }
+    // Best effort: a filesystem without user xattrs just names no holder.
+    let _ = rustix::fs::fsetxattr(
+        file,
+        HOLDER_XATTR,
+        value.as_bytes(),
+        rustix::fs::XattrFlags::empty(),
+    );
 }
 
 fn holder(file: &File) -> Option<String> {
     let mut buf = [0u8; 256];
-    // SAFETY: valid fd, NUL-terminated name, buffer with its length.
-    let n = unsafe {
-        libc::fgetxattr(
-            file.as_raw_fd(),
-            HOLDER_XATTR.as_ptr().cast(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    (n > 0).then(|| String::from_utf8_lossy(&buf[..n as usize]).into_owned())
+    let n = rustix::fs::fgetxattr(file, HOLDER_XATTR, &mut buf).ok()?;
+    (n > 0).then(|| String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 /// The pid holding an exclusive `flock` on the file `meta` describes, from
@@ -232,30 +222,26 @@ fn lock_holder(meta: &std::fs::Metadata) -> Option<u32> {
 }
 
 fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: buf is valid for its length; gethostname NUL-terminates on success.
-    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
-        return "unknown host".into();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
 }
 
-/// `flock(op | LOCK_NB)` on `file` (which guards `dest`); when another
+/// `flock(op)` (a non-blocking operation) on `file` (which guards `dest`); when another
 /// process holds it, exit 8 naming that holder (`who`, e.g. its pid and host).
 fn try_flock(
     file: &File,
-    op: libc::c_int,
+    op: FlockOperation,
     dest: &Path,
     locked: &Path,
     who: impl FnOnce() -> Option<String>,
 ) -> Result<()> {
-    // SAFETY: flock on a valid fd.
-    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+    let err = match rustix::fs::flock(file, op) {
+        Ok(()) => return Ok(()),
+        Err(e) => std::io::Error::from(e),
+    };
+    if err.kind() == std::io::ErrorKind::WouldBlock {
         let who = match who() {
             Some(h) => format!("another vmsync ({h})"),
             None => "another vmsync".to_string(),
@@ -284,8 +270,7 @@ mod tests {
         let f = File::create(dir.path().join("node")).unwrap();
         let meta = f.metadata().unwrap();
         assert_eq!(lock_holder(&meta), None);
-        // SAFETY: flock on a valid fd.
-        assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive).unwrap();
         if std::path::Path::new("/proc/locks").exists() {
             assert_eq!(lock_holder(&meta), Some(std::process::id()));
         }

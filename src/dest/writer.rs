@@ -608,26 +608,31 @@ fn punch_or_write_zeros(
     len: u64,
     wrote: Wrote<'_>,
 ) -> std::io::Result<()> {
-    // SAFETY: fallocate on a valid fd with plain integer arguments.
-    let r = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if r == 0 {
-        return Ok(());
+    match punch_hole(file, offset, len) {
+        Ok(()) => Ok(()),
+        Err(e) if !cannot_punch(&e) => Err(e),
+        Err(_) => write_zeros(file, offset, len, wrote),
     }
-    let err = std::io::Error::last_os_error();
-    if !matches!(
-        err.raw_os_error(),
+}
+
+/// Deallocates `[offset, offset + len)`; the file's size stays.
+fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use rustix::fs::FallocateFlags;
+    rustix::fs::fallocate(
+        file,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    )
+    .map_err(std::io::Error::from)
+}
+
+/// The file system or device has no hole punching: write zeros instead.
+fn cannot_punch(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
         Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
-    ) {
-        return Err(err);
-    }
-    write_zeros(file, offset, len, wrote)
+    )
 }
 
 fn write_zeros(file: &File, offset: u64, len: u64, wrote: Wrote<'_>) -> std::io::Result<()> {
@@ -689,24 +694,10 @@ fn zero_device_range(file: &File, offset: u64, len: u64, wrote: Wrote<'_>) -> st
         return write_zeros(file, offset, len, wrote);
     }
     write_zeros(file, offset, mid_start - offset, wrote)?;
-    // SAFETY: fallocate on a valid fd with plain integer arguments.
-    let r = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            mid_start as libc::off_t,
-            (mid_end - mid_start) as libc::off_t,
-        )
-    };
-    if r != 0 {
-        let err = std::io::Error::last_os_error();
-        if !matches!(
-            err.raw_os_error(),
-            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
-        ) {
-            return Err(err);
-        }
-        write_zeros(file, mid_start, mid_end - mid_start, wrote)?;
+    match punch_hole(file, mid_start, mid_end - mid_start) {
+        Ok(()) => {}
+        Err(e) if !cannot_punch(&e) => return Err(e),
+        Err(_) => write_zeros(file, mid_start, mid_end - mid_start, wrote)?,
     }
     write_zeros(file, mid_end, end - mid_end, wrote)
 }
