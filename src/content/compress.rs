@@ -1,7 +1,7 @@
 //! Literal chunk data on the wire: one zstd stream per connection.
 //!
 //! Compressing each chunk as its own frame costs about 1.5× the bytes on disk
-//! images (`DESIGN-NOTES.md`): new data compresses far better with the
+//! images (`docs/DESIGN.md`, finding 1): new data compresses far better with the
 //! context of what came before. So the sender keeps one zstd stream for the
 //! whole connection and flushes it after every chunk, which makes each
 //! `CHUNK` message decodable as soon as it arrives.

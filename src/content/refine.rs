@@ -4,7 +4,7 @@
 //! be mostly old data: a database rewrote one 8 KiB page of it, or a qcow2
 //! cluster moved. So for a chunk it lacks, the receiver asks for the hashes
 //! of the chunk's *pieces* — the chunk cut at absolute 4 KiB file offsets,
-//! because disk images write in aligned 4 KiB units (`DESIGN-NOTES.md`:
+//! because disk images write in aligned 4 KiB units (`docs/DESIGN.md`, finding 3:
 //! chunk-relative blocks sent 2.5× more) — finds each piece in its old data,
 //! either at the same offset or anywhere in a [`BlockIndex`] of the old data
 //! that no chunk of the new file matched, and requests only the rest. The
