@@ -1,51 +1,18 @@
-//! Validated settings for one run, built from the command line.
+//! Validating the command line into the settings of one run.
 //!
 //! Everything a user can get wrong is caught here, before any file is opened
-//! or any connection made, as a usage error (exit 2).
+//! or any connection made, as a usage error (exit 2). The result is a
+//! [`Config`], defined by the client (the layer that runs it) so that the
+//! layers below `app` never see clap's types.
 
 use anyhow::Result;
 
 use crate::app::cli::Cli;
 use crate::content::chunk::ChunkParams;
 use crate::error::{fail, Exit};
-use crate::wire::transport::{parse_operand, split_command, Operand};
 
-/// One sync or check, ready to run.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub src: Operand,
-    pub dst: Operand,
-    pub params: ChunkParams,
-    /// zstd level, 0 = off.
-    pub compress_level: u8,
-    pub check: bool,
-    pub verify: bool,
-    pub inplace: bool,
-    pub checksum: bool,
-    pub no_partial: bool,
-    /// The remote shell command, split into words.
-    pub rsh: Vec<String>,
-    pub remote_path: String,
-    pub stats: bool,
-    pub json: bool,
-    pub quiet: bool,
-    /// `--timeout` in seconds; 0 = none.
-    pub timeout_secs: u32,
-    /// `--bwlimit` in bytes/s; 0 = none.
-    pub bwlimit: u64,
-    pub dry_run: bool,
-    /// `--seed` paths, on the receiving side's host.
-    pub seeds: Vec<std::ffi::OsString>,
-    /// `--sample K/N`.
-    pub sample: Option<(u32, u32)>,
-    pub allow_changing_source: bool,
-    /// `-r`: SRC is a tree.
-    pub recursive: bool,
-    /// `--delete` (with `-r`).
-    pub delete: bool,
-    /// `--include`/`--exclude`, in command-line order.
-    pub filters: Vec<crate::wire::protocol::FilterRule>,
-}
+pub use crate::client::config::Config;
+use crate::wire::transport::{parse_operand, split_command, Operand};
 
 /// Parses `K/N` with 1 ≤ K ≤ N ≤ [`crate::wire::protocol::MAX_SAMPLE`].
 pub fn parse_sample(s: &str) -> Result<(u32, u32), String> {
@@ -133,13 +100,5 @@ impl Config {
             delete: cli.delete,
             filters: cli.filters.clone(),
         })
-    }
-
-    /// The operand that is remote, if any.
-    pub fn remote(&self) -> Option<&crate::wire::transport::Remote> {
-        match (&self.src, &self.dst) {
-            (Operand::Remote(r), _) | (_, Operand::Remote(r)) => Some(r),
-            _ => None,
-        }
     }
 }

@@ -1,0 +1,53 @@
+//! The settings of one run, validated (by `app::config` from the command
+//! line, or by a library user): what the client needs to start the other end
+//! and drive the roles.
+
+use crate::content::chunk::ChunkParams;
+use crate::wire::transport::{Operand, Remote};
+
+/// One sync or check, ready to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub src: Operand,
+    pub dst: Operand,
+    pub params: ChunkParams,
+    /// zstd level, 0 = off.
+    pub compress_level: u8,
+    pub check: bool,
+    pub verify: bool,
+    pub inplace: bool,
+    pub checksum: bool,
+    pub no_partial: bool,
+    /// The remote shell command, split into words.
+    pub rsh: Vec<String>,
+    pub remote_path: String,
+    pub stats: bool,
+    pub json: bool,
+    pub quiet: bool,
+    /// `--timeout` in seconds; 0 = none.
+    pub timeout_secs: u32,
+    /// `--bwlimit` in bytes/s; 0 = none.
+    pub bwlimit: u64,
+    pub dry_run: bool,
+    /// `--seed` paths, on the receiving side's host.
+    pub seeds: Vec<std::ffi::OsString>,
+    /// `--sample K/N`.
+    pub sample: Option<(u32, u32)>,
+    pub allow_changing_source: bool,
+    /// `-r`: SRC is a tree.
+    pub recursive: bool,
+    /// `--delete` (with `-r`).
+    pub delete: bool,
+    /// `--include`/`--exclude`, in command-line order.
+    pub filters: Vec<crate::wire::protocol::FilterRule>,
+}
+
+impl Config {
+    /// The operand that is remote, if any.
+    pub fn remote(&self) -> Option<&Remote> {
+        match (&self.src, &self.dst) {
+            (Operand::Remote(r), _) | (_, Operand::Remote(r)) => Some(r),
+            _ => None,
+        }
+    }
+}
