@@ -467,9 +467,7 @@ fn write_atomically(path: &Path, text: &str) -> Result<()> {
     tmp.persist(path)
         .map_err(|e| e.error)
         .with_context(context)?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("fsync of directory {} failed", dir.display()))
+    crate::dest::writer::sync_dir(path)
 }
 
 #[cfg(test)]

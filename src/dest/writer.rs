@@ -465,7 +465,8 @@ impl Drop for Output {
     }
 }
 
-fn sync_dir(dest: &Path) -> Result<()> {
+/// Fsyncs the directory holding `dest`, so a rename into it is durable.
+pub fn sync_dir(dest: &Path) -> Result<()> {
     let dir = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
