@@ -7,6 +7,8 @@
 //! every sync runs the same protocol code. A recursive run ([`crate::roles::tree`])
 //! runs one such session per file.
 
+pub mod tree;
+
 use std::os::unix::ffi::OsStrExt;
 use std::time::{Duration, Instant};
 
