@@ -26,6 +26,7 @@ pub mod progress;
 pub mod roles;
 pub mod server;
 pub mod signals;
+pub mod sys;
 pub mod units;
 pub mod wire;
 

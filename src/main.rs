@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use vmsync::app::{config::Config, report};
-use vmsync::roles::tree;
+use vmsync::client::tree;
 use vmsync::{client, server, signals};
 
 /// What a run produced: one file's report, or a tree's.

@@ -9,9 +9,9 @@ use std::io::Write;
 
 use serde_json::{json, Value};
 
+use crate::client::tree::TreeReport;
 use crate::client::Report;
 use crate::error::{exit_code_of, message_of, Exit};
-use crate::roles::tree::TreeReport;
 use crate::units::bytes;
 
 /// Ranges listed before "… and N more".

@@ -8,6 +8,7 @@
 //! runs one such session per file.
 
 pub mod config;
+pub mod tree;
 
 use std::os::unix::ffi::OsStrExt;
 use std::time::{Duration, Instant};

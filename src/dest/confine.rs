@@ -13,17 +13,18 @@
 //! (`fchdir`), and hands the receiver a single file name. The receiver never
 //! follows a symlink at that name (it replaces the link, or refuses with
 //! `--inplace`), so nothing outside DIR is read or written. (`--read-only`,
-//! which refuses every role that writes, is enforced by [`crate::server`].)
+//! which refuses every role that writes, is enforced by the server loop.)
 
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, Result};
 
 use crate::error::{fail, Exit, WithExit};
+use crate::sys::dirfd::{self, OFlags};
 
 /// The directory a confined server may touch.
 #[derive(Debug)]
@@ -61,22 +62,12 @@ impl Root {
         let path = std::fs::canonicalize(dir)
             .with_context(|| format!("--root {}", dir.display()))
             .exit_with(Exit::Io)?;
-        let c = CString::new(path.as_os_str().as_bytes())
-            .map_err(|_| fail(Exit::Usage, "--root contains a NUL byte"))?;
-        // SAFETY: plain open(2) of a NUL-terminated path.
-        let fd = unsafe {
-            libc::open(
-                c.as_ptr(),
-                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("--root {}", path.display()))
-                .exit_with(Exit::Io);
+        if path.as_os_str().as_bytes().contains(&0) {
+            return Err(fail(Exit::Usage, "--root contains a NUL byte"));
         }
-        // SAFETY: fd was just returned by open(2) and is owned by nobody else.
-        let dir = unsafe { OwnedFd::from_raw_fd(fd) };
+        let dir = dirfd::open_path(&path, OFlags::PATH | OFlags::DIRECTORY)
+            .with_context(|| format!("--root {}", path.display()))
+            .exit_with(Exit::Io)?;
         Ok(Root { dir, path })
     }
 
@@ -109,43 +100,16 @@ impl Root {
         })
     }
 
-    /// `openat2(root, rel, flags, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)`.
-    fn open_beneath(&self, rel: &Path, flags: i32) -> std::io::Result<OwnedFd> {
-        let c = CString::new(rel.as_os_str().as_bytes())
-            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: open_how is plain data; all-zero is its documented default.
-        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-        how.flags = (flags | libc::O_CLOEXEC) as u64;
-        how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
-        loop {
-            // SAFETY: valid dirfd, NUL-terminated path, and a correctly
-            // sized open_how that outlives the call.
-            let fd = unsafe {
-                libc::syscall(
-                    libc::SYS_openat2,
-                    self.dir.as_raw_fd(),
-                    c.as_ptr(),
-                    &how as *const libc::open_how,
-                    std::mem::size_of::<libc::open_how>(),
-                )
-            };
-            if fd >= 0 {
-                // SAFETY: a new descriptor owned by nobody else.
-                return Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-            }
-            let e = std::io::Error::last_os_error();
-            // EAGAIN: a concurrent rename raced the lookup; it is safe to retry.
-            if !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) {
-                return Err(e);
-            }
-        }
+    /// `rel` opened beneath DIR ([`dirfd::open_beneath`]).
+    fn open_beneath(&self, rel: &Path, flags: OFlags) -> std::io::Result<OwnedFd> {
+        dirfd::open_beneath(&self.dir, rel, flags)
     }
 
     /// Opens a source file for reading, beneath the root.
     pub fn open_source(&self, p: &Path) -> Result<File> {
         let rel = self.relative(p)?;
         let fd = self
-            .open_beneath(&rel, libc::O_RDONLY)
+            .open_beneath(&rel, OFlags::RDONLY)
             .map_err(|e| lookup_error(e, &p.display().to_string(), "source"))?;
         Ok(File::from(fd))
     }
@@ -157,7 +121,7 @@ impl Root {
         let shown = p.display().to_string();
         let rel = self.relative(p)?;
         let trailing_slash = p.as_os_str().as_bytes().ends_with(b"/");
-        let (dir, name) = match self.open_beneath(&rel, libc::O_PATH | libc::O_DIRECTORY) {
+        let (dir, name) = match self.open_beneath(&rel, OFlags::PATH | OFlags::DIRECTORY) {
             Ok(dir) => (dir, entry_name(source_name, &shown)?),
             // Not a directory: a file, nothing yet, or a symlink that
             // leads out (EXDEV, ELOOP). In each case the name itself is the
@@ -174,26 +138,22 @@ impl Root {
             }
             Err(_) => self.parent_and_name(&rel, &shown, "the directory of destination")?,
         };
-        // SAFETY: fchdir on a descriptor we own; O_PATH descriptors are
-        // accepted by fchdir(2).
-        if unsafe { libc::fchdir(dir.as_raw_fd()) } != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("cannot enter the directory of {shown}"))
-                .exit_with(Exit::Io);
-        }
+        dirfd::enter(&dir)
+            .with_context(|| format!("cannot enter the directory of {shown}"))
+            .exit_with(Exit::Io)?;
         Ok(PathBuf::from(name))
     }
 }
 
 /// The roots of `-r` runs: the listed tree, or the tree that operations
-/// apply to. Beneath such a root, [`crate::roles::tree`] resolves one name at a
-/// time without following symlinks, so nothing it touches leaves the root.
+/// apply to. Beneath such a root, the tree roles resolve one name at a
+/// time without following symlinks, so nothing they touch leaves the root.
 impl Root {
     /// `p` (a tree's root) opened with `O_PATH` beneath DIR, following
     /// symlinks that stay beneath it; `None` when it does not exist.
     pub fn open_tree(&self, p: &Path) -> Result<Option<OwnedFd>> {
         let rel = self.relative(p)?;
-        match self.open_beneath(&rel, libc::O_PATH) {
+        match self.open_beneath(&rel, OFlags::PATH) {
             Ok(fd) => Ok(Some(fd)),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
             Err(e) => Err(lookup_error(e, &p.display().to_string(), "directory")),
@@ -212,7 +172,7 @@ impl Root {
             _ => PathBuf::from("."),
         };
         let dir = self
-            .open_beneath(&parent, libc::O_PATH | libc::O_DIRECTORY)
+            .open_beneath(&parent, OFlags::PATH | OFlags::DIRECTORY)
             .map_err(|e| lookup_error(e, shown, what))?;
         Ok((dir, name))
     }
@@ -222,11 +182,9 @@ impl Root {
         let shown = p.display().to_string();
         let rel = self.relative(p)?;
         let (dir, name) = self.parent_and_name(&rel, &shown, "the parent directory of")?;
-        let name = CString::new(name.as_bytes())
+        let name = dirfd::cstring(name.as_bytes())
             .map_err(|_| fail(Exit::Usage, "a path with a NUL byte"))?;
-        // SAFETY: a valid directory descriptor and a NUL-terminated name.
-        if unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t) } != 0 {
-            let e = std::io::Error::last_os_error();
+        if let Err(e) = dirfd::mkdir_at(&dir, &name, mode) {
             if e.raw_os_error() != Some(libc::EEXIST) {
                 return Err(e)
                     .with_context(|| format!("cannot create directory {shown}"))

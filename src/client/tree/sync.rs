@@ -1,0 +1,361 @@
+//! The three phases of a recursive sync (see [`crate::client::tree`]), each a step of
+//! its own: plan the directories and make them, plan and run the file
+//! jobs, then plan and apply links, deletions and attributes.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use crate::client::Report;
+use crate::error::{exit_code_of, message_of, Exit};
+use crate::roles::list::{join, parent_of, shown, within};
+use crate::wire::protocol::{attrs, EntryKind, ListEntry, Op, Summary};
+
+use crate::client::tree::report::{EntryError, FileResult, TreeReport};
+use crate::client::tree::{Job, Tree};
+
+/// Operations to apply, each with the tree-relative path of the entry it
+/// is for (what a failure is reported under).
+type Planned = Vec<(Op, Vec<u8>)>;
+
+/// Directories that could not be made, and why.
+type Blocked = Vec<(Vec<u8>, String)>;
+
+impl Tree<'_> {
+    /// Phases 1 to 3 (see the module doc). Each step that can lose the
+    /// whole run sets `report.fatal` and the rest is skipped.
+    pub(super) fn sync(&self, report: &mut TreeReport, wire: &mut u64) {
+        let dry = self.cfg.dry_run;
+        // Directories that could not be made: nothing goes beneath them.
+        let mut blocked: Blocked = Vec::new();
+
+        let ops = self.directory_ops(report, &mut blocked);
+        if !dry && !self.make_directories(&ops, &mut blocked, report, wire) {
+            return;
+        }
+        for (d, why) in &blocked {
+            report.errors.push(EntryError {
+                path: self.shown_dst(d),
+                exit: Exit::Io,
+                message: why.clone(),
+            });
+        }
+
+        let jobs = self.file_jobs(&blocked, report);
+        self.transfer_all(jobs, report);
+        if report.fatal.is_some() {
+            return;
+        }
+
+        let mut ops = self.symlink_ops(&blocked, report);
+        self.delete_ops(&mut ops, report);
+        self.attribute_ops(&blocked, &mut ops, report);
+        if !dry {
+            self.finish_entries(&ops, report, wire);
+        }
+    }
+
+    /// Why `rel` cannot be synced: it lies beneath a directory that could
+    /// not be made.
+    fn blocked_by(&self, blocked: &[(Vec<u8>, String)], rel: &[u8]) -> Option<String> {
+        blocked
+            .iter()
+            .find(|(d, _)| within(rel, d))
+            .map(|(d, why)| format!("not synced: {}: {why}", self.shown_dst(d)))
+    }
+
+    /// Phase 1's operations: the tree's root (and its container), each
+    /// directory the destination lacks, and the removal of a link or a
+    /// special file where a file belongs.
+    fn directory_ops(&self, report: &mut TreeReport, blocked: &mut Blocked) -> Planned {
+        let root = self.src.root().expect("listed");
+        let mut ops: Planned = Vec::new();
+        ops.push((
+            Op::Mkdir {
+                path: Vec::new(),
+                // A container made for `dst/NAME` gets the usual mode;
+                // the tree's root gets the source's at the end.
+                mode: if self.prefix.is_some() {
+                    0o777
+                } else {
+                    root.mode & 0o7777
+                },
+            },
+            Vec::new(),
+        ));
+        if let Some(p) = &self.prefix {
+            ops.push((
+                Op::Mkdir {
+                    path: p.clone(),
+                    mode: root.mode & 0o7777,
+                },
+                Vec::new(),
+            ));
+        }
+        if self.dst.root().is_none() {
+            report.changed_entries += 1;
+        }
+        for e in self.src.entries.iter().skip(1) {
+            if e.kind != EntryKind::Dir || self.blocked_by(blocked, &e.path).is_some() {
+                continue;
+            }
+            match self.dst.get(&e.path).map(|d| d.kind) {
+                Some(EntryKind::Dir) => {}
+                None | Some(EntryKind::Symlink) => {
+                    report.changed_entries += 1;
+                    ops.push((
+                        Op::Mkdir {
+                            path: self.dpath(&e.path),
+                            mode: e.mode & 0o7777,
+                        },
+                        e.path.clone(),
+                    ))
+                }
+                Some(_) => blocked.push((
+                    e.path.clone(),
+                    "the destination has a file there, the source a directory".into(),
+                )),
+            }
+        }
+        // A link (or a fifo, a device node) where a file belongs goes
+        // first: the engine would replace a link to a file, but takes a
+        // link to a directory for a directory to write into.
+        for e in &self.src.entries {
+            let old = self.dst.get(&e.path).map(|d| d.kind);
+            if e.kind == EntryKind::File
+                && matches!(old, Some(EntryKind::Symlink | EntryKind::Other))
+                && self.blocked_by(blocked, &e.path).is_none()
+            {
+                ops.push((
+                    Op::Delete {
+                        path: self.dpath(&e.path),
+                    },
+                    e.path.clone(),
+                ));
+            }
+        }
+        ops
+    }
+
+    /// Applies phase 1's operations. A directory that fails blocks what
+    /// lies beneath it; `false` when the run cannot go on (the tree's root
+    /// could not be made, or the destination is lost).
+    fn make_directories(
+        &self,
+        ops: &[(Op, Vec<u8>)],
+        blocked: &mut Blocked,
+        report: &mut TreeReport,
+        wire: &mut u64,
+    ) -> bool {
+        let results = match self.apply_ops(ops, wire) {
+            Ok(results) => results,
+            Err(e) => {
+                report.fatal = Some((exit_code_of(&e), message_of(&e)));
+                return false;
+            }
+        };
+        for ((op, rel), r) in ops.iter().zip(results) {
+            if r.status != 0 {
+                // The tree's root (or its container) could not be made:
+                // nothing can go anywhere.
+                if rel.is_empty() {
+                    let at = shown(&join(&self.dst_path, op.path()));
+                    report.fatal = Some((
+                        Exit::from_code(r.status),
+                        format!("destination {at}: {}", r.message),
+                    ));
+                    return false;
+                }
+                // What lies beneath a failed directory fails with it.
+                if self.blocked_by(blocked, rel).is_none() {
+                    blocked.push((rel.clone(), r.message));
+                }
+            } else if !r.message.is_empty() {
+                crate::log::warn(&r.message);
+            }
+        }
+        true
+    }
+
+    /// Phase 2's jobs: every regular file that can be synced. Those that
+    /// cannot are reported failed here; in a dry run, a file whose
+    /// directory does not exist yet is reported as sent whole.
+    fn file_jobs(&self, blocked: &[(Vec<u8>, String)], report: &mut TreeReport) -> Vec<Job> {
+        let mut jobs = Vec::new();
+        for e in &self.src.entries {
+            if e.kind != EntryKind::File {
+                continue;
+            }
+            let failed = |why: String| FileResult {
+                path: self.shown_dst(&e.path),
+                size: e.size,
+                outcome: Err((Exit::Io, why)),
+            };
+            if let Some(why) = self.blocked_by(blocked, &e.path) {
+                report.files.push(failed(why));
+            } else if self.dst_is_dir(&e.path) {
+                report.files.push(failed(
+                    "the destination is a directory; the source has a file there".into(),
+                ));
+            } else if self.cfg.dry_run && !(self.dst_is_dir(parent_of(&e.path))) {
+                // Its directory does not exist yet: all of it would be sent.
+                report.files.push(FileResult {
+                    path: self.shown_dst(&e.path),
+                    size: e.size,
+                    outcome: Ok(Report {
+                        summary: Summary {
+                            dry_run: true,
+                            source_bytes: e.size,
+                            literal_bytes: e.size,
+                            ..Summary::default()
+                        },
+                        source_bytes: e.size,
+                        wire_bytes: 0,
+                        duration: Duration::ZERO,
+                        check: false,
+                    }),
+                });
+            } else {
+                jobs.push(Job {
+                    rel: e.path.clone(),
+                    size: e.size,
+                    prescan: self.worth_prescanning(e, self.cfg.checksum),
+                });
+            }
+        }
+        jobs
+    }
+
+    /// Phase 3, links: each one the destination lacks (or has with
+    /// another target), and its owner and time when they differ.
+    fn symlink_ops(&self, blocked: &[(Vec<u8>, String)], report: &mut TreeReport) -> Planned {
+        let mut ops: Planned = Vec::new();
+        for e in &self.src.entries {
+            if e.kind != EntryKind::Symlink {
+                continue;
+            }
+            // Counted with its directory's failure.
+            if self.blocked_by(blocked, &e.path).is_some() {
+                continue;
+            }
+            let old = self.dst.get(&e.path);
+            let same = old.is_some_and(|d| d.kind == EntryKind::Symlink && d.target == e.target);
+            if !same {
+                report.changed_entries += 1;
+                ops.push((
+                    Op::Symlink {
+                        path: self.dpath(&e.path),
+                        target: e.target.clone(),
+                    },
+                    e.path.clone(),
+                ));
+            }
+            if !same
+                || old.is_some_and(|d| {
+                    (d.uid, d.gid, d.mtime_sec, d.mtime_nsec)
+                        != (e.uid, e.gid, e.mtime_sec, e.mtime_nsec)
+                })
+            {
+                ops.push((
+                    attrs_op(self.dpath(&e.path), e, attrs::OWNER | attrs::MTIME),
+                    e.path.clone(),
+                ));
+            }
+        }
+        ops
+    }
+
+    /// Phase 3, `--delete`: what the source lacks, children before their
+    /// directory; nothing when anything failed. A dry run only reports it.
+    fn delete_ops(&self, ops: &mut Planned, report: &mut TreeReport) {
+        if !self.cfg.delete {
+            return;
+        }
+        if report.files_failed() != 0 || !report.errors.is_empty() {
+            crate::log::warn("some entries failed: --delete deletes nothing this run");
+            return;
+        }
+        // The reverse of the listing.
+        for e in self.dst.entries.iter().skip(1).rev() {
+            if self.src.get(&e.path).is_none() {
+                report.changed_entries += 1;
+                if self.cfg.dry_run {
+                    report.deleted.push(self.shown_dst(&e.path));
+                } else {
+                    ops.push((
+                        Op::Delete {
+                            path: self.dpath(&e.path),
+                        },
+                        e.path.clone(),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Phase 3, attributes: mode and owner of each file synced, when they
+    /// differ, then everything of each directory, deepest first.
+    fn attribute_ops(&self, blocked: &[(Vec<u8>, String)], ops: &mut Planned, report: &TreeReport) {
+        let synced: HashSet<&str> = report
+            .files
+            .iter()
+            .filter(|f| f.outcome.is_ok())
+            .map(|f| f.path.as_str())
+            .collect();
+        for e in &self.src.entries {
+            let shown_path = self.shown_dst(&e.path);
+            if e.kind != EntryKind::File || !synced.contains(shown_path.as_str()) {
+                continue;
+            }
+            let same = self.dst.get(&e.path).is_some_and(|d| {
+                (d.mode & 0o7777, d.uid, d.gid) == (e.mode & 0o7777, e.uid, e.gid)
+            });
+            if !same {
+                ops.push((
+                    attrs_op(self.dpath(&e.path), e, attrs::MODE | attrs::OWNER),
+                    e.path.clone(),
+                ));
+            }
+        }
+        for e in self.src.entries.iter().rev() {
+            if e.kind == EntryKind::Dir && self.blocked_by(blocked, &e.path).is_none() {
+                ops.push((attrs_op(self.dpath(&e.path), e, attrs::ALL), e.path.clone()));
+            }
+        }
+    }
+
+    /// Applies phase 3's operations; each failure is the entry's.
+    fn finish_entries(&self, ops: &[(Op, Vec<u8>)], report: &mut TreeReport, wire: &mut u64) {
+        let results = match self.apply_ops(ops, wire) {
+            Ok(results) => results,
+            Err(e) => {
+                report.fatal = Some((exit_code_of(&e), message_of(&e)));
+                return;
+            }
+        };
+        for ((op, rel), r) in ops.iter().zip(results) {
+            if r.status != 0 {
+                report.errors.push(EntryError {
+                    path: self.shown_dst(rel),
+                    exit: Exit::from_code(r.status),
+                    message: r.message,
+                });
+            } else if !r.message.is_empty() {
+                crate::log::warn(&r.message);
+            } else if let Op::Delete { .. } = op {
+                report.deleted.push(self.shown_dst(rel));
+            }
+        }
+    }
+}
+
+fn attrs_op(path: Vec<u8>, e: &ListEntry, which: u8) -> Op {
+    Op::Attrs {
+        path,
+        which,
+        mode: e.mode & 0o7777,
+        uid: e.uid,
+        gid: e.gid,
+        mtime_sec: e.mtime_sec,
+        mtime_nsec: e.mtime_nsec,
+    }
+}
