@@ -1,7 +1,7 @@
 //! The command-line options that change how the server plays its role, and
 //! their bits in `OPEN`'s flags word.
 //!
-//! One table ([`FIELDS`]) says which option sits in which bits, so the
+//! One table (`FIELDS`) says which option sits in which bits, so the
 //! client's encoding ([`Options::to_bits`]) and the server's decoding
 //! ([`Options::from_bits`]) cannot drift apart. The client builds an
 //! [`Options`] once from its configuration; the server reads one once from

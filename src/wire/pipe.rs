@@ -112,7 +112,7 @@ impl Silence {
             });
     }
 
-    /// What to do when the limit passes (see [`SilenceInner::on_trip`]).
+    /// What to do when the limit passes (it must unblock every thread waiting on the peer).
     pub fn on_trip(&self, f: Box<dyn Fn() + Send>) {
         *self.0.on_trip.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
     }

@@ -9,8 +9,8 @@
 //! A frame's first byte is the message type, the rest its payload
 //! (integers little-endian; `bytes` = u32 length + that many bytes). The
 //! messages with a structured payload give their layout in their own docs:
-//! [`Open`], [`FileInfo`], [`ChunkMsg`], [`Summary`] ([`file`]), [`ListEntry`],
-//! [`Op`], [`OpResult`] ([`tree`]).
+//! [`Open`], [`FileInfo`], [`ChunkMsg`], [`Summary`] ([`mod@file`]), [`ListEntry`],
+//! [`Op`], [`OpResult`] ([`mod@tree`]).
 //!
 //! | type | name           | direction     | payload |
 //! |------|----------------|---------------|---------|
@@ -105,6 +105,7 @@ pub fn known_type(t: u8) -> bool {
     (T_OPEN..=T_MANIFEST_REF).contains(&t)
 }
 
+/// One message; the variants follow the type table in the module doc.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg {
     Open(Open),
