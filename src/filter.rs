@@ -21,7 +21,18 @@ use anyhow::Result;
 use globset::{GlobBuilder, GlobMatcher};
 
 use crate::error::{fail, Exit};
-use crate::wire::protocol::{FilterRule, MAX_PATTERN, MAX_RULES};
+
+/// Most `--include`/`--exclude` rules (a limit of `LIST` too).
+pub const MAX_RULES: usize = 256;
+/// Longest `--include`/`--exclude` pattern (a limit of `LIST` too).
+pub const MAX_PATTERN: usize = 1024;
+
+/// An `--include` or `--exclude` rule, as given and as sent in `LIST`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilterRule {
+    pub exclude: bool,
+    pub pattern: String,
+}
 
 /// Compiled rules.
 #[derive(Debug, Clone, Default)]

@@ -5,11 +5,25 @@
 //! report progress unconditionally.
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::wire::transport::Counter;
+/// Counts bytes crossing the transport, both directions together. Clones
+/// share the count: the pipes add to it, the bar and the report read it.
+#[derive(Clone, Default)]
+pub struct Counter(Arc<AtomicU64>);
+
+impl Counter {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+    pub fn add(&self, n: usize) {
+        self.0.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
 
 #[derive(Clone)]
 pub struct Progress {

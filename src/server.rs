@@ -7,7 +7,7 @@
 //! name; the server itself prints nothing.
 //!
 //! Besides sending or receiving one file, it lists a tree or applies
-//! operations to one for `-r` ([`crate::roles::tree`]); `--root` confines those
+//! operations to one for `-r` ([`crate::roles::list`], [`crate::roles::apply`]); `--root` confines those
 //! too, and `--read-only` refuses the operations.
 
 use std::path::{Path, PathBuf};
@@ -21,11 +21,13 @@ use crate::error::{exit_code_of, fail, message_of, Exit};
 use crate::progress::Progress;
 use crate::roles::receive::{self, RecvOptions, Seed};
 use crate::roles::sender::{self, SendOptions, Source};
-use crate::roles::tree;
+use crate::roles::{apply, list};
 use crate::signals;
+use crate::units::bytes_path;
 use crate::wire::bwlimit::{Limited, Limiter};
-use crate::wire::protocol::{flags, FrameReader, FrameWriter, Msg, Role};
-use crate::wire::transport::{bytes_path, keepalive_interval, Silence, Watched};
+use crate::wire::frame::{FrameReader, FrameWriter};
+use crate::wire::messages::{Msg, Role};
+use crate::wire::pipe::{keepalive_interval, Silence, Watched};
 
 /// What the server may touch (`--root`, `--read-only`).
 #[derive(Debug, Clone, Default)]
@@ -94,7 +96,9 @@ fn serve_on(
     }
     let params = ChunkParams::from_code(open.chunking)
         .map_err(|e| fail(Exit::Protocol, format!("protocol error: {e}")))?;
-    crate::log::init(((open.flags & flags::VERBOSE) >> flags::VERBOSE_SHIFT) as u8);
+    // Decoding refused unknown bits: these are all the client asked for.
+    let options = open.options();
+    crate::log::init(options.verbose);
     let path = bytes_path(&open.path);
     let root = limits.root.as_deref().map(Root::open).transpose()?;
     let quiet = Progress::hidden();
@@ -114,15 +118,13 @@ fn serve_on(
             let opts = SendOptions {
                 params,
                 compress_level: open.compress_level,
-                allow_changing: open.flags & flags::ALLOW_CHANGING != 0,
+                allow_changing: options.allow_changing,
                 sample: open.sample,
             };
             sender::send(&src, reader, writer, &opts, &quiet, None)?;
         }
         Role::Receive => {
-            let check = open.flags & flags::CHECK != 0;
-            let dry_run = open.flags & flags::DRY_RUN != 0;
-            if limits.read_only && !check && !dry_run {
+            if limits.read_only && !options.check && !options.dry_run {
                 return Err(fail(
                     Exit::Usage,
                     format!(
@@ -152,14 +154,14 @@ fn serve_on(
             };
             let opts = RecvOptions {
                 params,
-                check,
-                inplace: open.flags & flags::INPLACE != 0,
-                checksum: open.flags & flags::CHECKSUM != 0,
-                verify: open.flags & flags::VERIFY != 0,
-                no_partial: open.flags & flags::NO_PARTIAL != 0,
+                check: options.check,
+                inplace: options.inplace,
+                checksum: options.checksum,
+                verify: options.verify,
+                no_partial: options.no_partial,
                 umask,
-                dry_run: open.flags & flags::DRY_RUN != 0,
-                allow_changing: open.flags & flags::ALLOW_CHANGING != 0,
+                dry_run: options.dry_run,
+                allow_changing: options.allow_changing,
                 sample: open.sample,
             };
             receive::receive(
@@ -172,7 +174,7 @@ fn serve_on(
                 &quiet,
             )?;
         }
-        Role::List => tree::serve_list(&path, root.as_ref(), &mut reader, writer)?,
+        Role::List => list::serve_list(&path, root.as_ref(), &mut reader, writer)?,
         Role::Apply => {
             if limits.read_only {
                 return Err(fail(
@@ -183,7 +185,7 @@ fn serve_on(
                     ),
                 ));
             }
-            tree::serve_apply(&path, root.as_ref(), &mut reader, writer)?
+            apply::serve_apply(&path, root.as_ref(), &mut reader, writer)?
         }
     }
     Ok(())

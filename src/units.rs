@@ -1,4 +1,9 @@
-//! Human-readable byte counts and the size suffixes users type (`64K`, `1.5G`).
+//! Human-readable byte counts, the size suffixes users type (`64K`, `1.5G`),
+//! and paths as the bytes that travel (Unix paths are bytes, not text).
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::PathBuf;
 
 /// Formats a byte count with binary units: `1.50 GiB`, `512 B`.
 pub fn bytes(n: u64) -> String {
@@ -39,6 +44,16 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
+/// A path as wire bytes.
+pub fn path_bytes(p: &OsStr) -> Vec<u8> {
+    p.as_bytes().to_vec()
+}
+
+/// Wire bytes as a path.
+pub fn bytes_path(b: &[u8]) -> PathBuf {
+    PathBuf::from(OsString::from_vec(b.to_vec()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,5 +79,12 @@ mod tests {
         assert_eq!(bytes(1023), "1023 B");
         assert_eq!(bytes(1536), "1.50 KiB");
         assert_eq!(bytes(3 << 30), "3.00 GiB");
+    }
+
+    #[test]
+    fn paths_travel_as_their_bytes() {
+        let raw = OsStr::from_bytes(b"a b/\xff.img");
+        assert_eq!(path_bytes(raw), b"a b/\xff.img");
+        assert_eq!(bytes_path(b"a b/\xff.img").as_os_str(), raw);
     }
 }

@@ -86,13 +86,13 @@ where
     use clap::{CommandFactory, FromArgMatches};
     let matches = Cli::command().try_get_matches_from(args)?;
     let mut cli = Cli::from_arg_matches(&matches)?;
-    let mut rules: Vec<(usize, crate::wire::protocol::FilterRule)> = Vec::new();
+    let mut rules: Vec<(usize, crate::wire::FilterRule)> = Vec::new();
     for (id, exclude) in [("include", false), ("exclude", true)] {
         if let (Some(idx), Some(vals)) = (matches.indices_of(id), matches.get_many::<String>(id)) {
             for (i, pattern) in idx.zip(vals) {
                 rules.push((
                     i,
-                    crate::wire::protocol::FilterRule {
+                    crate::wire::FilterRule {
                         exclude,
                         pattern: pattern.clone(),
                     },
@@ -155,7 +155,7 @@ pub struct Cli {
 
     /// --include and --exclude in command-line order (filled by [`parse`]).
     #[arg(skip)]
-    pub filters: Vec<crate::wire::protocol::FilterRule>,
+    pub filters: Vec<crate::wire::FilterRule>,
 
     /// After writing, re-read the destination from disk and compare it with the source before
     /// committing it (exit 6 on mismatch).
@@ -237,7 +237,7 @@ pub struct Cli {
     /// peer that is gone or stuck trips it; the remote vmsync also exits when the client
     /// has been silent that long. Default: wait forever, as rsync does.
     #[arg(long, value_name = "SECONDS",
-          value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::wire::protocol::MAX_TIMEOUT)))]
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::wire::MAX_TIMEOUT)))]
     pub timeout: Option<u32>,
 
     /// Cap the rate at which each end sends, in bytes on the wire (after compression).

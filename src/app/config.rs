@@ -12,15 +12,15 @@ use crate::content::chunk::ChunkParams;
 use crate::error::{fail, Exit};
 
 pub use crate::client::config::Config;
-use crate::wire::transport::{parse_operand, split_command, Operand};
+use crate::client::spawn::{parse_operand, split_command, Operand};
 
-/// Parses `K/N` with 1 ≤ K ≤ N ≤ [`crate::wire::protocol::MAX_SAMPLE`].
+/// Parses `K/N` with 1 ≤ K ≤ N ≤ [`crate::wire::MAX_SAMPLE`].
 pub fn parse_sample(s: &str) -> Result<(u32, u32), String> {
     let bad = || format!("'{s}' is not K/N with 1 <= K <= N (for example 3/7)");
     let (k, n) = s.trim().split_once('/').ok_or_else(bad)?;
     let k: u32 = k.trim().parse().map_err(|_| bad())?;
     let n: u32 = n.trim().parse().map_err(|_| bad())?;
-    if k == 0 || k > n || n > crate::wire::protocol::MAX_SAMPLE {
+    if k == 0 || k > n || n > crate::wire::MAX_SAMPLE {
         return Err(bad());
     }
     Ok((k, n))
@@ -64,10 +64,10 @@ impl Config {
             Some(s) => Some(parse_sample(s).map_err(|e| usage(format!("--sample: {e}")))?),
             None => None,
         };
-        if cli.seed.len() > crate::wire::protocol::MAX_SEEDS {
+        if cli.seed.len() > crate::wire::MAX_SEEDS {
             return Err(usage(format!(
                 "at most {} --seed files",
-                crate::wire::protocol::MAX_SEEDS
+                crate::wire::MAX_SEEDS
             )));
         }
         // Bad patterns are usage errors before anything is listed.

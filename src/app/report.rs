@@ -67,7 +67,7 @@ pub fn print(report: &Report, stats: bool, json_out: bool, quiet: bool) {
 }
 
 /// The first screenful of a summary's byte ranges.
-fn print_ranges(out: &mut impl Write, s: &crate::wire::protocol::Summary) {
+fn print_ranges(out: &mut impl Write, s: &crate::wire::Summary) {
     for (o, l) in s.ranges.iter().take(SCREENFUL) {
         let _ = writeln!(out, "  offset {o}..{} ({})", o + l, bytes(*l));
     }

@@ -2,8 +2,8 @@
 //! line, or by a library user): what the client needs to start the other end
 //! and drive the roles.
 
+use crate::client::spawn::{Operand, Remote};
 use crate::content::chunk::ChunkParams;
-use crate::wire::transport::{Operand, Remote};
 
 /// One sync or check, ready to run.
 #[derive(Debug, Clone)]
@@ -39,7 +39,7 @@ pub struct Config {
     /// `--delete` (with `-r`).
     pub delete: bool,
     /// `--include`/`--exclude`, in command-line order.
-    pub filters: Vec<crate::wire::protocol::FilterRule>,
+    pub filters: Vec<crate::wire::FilterRule>,
 }
 
 impl Config {

@@ -4,8 +4,10 @@
 //! Which end sends follows the operands: a local source is scanned here and
 //! the other end receives; a remote source is scanned there and we receive.
 //! Local-to-local starts `vmsync --server` as a child and pushes to it, so
-//! every sync runs the same protocol code. A recursive run ([`crate::roles::tree`])
-//! runs one such session per file.
+//! every sync runs the same protocol code. A recursive run ([`crate::client::tree`])
+//! runs one such session per file. Starting the other end is [`spawn`].
+
+pub mod spawn;
 
 pub mod config;
 pub mod tree;
@@ -15,15 +17,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use crate::app::config::Config;
+use crate::client::config::Config;
+use crate::client::spawn::{Launch, Operand, Peer, PeerReader, PeerWriter, Remote};
 use crate::error::{exit_code_of, fail, Exit};
 use crate::progress::Progress;
 use crate::roles::receive::{self, RecvOptions, Seed};
 use crate::roles::sender::{self, SendOptions, Source};
-use crate::wire::protocol::{flags, FrameReader, FrameWriter, Msg, Open, Role, Summary};
-use crate::wire::transport::{
-    self, Launch, Operand, Peer, PeerReader, PeerWriter, Remote, Silence,
-};
+use crate::units::path_bytes;
+use crate::wire::frame::{FrameReader, FrameWriter};
+use crate::wire::messages::{Msg, Open, Role, Summary};
+use crate::wire::options::Options;
+use crate::wire::pipe::{keepalive_interval, Silence};
 
 /// The outcome of a run that completed.
 #[derive(Debug, Clone)]
@@ -69,23 +73,18 @@ pub(crate) fn is_a_directory(path: &std::path::Path) -> anyhow::Error {
     )
 }
 
-/// The `OPEN` flags for `cfg`'s options.
-pub(crate) fn open_flags(cfg: &Config) -> u32 {
-    let mut open_flags = 0;
-    for (on, bit) in [
-        (cfg.check, flags::CHECK),
-        (cfg.inplace, flags::INPLACE),
-        (cfg.checksum, flags::CHECKSUM),
-        (cfg.verify, flags::VERIFY),
-        (cfg.no_partial, flags::NO_PARTIAL),
-        (cfg.dry_run, flags::DRY_RUN),
-        (cfg.allow_changing_source, flags::ALLOW_CHANGING),
-    ] {
-        if on {
-            open_flags |= bit;
-        }
+/// The options `cfg` gives the server (and the local receiver alike).
+pub(crate) fn options(cfg: &Config) -> Options {
+    Options {
+        check: cfg.check,
+        inplace: cfg.inplace,
+        checksum: cfg.checksum,
+        verify: cfg.verify,
+        no_partial: cfg.no_partial,
+        dry_run: cfg.dry_run,
+        allow_changing: cfg.allow_changing_source,
+        verbose: crate::log::level(),
     }
-    open_flags | u32::from(crate::log::level().min(3)) << flags::VERBOSE_SHIFT
 }
 
 /// How to reach the other end for one session. Each session gets its own
@@ -119,13 +118,14 @@ pub(crate) fn transfer(
 ) -> Result<Report> {
     let start = Instant::now();
     let launch = launch(cfg);
-    let open_flags = open_flags(cfg);
+    let options = options(cfg);
+    let open_flags = options.to_bits();
     let (summary, source_bytes, wire_bytes) = match (src, dst) {
         (Operand::Local(src), dst) => {
             // Fail on a missing source before dialing anyone.
             let source = Source::open(src)?;
             let (remote, path) = match dst {
-                Operand::Local(p) => (None, transport::path_bytes(p.as_os_str())),
+                Operand::Local(p) => (None, path_bytes(p.as_os_str())),
                 Operand::Remote(r) => (Some(r), r.path.clone()),
             };
             let open = Open {
@@ -145,12 +145,12 @@ pub(crate) fn transfer(
                 bwlimit: cfg.bwlimit,
                 sample: cfg.sample,
                 // The receiver is at the far end: so are its seeds.
-                seeds: cfg.seeds.iter().map(|p| transport::path_bytes(p)).collect(),
+                seeds: cfg.seeds.iter().map(|p| path_bytes(p)).collect(),
             };
             let opts = SendOptions {
                 params: cfg.params,
                 compress_level: cfg.compress_level,
-                allow_changing: cfg.allow_changing_source,
+                allow_changing: options.allow_changing,
                 sample: cfg.sample,
             };
             let size = source.info.size;
@@ -199,14 +199,14 @@ pub(crate) fn transfer(
                 .collect::<Result<Vec<_>>>()?;
             let opts = RecvOptions {
                 params: cfg.params,
-                check: cfg.check,
-                inplace: cfg.inplace,
-                checksum: cfg.checksum,
-                verify: cfg.verify,
-                no_partial: cfg.no_partial,
+                check: options.check,
+                inplace: options.inplace,
+                checksum: options.checksum,
+                verify: options.verify,
+                no_partial: options.no_partial,
                 umask,
-                dry_run: cfg.dry_run,
-                allow_changing: cfg.allow_changing_source,
+                dry_run: options.dry_run,
+                allow_changing: options.allow_changing,
                 sample: cfg.sample,
             };
             let s = session(
@@ -243,7 +243,7 @@ pub(crate) fn session<T>(
     progress: &mut Progress,
     role: impl FnOnce(FrameReader<PeerReader>, &mut FrameWriter<PeerWriter>, &Progress) -> Result<T>,
 ) -> Result<(T, u64)> {
-    let (peer, r, w) = transport::spawn(remote, launch)?;
+    let (peer, r, w) = spawn::spawn(remote, launch)?;
     let mut reader = FrameReader::new(r, &peer.name);
     let mut writer = FrameWriter::new(w, &peer.name);
     progress.watch_wire(peer.counter.clone());
@@ -254,7 +254,7 @@ pub(crate) fn session<T>(
         .and_then(|_| writer.send_now(&Msg::Open(open)))
         .and_then(|_| match timeout {
             0 => Ok(()),
-            t => writer.keep_alive(transport::keepalive_interval(t)),
+            t => writer.keep_alive(keepalive_interval(t)),
         })
         .and_then(|_| role(reader, &mut writer, progress));
     let wire = peer.counter.get();

@@ -30,15 +30,15 @@ use anyhow::{Context, Result};
 
 use crate::client;
 use crate::client::config::Config;
+use crate::client::spawn::{Operand, Remote};
 use crate::error::{exit_code_of, fail, message_of, Exit, WithExit};
 use crate::filter::Filter;
 use crate::progress::Progress;
 use crate::roles::apply::Applier;
 use crate::roles::list::{join, list_local, parent_of, read_listing, shown, within, Listing};
-use crate::wire::protocol::{
-    list_flags, EntryKind, ListEntry, Msg, Op, OpResult, Open, Role, MAX_OPS,
-};
-use crate::wire::transport::{self, bytes_path, Operand, Remote};
+use crate::units::bytes_path;
+use crate::wire::frame::LOCAL_PEER;
+use crate::wire::{list_flags, EntryKind, ListEntry, Msg, Op, OpResult, Open, Role, MAX_OPS};
 
 mod report;
 mod sync;
@@ -88,7 +88,7 @@ fn list(
         End::Local => {
             let p = bytes_path(path);
             match list_local(&p, filter)? {
-                Some(all) => (all, transport::LOCAL_PEER.to_string()),
+                Some(all) => (all, LOCAL_PEER.to_string()),
                 None if missing_ok => return Ok(None),
                 None => {
                     return Err(io::Error::from_raw_os_error(libc::ENOENT))
@@ -133,7 +133,12 @@ fn list(
 fn meta_open(cfg: &Config) -> Open {
     Open {
         role: Role::List,
-        flags: u32::from(crate::log::level().min(3)) << crate::wire::protocol::flags::VERBOSE_SHIFT,
+        // Only the log level matters to these roles.
+        flags: crate::wire::Options {
+            verbose: crate::log::level(),
+            ..Default::default()
+        }
+        .to_bits(),
         compress_level: 0,
         chunking: cfg.params.code(),
         path: Vec::new(),

@@ -57,7 +57,7 @@ use crate::signals::TempGuard;
 
 // TEMP alias: dest::writer::RangeSet -> content::ranges::RangeSet
 pub use crate::content::ranges::RangeSet;
-use crate::wire::protocol::FileInfo;
+use crate::wire::FileInfo;
 
 /// Granularity of holes left in written data.
 const BLOCK: usize = 4096;

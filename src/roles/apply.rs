@@ -5,7 +5,7 @@
 //! destination with the same [`Applier`]. Every name is resolved one
 //! component at a time beneath the tree's root without following a symlink
 //! ([`TreeDir`]), and validated first
-//! ([`crate::wire::protocol::valid_rel_path`]), so no `..` and no link is
+//! ([`crate::wire::valid_rel_path`]), so no `..` and no link is
 //! ever crossed, whatever was swapped in since the listing. Links are made
 //! as links, deleted as links, and never given a mode.
 
@@ -21,7 +21,7 @@ use crate::dest::confine::Root;
 use crate::error::{exit_code_of, fail, message_of, Exit, WithExit};
 use crate::roles::list::{join, kind_of, open_root, shown};
 use crate::sys::dirfd::{self, OFlags, TreeDir};
-use crate::wire::protocol::{
+use crate::wire::{
     attrs, valid_rel_path, EntryKind, FrameReader, FrameWriter, Msg, Op, OpResult, MAX_PATH,
 };
 

@@ -23,7 +23,7 @@ use crate::dest::confine::Root;
 use crate::error::{fail, Exit, WithExit};
 use crate::filter::Filter;
 use crate::sys::dirfd::{self, OFlags, Stat, TreeDir};
-use crate::wire::protocol::{
+use crate::wire::{
     list_flags, EntryKind, FrameReader, FrameWriter, ListEntry, Msg, MAX_ENTRIES, MAX_LIST_BATCH,
     MAX_PATH,
 };
@@ -422,7 +422,7 @@ mod tests {
         std::fs::write(d.join("a/b/x.img"), b"x").unwrap();
         std::fs::write(d.join("a/y.tmp"), b"y").unwrap();
         std::os::unix::fs::symlink("/etc", d.join("a/out")).unwrap();
-        let filter = Filter::new(&[crate::wire::protocol::FilterRule {
+        let filter = Filter::new(&[crate::wire::FilterRule {
             exclude: true,
             pattern: "*.tmp".into(),
         }])

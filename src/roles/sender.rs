@@ -33,9 +33,7 @@ use crate::content::refine;
 use crate::content::scan::{self, read_full, ChunkRec, Content, Extents};
 use crate::error::{exit_code_of, fail, Exit, WithExit};
 use crate::progress::Progress;
-use crate::wire::protocol::{
-    ChunkMsg, FileInfo, FrameReader, FrameWriter, Msg, StartMode, Summary,
-};
+use crate::wire::{ChunkMsg, FileInfo, FrameReader, FrameWriter, Msg, StartMode, Summary};
 
 /// The file being sent, opened once.
 pub struct Source {

@@ -1,5 +1,50 @@
-//! How bytes travel: frames and messages, the pipes to the peer, the bandwidth limit.
+//! How bytes travel between the two ends: the hello and frames
+//! ([`frame`]), the messages in them ([`messages`], built on [`codec`]),
+//! the option bits of `OPEN` ([`options`]), the pipe wrappers that count
+//! bytes and notice a silent peer ([`pipe`]), and the bandwidth limit
+//! ([`bwlimit`]).
+//!
+//! Nothing here trusts the peer: every length is checked against a hard
+//! limit before anything is allocated for it ([`MAX_FRAME`] for a frame),
+//! and a message must decode exactly. Starting the peer (ssh or a local
+//! child) is the client's business ([`crate::client::spawn`]).
+//!
+//! The items below are the public face: `crate::wire::Msg`,
+//! `crate::wire::FrameReader`, and so on.
 
 pub mod bwlimit;
-pub mod protocol;
-pub mod transport;
+pub mod codec;
+pub mod frame;
+pub mod messages;
+pub mod options;
+pub mod pipe;
+
+pub use frame::{FrameReader, FrameWriter, LOCAL_PEER, MAGIC, MAX_FRAME, PROTOCOL_VERSION};
+pub use messages::{
+    attrs, list_flags, valid_rel_path, ChunkMsg, EntryKind, FileInfo, FilterRule, ListEntry, Msg,
+    Op, OpResult, Open, Role, StartMode, Summary, MAX_ENTRIES, MAX_LIST_BATCH, MAX_MESSAGE,
+    MAX_OPS, MAX_OP_MESSAGE, MAX_PATH, MAX_PATTERN, MAX_PIECE_REFS, MAX_RANGES, MAX_REQUEST,
+    MAX_RULES, MAX_SAMPLE, MAX_SEEDS, MAX_TIMEOUT,
+};
+pub use options::{flags, Options};
+pub use pipe::{keepalive_interval, Counted, Silence, Watched};
+
+/// TEMP alias: `crate::wire::protocol::X` -> `crate::wire::X` (frame,
+/// messages, options). Kept so files not yet rewritten still compile.
+pub mod protocol {
+    pub use super::frame::*;
+    pub use super::messages::*;
+    pub use super::options::*;
+}
+
+/// TEMP alias: `crate::wire::transport::X` -> `crate::client::spawn::X`
+/// (operands, spawning), `crate::wire::pipe::X` (Counted, Watched, Silence,
+/// keepalive_interval), `crate::progress::Counter`, `crate::units::{path_bytes,
+/// bytes_path}`, `crate::wire::frame::LOCAL_PEER`.
+pub mod transport {
+    pub use crate::client::spawn::*;
+    pub use crate::progress::Counter;
+    pub use crate::units::{bytes_path, path_bytes};
+    pub use crate::wire::frame::LOCAL_PEER;
+    pub use crate::wire::pipe::*;
+}

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::client::Report;
 use crate::error::Exit;
-use crate::wire::protocol::Summary;
+use crate::wire::Summary;
 
 /// One file's outcome.
 #[derive(Debug)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::client::Report;
 use crate::error::{exit_code_of, message_of, Exit};
 use crate::roles::list::{join, parent_of, shown, within};
-use crate::wire::protocol::{attrs, EntryKind, ListEntry, Op, Summary};
+use crate::wire::{attrs, EntryKind, ListEntry, Op, Summary};
 
 use crate::client::tree::report::{EntryError, FileResult, TreeReport};
 use crate::client::tree::{Job, Tree};

@@ -54,7 +54,7 @@ use crate::dest::lock::Lock;
 use crate::dest::writer::{self, Output};
 use crate::error::{exit_code_of, fail, Exit, WithExit};
 use crate::progress::Progress;
-use crate::wire::protocol::{
+use crate::wire::{
     FileInfo, FrameReader, FrameWriter, Msg, StartMode, Summary, MAX_RANGES, MAX_REQUEST,
 };
 
@@ -271,7 +271,7 @@ where
     let pieces = match regular {
         Some(m) if !inline && !device => cache::load(&dest, m, opts.params)
             .map(|cached| Piecer::cut(&cached))
-            .filter(|p| p.len() <= crate::wire::protocol::MAX_PIECE_REFS)
+            .filter(|p| p.len() <= crate::wire::MAX_PIECE_REFS)
             .unwrap_or_default(),
         _ => Vec::new(),
     };
@@ -615,7 +615,7 @@ struct Queue {
 const INLINE_QUEUE: u64 = 32 << 20;
 /// Chunk bytes a well-behaved sender can have queued: the request window
 /// and a frame of slack, with room for compression overhead.
-const REQUEST_QUEUE: u64 = 2 * WINDOW + crate::wire::protocol::MAX_FRAME as u64;
+const REQUEST_QUEUE: u64 = 2 * WINDOW + crate::wire::MAX_FRAME as u64;
 
 impl Queue {
     fn new(inline: bool, size: u64, params: ChunkParams) -> Queue {
@@ -1643,7 +1643,7 @@ impl Run<'_> {
     /// Chunks from the sender: checked against what was asked for and
     /// decoded into bounded buffers in arrival order (one zstd stream), then
     /// completed together.
-    fn accept(&mut self, msgs: Vec<crate::wire::protocol::ChunkMsg>) -> Result<()> {
+    fn accept(&mut self, msgs: Vec<crate::wire::ChunkMsg>) -> Result<()> {
         let mut items = Vec::with_capacity(msgs.len());
         for c in msgs {
             let i = usize::try_from(c.index).unwrap_or(usize::MAX);
@@ -1723,7 +1723,7 @@ impl Run<'_> {
 
     /// The raw bytes of a `CHUNK` payload, decompressed into a buffer of
     /// exactly `raw_len` (already checked against what was asked for).
-    fn decode(&mut self, c: &crate::wire::protocol::ChunkMsg) -> Result<Vec<u8>> {
+    fn decode(&mut self, c: &crate::wire::ChunkMsg) -> Result<Vec<u8>> {
         if !c.compressed {
             if c.payload.len() != c.raw_len as usize {
                 return Err(fail(

@@ -1,4 +1,5 @@
-//! Reaching the other end: operands, the ssh (or local) child, its pipes.
+//! Starting the other end: parsing the operands, then spawning ssh (or
+//! this binary, for a local-to-local sync) and wrapping its pipes.
 //!
 //! The remote end is always a child process speaking the protocol on its
 //! stdin/stdout: `ssh [user@]host vmsync --server` for a remote operand, or
@@ -6,24 +7,23 @@
 //! path serves both. Paths never appear on the ssh command line; they travel
 //! inside the protocol, so no remote shell ever parses them.
 
-use std::ffi::{OsStr, OsString};
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use anyhow::Result;
+use rustix::process::{kill_process, Pid, Signal};
 
 use crate::error::{fail, Exit};
+use crate::progress::Counter;
 use crate::signals;
 use crate::wire::bwlimit::{Limited, Limiter};
-
-/// Name of the peer in a local-to-local sync, for messages.
-pub const LOCAL_PEER: &str = "local server";
+use crate::wire::frame::LOCAL_PEER;
+use crate::wire::pipe::{Counted, Silence, Watched};
 
 /// A command-line operand: a local path or `[user@]host:path`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,275 +97,20 @@ pub fn parse_operand(arg: &OsStr) -> Result<Operand, String> {
     Ok(Operand::Remote(Remote { login, host, path }))
 }
 
-/// Splits an `-e/--rsh` command into words: white space separates, single
-/// and double quotes group, a backslash escapes the next character.
+/// Splits an `-e/--rsh` command into words as a POSIX shell would (the
+/// `shlex` crate): white space separates; single quotes keep everything
+/// literally; double quotes group, and a backslash in them escapes only
+/// `$`, `` ` ``, `"` and `\`; outside quotes a backslash escapes any
+/// character; a `#` that starts a word starts a comment. An unterminated
+/// quote or a trailing backslash is an error, and so is an empty command.
 pub fn split_command(s: &str) -> Result<Vec<String>, String> {
-    let mut words = Vec::new();
-    let mut cur = String::new();
-    let mut in_word = false;
-    let mut chars = s.chars();
-    let mut quote: Option<char> = None;
-    while let Some(c) = chars.next() {
-        match (quote, c) {
-            (Some(q), c) if c == q => quote = None,
-            (Some('"'), '\\') | (None, '\\') => match chars.next() {
-                Some(n) => cur.push(n),
-                None => return Err(format!("trailing backslash in '{s}'")),
-            },
-            (Some(_), c) => cur.push(c),
-            (None, '\'' | '"') => {
-                quote = Some(c);
-                in_word = true;
-            }
-            (None, c) if c.is_whitespace() => {
-                if in_word {
-                    words.push(std::mem::take(&mut cur));
-                    in_word = false;
-                }
-            }
-            (None, c) => {
-                cur.push(c);
-                in_word = true;
-            }
-        }
-        if quote.is_some() || !cur.is_empty() {
-            in_word = true;
-        }
-    }
-    if quote.is_some() {
-        return Err(format!("unterminated quote in '{s}'"));
-    }
-    if in_word {
-        words.push(cur);
-    }
+    let words = shlex::split(s).ok_or_else(|| {
+        format!("unterminated quote or trailing backslash in the remote shell command '{s}'")
+    })?;
     if words.is_empty() {
         return Err("the remote shell command is empty".into());
     }
     Ok(words)
-}
-
-/// Counts bytes crossing the transport, both directions together.
-#[derive(Clone, Default)]
-pub struct Counter(Arc<AtomicU64>);
-
-impl Counter {
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-    fn add(&self, n: usize) {
-        self.0.fetch_add(n as u64, Ordering::Relaxed);
-    }
-}
-
-pub struct Counted<T> {
-    inner: T,
-    counter: Counter,
-}
-
-impl<T: Read> Read for Counted<T> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.counter.add(n);
-        Ok(n)
-    }
-}
-
-impl<T: Write> Write for Counted<T> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.counter.add(n);
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// How long the peer may stay silent before we give up (`--timeout`), and
-/// what giving up does. Shared (clones are the same), because the server
-/// learns the limit from `OPEN`, after its pipes are wrapped.
-///
-/// Two ways to be stuck on a peer: waiting to read ([`Watched`] polls with
-/// the limit) and waiting to write, when the peer stopped reading and the
-/// pipe is full. The second is caught by a watchdog thread ([`Silence::set`])
-/// that looks at how long the current write has been blocked; a writer that
-/// is merely slow still returns from each (bounded) write in time.
-#[derive(Clone, Default)]
-pub struct Silence(Arc<SilenceInner>);
-
-#[derive(Default)]
-struct SilenceInner {
-    /// Milliseconds; 0 = wait forever.
-    limit_ms: AtomicU64,
-    tripped: AtomicBool,
-    /// When the write in progress started (ms on [`clock_ms`]); 0 = none.
-    writing_since: AtomicU64,
-    /// Run once when the limit is passed: it must unblock every thread
-    /// that waits on the peer (stop the child, or end the process).
-    on_trip: Mutex<Option<Box<dyn Fn() + Send>>>,
-}
-
-impl std::fmt::Debug for Silence {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Silence")
-            .field("limit_ms", &self.0.limit_ms.load(Ordering::Relaxed))
-            .finish_non_exhaustive()
-    }
-}
-
-/// Milliseconds on a monotonic clock, never 0.
-fn clock_ms() -> u64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_millis() as u64
-        + 1
-}
-
-impl Silence {
-    /// Sets the limit and, for a limit, starts the write watchdog.
-    pub fn set(&self, secs: u32) {
-        let limit = u64::from(secs) * 1000;
-        self.0.limit_ms.store(limit, Ordering::Relaxed);
-        if limit == 0 {
-            return;
-        }
-        let weak = Arc::downgrade(&self.0);
-        let tick = std::time::Duration::from_millis((limit / 4).max(10));
-        let _ = std::thread::Builder::new()
-            .name("watchdog".into())
-            .spawn(move || loop {
-                std::thread::sleep(tick);
-                let Some(inner) = weak.upgrade() else { return };
-                let since = inner.writing_since.load(Ordering::SeqCst);
-                if since != 0 && clock_ms().saturating_sub(since) > limit {
-                    Silence(inner).trip();
-                    return;
-                }
-            });
-    }
-
-    /// What to do when the limit passes (see [`SilenceInner::on_trip`]).
-    pub fn on_trip(&self, f: Box<dyn Fn() + Send>) {
-        *self.0.on_trip.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
-    }
-
-    fn trip(&self) {
-        if !self.0.tripped.swap(true, Ordering::SeqCst) {
-            if let Some(f) = self
-                .0
-                .on_trip
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-            {
-                f();
-            }
-        }
-    }
-
-    /// The peer stayed silent past the limit (and the run was ended for it).
-    pub fn tripped(&self) -> bool {
-        self.0.tripped.load(Ordering::SeqCst)
-    }
-
-    /// Why the run ended, for the user.
-    pub fn message(&self) -> String {
-        let secs = self.0.limit_ms.load(Ordering::Relaxed) / 1000;
-        format!("nothing received for {secs} s (--timeout {secs})")
-    }
-}
-
-/// How often an end that has sent nothing says `KEEPALIVE`, for a peer
-/// that gives up after `timeout_secs` of silence: often enough that a
-/// delayed keepalive or two does not trip it.
-pub fn keepalive_interval(timeout_secs: u32) -> std::time::Duration {
-    std::time::Duration::from_millis(u64::from(timeout_secs) * 1000 / 4)
-}
-
-/// Largest single write while a timeout is set: a blocking pipe write
-/// returns only when all of it is taken, and the watchdog must see a slow
-/// but live peer make progress within the limit.
-const WATCHED_WRITE: usize = 64 * 1024;
-
-/// A pipe to or from the peer under [`Silence`]: reads give up after the
-/// limit, writes are timed for the watchdog. A peer that vanished without
-/// closing (a dead network path, a stopped process) then ends the run
-/// instead of hanging it.
-pub struct Watched<T> {
-    inner: T,
-    fd: RawFd,
-    silence: Silence,
-}
-
-impl<T: AsRawFd> Watched<T> {
-    pub fn new(inner: T, silence: Silence) -> Self {
-        let fd = inner.as_raw_fd();
-        Watched { inner, fd, silence }
-    }
-}
-
-impl<R: Read> Read for Watched<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let limit = self.silence.0.limit_ms.load(Ordering::Relaxed);
-        if limit > 0 {
-            let mut pfd = libc::pollfd {
-                fd: self.fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(limit);
-            loop {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                let ms = left.as_millis().min(i32::MAX as u128) as i32;
-                // SAFETY: one valid pollfd for the duration of the call.
-                let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-                if r > 0 {
-                    break;
-                }
-                if r < 0 {
-                    let e = io::Error::last_os_error();
-                    if e.kind() == io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return Err(e);
-                }
-                self.silence.trip();
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    self.silence.message(),
-                ));
-            }
-        }
-        self.inner.read(buf)
-    }
-}
-
-impl<W: Write> Write for Watched<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.silence.0.limit_ms.load(Ordering::Relaxed) == 0 {
-            return self.inner.write(buf);
-        }
-        let buf = &buf[..buf.len().min(WATCHED_WRITE)];
-        self.silence
-            .0
-            .writing_since
-            .store(clock_ms(), Ordering::SeqCst);
-        let r = self.inner.write(buf);
-        self.silence.0.writing_since.store(0, Ordering::SeqCst);
-        r
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-impl<T: AsRawFd> AsRawFd for Counted<T> {
-    fn as_raw_fd(&self) -> RawFd {
-        self.inner.as_raw_fd()
-    }
 }
 
 /// The running child that is the other end.
@@ -426,17 +171,16 @@ pub fn spawn(remote: Option<&Remote>, launch: &Launch) -> Result<(Peer, PeerRead
         )
     })?;
     signals::register_child(child.id());
-    let pid = child.id();
     // A thread blocked reading or writing a peer that went silent is freed
     // by stopping the child, which closes its pipes. SIGCONT too: a stopped
     // child would keep SIGTERM pending.
+    let child_pid = Pid::from_child(&child);
     launch.silence.on_trip(Box::new(move || {
-        // SAFETY: plain syscalls on our own child, which the Peer reaps
-        // only after the session (and its reads and writes) ended.
-        unsafe {
-            libc::kill(pid as libc::pid_t, libc::SIGTERM);
-            libc::kill(pid as libc::pid_t, libc::SIGCONT);
-        }
+        // Our own child, reaped by the Peer only after the session (and its
+        // reads and writes) ended, so the pid cannot have been reused. A
+        // child already gone is fine: the pipes are closed then.
+        let _ = kill_process(child_pid, Signal::TERM);
+        let _ = kill_process(child_pid, Signal::CONT);
     }));
     let counter = Counter::default();
     let stdin = child.stdin.take().expect("piped stdin");
@@ -459,20 +203,11 @@ pub fn spawn(remote: Option<&Remote>, launch: &Launch) -> Result<(Peer, PeerRead
             counter: counter.clone(),
         },
         Watched::new(
-            Counted {
-                inner: stdout,
-                counter: counter.clone(),
-            },
+            Counted::new(stdout, counter.clone()),
             launch.silence.clone(),
         ),
         Limited::new(
-            Watched::new(
-                Counted {
-                    inner: stdin,
-                    counter,
-                },
-                launch.silence.clone(),
-            ),
+            Watched::new(Counted::new(stdin, counter), launch.silence.clone()),
             Limiter::new(launch.bwlimit),
         ),
     ))
@@ -579,15 +314,6 @@ impl Peer {
     }
 }
 
-/// Turns an OsString into wire bytes and back (Unix paths are bytes).
-pub fn path_bytes(p: &OsStr) -> Vec<u8> {
-    p.as_bytes().to_vec()
-}
-
-pub fn bytes_path(b: &[u8]) -> PathBuf {
-    PathBuf::from(OsString::from_vec(b.to_vec()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -642,5 +368,39 @@ mod tests {
         );
         assert!(split_command("ssh 'oops").is_err());
         assert!(split_command("   ").is_err());
+    }
+
+    /// The `-e` strings people write for rsync mean the same here.
+    #[test]
+    fn rsh_quoting_follows_the_shell() {
+        assert_eq!(
+            split_command(r#"ssh -p 2222 -o "ProxyCommand=nc %h %p""#).unwrap(),
+            ["ssh", "-p", "2222", "-o", "ProxyCommand=nc %h %p"]
+        );
+        assert_eq!(
+            split_command(r#"ssh -i "/path with space/key""#).unwrap(),
+            ["ssh", "-i", "/path with space/key"]
+        );
+        // Single quotes are literal: no escape works inside them.
+        assert_eq!(
+            split_command(r#"ssh -o 'A=\"$x\"'"#).unwrap(),
+            ["ssh", "-o", r#"A=\"$x\""#]
+        );
+        // In double quotes a backslash escapes only $ ` " and itself.
+        assert_eq!(
+            split_command(r#"ssh "a\"b" "c\d" "e\\f""#).unwrap(),
+            ["ssh", r#"a"b"#, r"c\d", r"e\f"]
+        );
+        // Outside quotes it escapes anything; quotes join adjacent text.
+        assert_eq!(
+            split_command(r#"ssh x\'y a"b c"'d'"#).unwrap(),
+            ["ssh", "x'y", "ab cd"]
+        );
+        assert_eq!(split_command("ssh\t-v\n").unwrap(), ["ssh", "-v"]);
+        for bad in [r#"ssh -o "ProxyCommand=nc %h %p"#, "ssh -i 'key", "ssh \\"] {
+            let e = split_command(bad).unwrap_err();
+            assert!(e.contains("unterminated quote"), "{bad}: {e}");
+            assert!(e.contains(bad), "the message quotes the command: {e}");
+        }
     }
 }
