@@ -1,0 +1,271 @@
+//! The main thread of the sending end: it does all the writing,
+//! interleaving the scanner's manifest batches (or references to the pieces
+//! of it the receiver holds) with the chunks, piece hashes and pieces the
+//! receiver asks for.
+//!
+//! Every chunk is re-hashed when it is read for sending, so a source that
+//! changed since the scan is caught here (exit 7) and never sent under a
+//! stale hash; with `--allow-changing-source` it is sent as it is now,
+//! marked changed, and the receiver hashes it itself.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::mpsc;
+
+use anyhow::Result;
+use rayon::prelude::*;
+
+use crate::content::compress::StreamEncoder;
+use crate::content::hash::ChunkHash;
+use crate::content::manifest::{self, Entry, PieceDigest, Piecer};
+use crate::content::refine;
+use crate::error::{exit_code_of, fail, Exit};
+use crate::progress::Progress;
+use crate::roles::send::scan::{chunk_msg, Event};
+use crate::roles::send::source::{changed, data_entry, load, read_entry, SendOptions, Source};
+use crate::wire::protocol::{ChunkMsg, FrameWriter, Msg, Summary};
+
+/// Chunks of a `BLOCK_REQUEST` read (then hashed in parallel) at a time, so
+/// a request for a whole window is not all in memory.
+const BLOCK_GROUP: usize = 64;
+
+/// The sending end's state once the transfer has started.
+pub(super) struct Server<'a, W: Write> {
+    src: &'a Source,
+    opts: &'a SendOptions,
+    writer: &'a mut FrameWriter<W>,
+    progress: &'a Progress,
+    /// The pieces of its cached manifest the receiver holds: digest → the
+    /// index it gave that piece.
+    known: HashMap<PieceDigest, u32>,
+    piecer: Piecer,
+    /// The manifest so far, to answer requests by index.
+    entries: Vec<Entry>,
+    encoder: Option<StreamEncoder>,
+    /// Scratch for an encoded manifest batch and for a chunk read.
+    batch: Vec<u8>,
+    raw: Vec<u8>,
+    /// --allow-changing-source: whether we noticed, for the summary; the
+    /// user hears of it once, from this end, which is the source's host.
+    moved: bool,
+}
+
+impl<'a, W: Write> Server<'a, W> {
+    pub fn new(
+        src: &'a Source,
+        opts: &'a SendOptions,
+        writer: &'a mut FrameWriter<W>,
+        progress: &'a Progress,
+        known: HashMap<PieceDigest, u32>,
+    ) -> Result<Self> {
+        let encoder = match opts.compress_level {
+            0 => None,
+            l => Some(StreamEncoder::new(l)?),
+        };
+        Ok(Server {
+            src,
+            opts,
+            writer,
+            progress,
+            known,
+            piecer: Piecer::default(),
+            entries: Vec::new(),
+            encoder,
+            batch: Vec::new(),
+            raw: Vec::new(),
+            moved: false,
+        })
+    }
+
+    /// Handles the scanner's and the receiver's events until the
+    /// receiver's `DONE`, whose summary it returns.
+    pub fn serve(&mut self, rx: &mpsc::Receiver<Event>) -> Result<Summary> {
+        match self.run(rx) {
+            // A write that fails because the peer hung up: the peer usually
+            // said why first (disk full, say), and that is the error to report.
+            Err(e) if exit_code_of(&e) == Exit::Connection => Err(peer_reason(rx).unwrap_or(e)),
+            r => r,
+        }
+    }
+
+    fn run(&mut self, rx: &mpsc::Receiver<Event>) -> Result<Summary> {
+        loop {
+            let ev = rx
+                .recv()
+                .map_err(|_| fail(Exit::Connection, "the connection ended without a result"))?;
+            match ev {
+                Event::Batch(v, chunks, covered) => self.on_batch(v, chunks, covered)?,
+                Event::ScanDone(count, digest) => self.on_scan_done(count, digest)?,
+                Event::Peer(Msg::Request(idx)) => self.on_request(idx)?,
+                Event::Peer(Msg::BlockRequest(idx)) => self.on_block_request(&idx)?,
+                Event::Peer(Msg::PieceRequest {
+                    index,
+                    count,
+                    bitmap,
+                }) => self.on_piece_request(index, count, &bitmap)?,
+                Event::Peer(m) => return Err(m.unexpected("a request")),
+                Event::PeerDone(mut s) => {
+                    self.unchanged()?;
+                    s.source_changed |= self.moved;
+                    return Ok(s);
+                }
+                Event::Failed(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Manifest entries from the scanner: as pieces (references to those
+    /// the receiver holds) when it offered some, else as `MANIFEST`
+    /// batches, followed by their chunks in inline mode.
+    fn on_batch(&mut self, v: Vec<Entry>, chunks: Vec<ChunkMsg>, covered: u64) -> Result<()> {
+        self.progress.advance(covered);
+        if !self.known.is_empty() {
+            debug_assert!(chunks.is_empty(), "no pieces with inline chunks");
+            for e in &v {
+                if let Some(piece) = self.piecer.push(*e) {
+                    send_piece(self.writer, &self.known, &piece)?;
+                }
+            }
+        } else {
+            for part in v.chunks(manifest::MAX_BATCH) {
+                self.batch.clear();
+                manifest::encode_batch(part, &mut self.batch);
+                self.writer
+                    .send(&Msg::Manifest(std::mem::take(&mut self.batch)))?;
+            }
+            for c in chunks {
+                self.writer.send(&Msg::Chunk(c))?;
+            }
+        }
+        self.entries.extend(v);
+        self.writer.flush()
+    }
+
+    fn on_scan_done(&mut self, count: u64, digest: ChunkHash) -> Result<()> {
+        crate::vlog!(1, "sender: scan done: {count} entries");
+        self.unchanged()?;
+        if let Some(piece) = std::mem::take(&mut self.piecer).finish() {
+            send_piece(self.writer, &self.known, &piece)?;
+        }
+        self.writer.send_now(&Msg::ManifestEnd {
+            count,
+            digest,
+            source_changed: self.moved,
+        })
+    }
+
+    /// `REQUEST`: the chunks, re-hashed as they are read.
+    fn on_request(&mut self, idx: Vec<u64>) -> Result<()> {
+        for i in idx {
+            let same = load(self.src, &self.entries, i, &mut self.raw)?;
+            if !same && !self.opts.allow_changing {
+                return Err(changed(&self.src.path));
+            }
+            let mut c = chunk_msg(&mut self.encoder, i, &self.raw, false)?;
+            // Its new content, which the receiver hashes itself.
+            c.changed = !same;
+            if !same {
+                self.note_moved();
+            }
+            self.writer.send(&Msg::Chunk(c))?;
+        }
+        self.writer.flush()
+    }
+
+    /// `BLOCK_REQUEST`: the piece hashes of each chunk, which must still
+    /// have its hash (exit 7 otherwise).
+    fn on_block_request(&mut self, idx: &[u64]) -> Result<()> {
+        // Read serially, hash in parallel: the chunk check and the piece
+        // hashes are most of the cost.
+        for group in idx.chunks(BLOCK_GROUP) {
+            let mut loaded = Vec::with_capacity(group.len());
+            for &i in group {
+                let (offset, len, hash) = data_entry(&self.entries, i)?;
+                let mut data = Vec::new();
+                read_entry(self.src, offset, len, &mut data)?;
+                loaded.push((i, offset, hash, data));
+            }
+            let answers: Vec<Option<Vec<refine::PieceHash>>> = loaded
+                .par_iter()
+                .map(|(_, offset, hash, data)| {
+                    (ChunkHash::of(data) == *hash).then(|| refine::piece_hashes(*offset, data))
+                })
+                .collect();
+            for ((i, _, _, _), hashes) in loaded.into_iter().zip(answers) {
+                let hashes = hashes.ok_or_else(|| changed(&self.src.path))?;
+                self.writer.send(&Msg::BlockHashes { index: i, hashes })?;
+            }
+        }
+        self.writer.flush()
+    }
+
+    /// `PIECE_REQUEST`: the pieces of chunk `index` that `bitmap` marks, in
+    /// one `CHUNK`.
+    fn on_piece_request(&mut self, index: u64, count: u32, bitmap: &[u8]) -> Result<()> {
+        // Not re-hashed: the receiver verifies the chunk it assembles, and
+        // if the source changed since the scan, fetches it whole, which
+        // `load` checks (exit 7).
+        let (offset, len, _) = data_entry(&self.entries, index)?;
+        read_entry(self.src, offset, len, &mut self.raw)?;
+        if refine::piece_count(offset, self.raw.len() as u32) != count as usize {
+            return Err(fail(
+                Exit::Protocol,
+                format!("protocol error: peer asked for {count} pieces of chunk {index}"),
+            ));
+        }
+        let wanted = refine::gather(offset, &self.raw, bitmap);
+        let c = chunk_msg(&mut self.encoder, index, &wanted, true)?;
+        self.writer.send(&Msg::Chunk(c))?;
+        self.writer.flush()
+    }
+
+    fn note_moved(&mut self) {
+        if !self.moved {
+            crate::log::warn(&format!(
+                "source {} changed while it was being read; committing it anyway \
+                 (--allow-changing-source): the copy is as consistent as a crash would leave it",
+                self.src.path.display()
+            ));
+        }
+        self.moved = true;
+    }
+
+    /// Fails with exit 7 if the source changed since it was opened, unless
+    /// `--allow-changing-source` (then it is noted).
+    fn unchanged(&mut self) -> Result<()> {
+        match self.src.check_unchanged() {
+            Err(e) if self.opts.allow_changing && exit_code_of(&e) == Exit::SourceChanged => {
+                self.note_moved();
+                Ok(())
+            }
+            r => r,
+        }
+    }
+}
+
+/// Sends one piece of the manifest: a reference when the receiver holds
+/// it, else its entries.
+fn send_piece<W: Write>(
+    writer: &mut FrameWriter<W>,
+    known: &HashMap<PieceDigest, u32>,
+    piece: &[Entry],
+) -> Result<()> {
+    if let Some(&i) = known.get(&manifest::piece_digest(piece)) {
+        return writer.send(&Msg::ManifestRef(i));
+    }
+    let mut buf = Vec::new();
+    manifest::encode_batch(piece, &mut buf);
+    writer.send(&Msg::Manifest(buf))
+}
+
+/// The peer's own error, if it sent one before the connection ended.
+fn peer_reason(rx: &mpsc::Receiver<Event>) -> Option<anyhow::Error> {
+    while let Ok(ev) = rx.recv() {
+        match ev {
+            Event::Failed(e) if exit_code_of(&e) != Exit::Connection => return Some(e),
+            Event::Failed(_) | Event::PeerDone(_) => return None,
+            _ => {}
+        }
+    }
+    None
+}
