@@ -406,3 +406,104 @@ fn manifest_of(file: &File, size: u64, params: ChunkParams) -> Result<Vec<Entry>
     builder.finish(&mut entries);
     Ok(entries)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+
+    #[test]
+    fn quick_check_needs_same_size_and_mtime_to_the_nanosecond() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let f = File::create(&path).unwrap();
+        f.set_len(1000).unwrap();
+        f.set_modified(UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789))
+            .unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        let info = FileInfo {
+            size: 1000,
+            mtime_sec: 1_700_000_000,
+            mtime_nsec: 123_456_789,
+            mode: libc::S_IFREG | 0o644,
+        };
+        let opts = RecvOptions::default();
+        assert!(quick_check(Some(&meta), &info, &opts));
+        assert!(!quick_check(None, &info, &opts), "no file");
+        let c = RecvOptions {
+            checksum: true,
+            ..opts
+        };
+        assert!(!quick_check(Some(&meta), &info, &c), "-c");
+        for other in [
+            FileInfo { size: 999, ..info },
+            FileInfo {
+                mtime_nsec: 123_456_788,
+                ..info
+            },
+            FileInfo {
+                mtime_sec: 1_700_000_001,
+                ..info
+            },
+            // A device source's mtime is the time of the copy.
+            FileInfo {
+                mode: libc::S_IFBLK | 0o660,
+                ..info
+            },
+        ] {
+            assert!(!quick_check(Some(&meta), &other, &opts), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn a_directory_destination_gets_the_source_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert_eq!(resolve_dest(d, b"disk.img").unwrap(), d.join("disk.img"));
+        let slash = PathBuf::from(format!("{}/new/", d.display()));
+        assert_eq!(
+            resolve_dest(&slash, b"disk.img").unwrap(),
+            slash.join("disk.img")
+        );
+        let file = d.join("other.img");
+        assert_eq!(resolve_dest(&file, b"disk.img").unwrap(), file);
+        // A name that would leave the directory is refused.
+        assert!(resolve_dest(d, b"../disk.img").is_err());
+        assert!(check_parent(&d.join("missing/x")).is_err());
+        assert!(check_parent(&file).is_ok());
+    }
+
+    #[test]
+    fn basis_from_cache_indexes_first_occurrences_and_data_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old");
+        File::create(&path).unwrap().set_len(400).unwrap();
+        let (h1, h2) = (ChunkHash::of(b"one"), ChunkHash::of(b"two"));
+        let d = |offset, len, hash| Entry {
+            offset,
+            kind: Kind::Data { len, hash },
+        };
+        let cached = vec![
+            d(0, 100, h1),
+            Entry {
+                offset: 100,
+                kind: Kind::Zero { len: 100 },
+            },
+            d(200, 100, h2),
+            d(300, 100, h1),
+        ];
+        let opts = RecvOptions::default();
+        let b = Basis::scan(File::open(&path).unwrap(), 400, Some(cached), &path, &opts).unwrap();
+        assert!(b.from_cache && !b.alias);
+        assert_eq!(b.chunks.len(), 3, "zero runs are not chunks");
+        assert_eq!(b.index[&h1], (0, 100), "the first occurrence");
+        assert_eq!(b.index[&h2], (200, 100));
+        assert_eq!(b.at[&300], h1);
+        assert!(!b.at.contains_key(&100));
+        assert!(!b.data_overlaps(100, 200), "the zero run");
+        assert!(b.data_overlaps(150, 201));
+        assert!(b.data_overlaps(99, 100));
+        assert!(!b.data_overlaps(400, 500));
+    }
+}

@@ -230,3 +230,94 @@ pub(super) fn dry_run<R: Read, W: Write>(
     writer.send_now(&Msg::Done(s.clone()))?;
     Ok(s)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+    use crate::content::hash::ChunkHash;
+    use crate::content::manifest::{self, Builder};
+    use crate::content::scan::{ChunkRec, Content};
+
+    /// The frames a sender sends for a file holding `data` as one chunk.
+    fn manifest_stream(data: &[u8]) -> Vec<u8> {
+        let mut b = Builder::default();
+        let mut entries = Vec::new();
+        let rec = ChunkRec {
+            offset: 0,
+            len: data.len() as u32,
+            content: Content::Data(ChunkHash::of(data)),
+        };
+        b.push(&rec, &mut entries);
+        let (count, digest) = b.finish(&mut entries);
+        let mut payload = Vec::new();
+        manifest::encode_batch(&entries, &mut payload);
+        let mut w = FrameWriter::new(Vec::new(), "test");
+        w.send(&Msg::Manifest(payload)).unwrap();
+        w.send_now(&Msg::ManifestEnd {
+            count,
+            digest,
+            source_changed: false,
+        })
+        .unwrap();
+        w.with_inner(std::mem::take).unwrap()
+    }
+
+    fn check_against(target: Option<&[u8]>, source: &[u8]) -> Summary {
+        let dir = tempfile::tempdir().unwrap();
+        let target = target.map(|t| {
+            let path = dir.path().join("dest");
+            File::create(&path).unwrap().write_all(t).unwrap();
+            (File::open(&path).unwrap(), t.len() as u64)
+        });
+        let info = FileInfo {
+            size: source.len() as u64,
+            mtime_sec: 0,
+            mtime_nsec: 0,
+            mode: 0o644,
+        };
+        let stream = manifest_stream(source);
+        let mut reader = FrameReader::new(&stream[..], "test");
+        let opts = RecvOptions::default();
+        check(target, &info, &mut reader, &opts, &Progress::hidden()).unwrap()
+    }
+
+    #[test]
+    fn check_compares_the_destination_with_the_manifest() {
+        let source: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let same = check_against(Some(&source), &source);
+        assert!(same.identical);
+        assert_eq!((same.differing_bytes, same.range_count), (0, 0));
+        assert_eq!(same.checked_bytes, 5000);
+
+        let mut changed = source.clone();
+        changed[10] ^= 1;
+        let s = check_against(Some(&changed), &source);
+        assert!(!s.identical);
+        assert!(s.differing_bytes > 0 && s.range_count == 1);
+        let (start, len) = s.ranges[0];
+        assert!(start <= 10 && 10 < start + len, "{:?}", s.ranges);
+
+        // No destination: all of it differs.
+        let none = check_against(None, &source);
+        assert!(!none.identical);
+        assert_eq!(none.differing_bytes, 5000);
+        assert_eq!(none.ranges, [(0, 5000)]);
+    }
+
+    #[test]
+    fn summary_lists_the_first_ranges_and_counts_them_all() {
+        let mut r = writer::RangeSet::default();
+        let n = MAX_RANGES as u64 + 5;
+        for k in 0..n {
+            r.insert(k * 10, k * 10 + 3);
+        }
+        let mut s = Summary::default();
+        set_ranges(&mut s, &r);
+        assert_eq!(s.range_count, n);
+        assert_eq!(s.differing_bytes, 3 * n);
+        assert_eq!(s.ranges.len(), MAX_RANGES);
+        assert_eq!(s.ranges[1], (10, 3), "(start, length)");
+    }
+}

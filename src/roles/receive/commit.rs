@@ -120,3 +120,27 @@ fn drop_cache(file: &File) {
         libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::protocol::FrameReader;
+
+    #[test]
+    fn up_to_date_says_so_then_sends_the_summary() {
+        let info = FileInfo {
+            size: 123,
+            mtime_sec: 1,
+            mtime_nsec: 2,
+            mode: 0o644,
+        };
+        let mut w = FrameWriter::new(Vec::new(), "test");
+        let s = up_to_date(&info, &mut w, true).unwrap();
+        assert!(s.up_to_date && s.identical && s.dry_run);
+        assert_eq!(s.source_bytes, 123);
+        let bytes = w.with_inner(std::mem::take).unwrap();
+        let mut r = FrameReader::new(&bytes[..], "test");
+        assert_eq!(r.read_msg().unwrap(), Msg::Start(StartMode::UpToDate));
+        assert_eq!(r.read_msg().unwrap(), Msg::Done(s));
+    }
+}

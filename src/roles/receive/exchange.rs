@@ -325,3 +325,95 @@ impl Queue {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A chunk message of `n` payload bytes (zeroed lazily: not touched).
+    fn chunk(index: u64, n: usize) -> Msg {
+        Msg::Chunk(ChunkMsg {
+            changed: false,
+            index,
+            raw_len: n as u32,
+            compressed: false,
+            pieces: false,
+            payload: vec![0; n],
+        })
+    }
+
+    fn queued(q: &Queue) -> u64 {
+        *q.queued.lock().unwrap()
+    }
+
+    #[test]
+    fn queue_refuses_more_chunk_data_than_the_window_allows() {
+        let q = Queue::new(false, 1 << 30, ChunkParams::default());
+        let big = (WINDOW + WINDOW / 2) as usize;
+        let first = q.admit(chunk(0, big)).unwrap();
+        assert_eq!(queued(&q), big as u64 + 64);
+        // Two of them are more than 2 windows and a frame: a peer sending unasked.
+        let e = q.admit(chunk(1, big)).unwrap_err();
+        assert_eq!(exit_code_of(&e), Exit::Protocol);
+        // Taking the first off makes room again.
+        q.taken(&first);
+        assert_eq!(queued(&q), 0);
+        q.admit(chunk(1, big)).unwrap();
+        // Messages without chunk data cost nothing.
+        q.admit(Msg::ManifestRef(0)).unwrap();
+        assert_eq!(queued(&q), big as u64 + 64);
+    }
+
+    #[test]
+    fn inline_queue_admits_a_large_chunk_when_empty() {
+        // Inline, the reader waits for room rather than fail; an empty
+        // queue always has room, whatever the chunk's size.
+        let q = Queue::new(true, 1 << 30, ChunkParams::default());
+        q.admit(chunk(0, 2 * INLINE_QUEUE as usize)).unwrap();
+        assert_eq!(queued(&q), 2 * INLINE_QUEUE + 64);
+    }
+
+    #[test]
+    fn queue_bounds_the_manifest_by_the_file_size() {
+        // An empty file's manifest is tiny: the limit is the 1 MiB of slack.
+        let q = Queue::new(false, 0, ChunkParams::default());
+        q.admit(Msg::Manifest(vec![0; 1 << 20])).unwrap();
+        let e = q.admit(Msg::Manifest(vec![0; 1 << 10])).unwrap_err();
+        assert_eq!(exit_code_of(&e), Exit::Protocol);
+        assert!(format!("{e:#}").contains("bytes of manifest"));
+    }
+
+    #[test]
+    fn inbox_batches_chunks_and_keeps_the_next_message() {
+        let (tx, rx) = mpsc::channel();
+        let queue = Arc::new(Queue::new(false, 1 << 30, ChunkParams::default()));
+        for m in [
+            chunk(0, 10),
+            chunk(1, 20),
+            chunk(2, 30),
+            Msg::ManifestRef(3),
+        ] {
+            tx.send(queue.admit(m)).unwrap();
+        }
+        tx.send(queue.admit(chunk(4, 40))).unwrap();
+        let mut inbox = Inbox {
+            rx,
+            queue: queue.clone(),
+            stashed: None,
+        };
+        let Msg::Chunk(first) = inbox.next().unwrap() else {
+            panic!("a chunk first")
+        };
+        let batch = chunk_batch(&mut inbox, first);
+        assert_eq!(batch.iter().map(|c| c.index).collect::<Vec<_>>(), [0, 1, 2]);
+        // The reference that ended the batch comes next, then the last chunk.
+        assert_eq!(inbox.next().unwrap(), Msg::ManifestRef(3));
+        assert_eq!(queued(&queue), 40 + 64);
+        assert!(matches!(inbox.next().unwrap(), Msg::Chunk(c) if c.index == 4));
+        assert_eq!(queued(&queue), 0);
+        // The reader gone: the connection ended.
+        drop(tx);
+        let e = inbox.next().unwrap_err();
+        assert_eq!(exit_code_of(&e), Exit::Connection);
+    }
+}

@@ -395,3 +395,149 @@ pub(super) fn make_plan(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::Progress;
+    use crate::roles::receive::run::testing::{basis_of, data, filled};
+
+    #[test]
+    fn start_mode_sends_inline_only_when_nothing_can_be_reused() {
+        let o = RecvOptions::default();
+        // No file, no partial, no seed: everything inline.
+        assert_eq!(start_mode(false, None, 0, false, &o), (true, false));
+        assert_eq!(start_mode(false, Some(0), 0, false, &o), (true, false));
+        // An old file, a seed, a device: compare a manifest.
+        assert_eq!(start_mode(false, Some(10), 0, false, &o), (false, false));
+        assert_eq!(start_mode(false, None, 0, true, &o), (false, false));
+        assert_eq!(start_mode(true, None, 0, false, &o), (false, false));
+        // A partial file is resumed, so not inline...
+        assert_eq!(start_mode(false, None, 5, false, &o), (false, true));
+        // ...unless --no-partial or --inplace say to ignore it.
+        let np = RecvOptions {
+            no_partial: true,
+            ..o
+        };
+        assert_eq!(start_mode(false, None, 5, false, &np), (true, false));
+        let ip = RecvOptions { inplace: true, ..o };
+        assert_eq!(start_mode(false, None, 5, false, &ip), (true, false));
+    }
+
+    #[test]
+    fn advance_copies_found_chunks_and_defers_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = (filled(100, 1), filled(100, 2), filled(100, 3));
+        let old = [a.clone(), b.clone()].concat();
+        let basis = basis_of(dir.path(), &old, &[(0, 100), (100, 100)]);
+        // A stays, C is new where B was, B moved after it, then zeros.
+        let entries = vec![
+            data(0, &a),
+            data(100, &c),
+            data(200, &b),
+            Entry {
+                offset: 300,
+                kind: Kind::Zero { len: 50 },
+            },
+        ];
+        let progress = Progress::hidden();
+        let mut run = Run::for_test(dir.path(), entries, Some(basis), false, false, &progress);
+        run.advance().unwrap();
+        assert_eq!(
+            run.state,
+            [State::Done, State::Deferred, State::Done, State::Done]
+        );
+        assert_eq!(run.deferred, [1]);
+        assert!(run.requests.is_empty());
+        assert_eq!(run.outstanding, 0);
+        assert_eq!(run.summary.reused_bytes, 200);
+        assert_eq!(run.summary.zero_bytes, 50);
+        // The output was made at the first difference, with what stayed.
+        let mut got = vec![0u8; 300];
+        read_full(run.out.as_ref().unwrap().file(), &mut got, 0).unwrap();
+        assert_eq!(&got[..100], &a[..]);
+        assert_eq!(&got[100..200], &[0u8; 100][..]);
+        assert_eq!(&got[200..], &b[..]);
+    }
+
+    #[test]
+    fn advance_requests_instead_of_refining_a_changing_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, c) = (filled(100, 1), filled(100, 3));
+        let basis = basis_of(dir.path(), &a, &[(0, 100)]);
+        let entries = vec![data(0, &c)];
+        let progress = Progress::hidden();
+        let mut run = Run::for_test(dir.path(), entries, Some(basis), false, true, &progress);
+        run.advance().unwrap();
+        assert_eq!(run.state, [State::Requested]);
+        assert_eq!(run.requests, [0]);
+        assert_eq!(run.outstanding, 100);
+        assert!(run.deferred.is_empty());
+    }
+
+    #[test]
+    fn advance_stops_at_the_window_and_resumes_when_bytes_arrive() {
+        let dir = tempfile::tempdir().unwrap();
+        let len = 40u32 << 20;
+        let entries: Vec<Entry> = (0..3u64)
+            .map(|k| Entry {
+                offset: k * u64::from(len),
+                kind: Kind::Data {
+                    len,
+                    hash: ChunkHash::of(&k.to_le_bytes()),
+                },
+            })
+            .collect();
+        let progress = Progress::hidden();
+        let mut run = Run::for_test(dir.path(), entries, None, true, false, &progress);
+        run.advance().unwrap();
+        // 40 MiB in flight leaves room under the 64 MiB window; 80 does not.
+        assert_eq!(run.requests, [0, 1]);
+        assert_eq!(run.next, 2);
+        assert_eq!(run.outstanding, 2 * u64::from(len));
+        assert!(!run.finished());
+        run.requests.clear();
+        run.outstanding -= u64::from(len);
+        run.advance().unwrap();
+        assert_eq!(run.requests, [2]);
+        assert_eq!(run.state[2], State::Requested);
+    }
+
+    #[test]
+    fn make_plan_finds_pieces_in_place_and_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        let bs = refine::BLOCK as usize;
+        let old = filled(3 * bs, 7);
+        let basis = basis_of(dir.path(), &old, &[(0, 3 * bs as usize)]);
+        let blocks = BlockIndex::build(&basis.file, basis.size, &[(0, basis.size)]).unwrap();
+        let clean = |_: u64, _: u64| false;
+
+        // Same offset: first and last blocks kept, the middle one changed.
+        let mut new = old.clone();
+        new[bs + 10] ^= 0xff;
+        let e = data(0, &new);
+        let hashes = refine::piece_hashes(0, &new);
+        let plan = make_plan(&e, &hashes, &basis, &blocks, &clean);
+        assert_eq!(
+            plan,
+            [
+                PieceSource::Basis(0),
+                PieceSource::Wire,
+                PieceSource::Basis(2 * bs as u64)
+            ]
+        );
+
+        // Past the old file's end: a block found elsewhere by its hash.
+        let at = 3 * bs as u64;
+        let moved = [old[bs..2 * bs].to_vec(), filled(bs, 9)].concat();
+        let e = data(at, &moved);
+        let hashes = refine::piece_hashes(at, &moved);
+        let plan = make_plan(&e, &hashes, &basis, &blocks, &clean);
+        assert_eq!(plan, [PieceSource::Basis(bs as u64), PieceSource::Wire]);
+
+        // Old data overwritten this run is not used.
+        let all_dirty = |_: u64, _: u64| true;
+        let plan = make_plan(&e, &hashes, &basis, &blocks, &all_dirty);
+        assert_eq!(plan, [PieceSource::Wire, PieceSource::Wire]);
+    }
+}

@@ -253,3 +253,121 @@ impl<'a> Run<'a> {
             && self.requests.is_empty()
     }
 }
+
+#[cfg(test)]
+impl<'a> Run<'a> {
+    /// A run over `entries` (all pending) writing beside `dir/img`: no
+    /// seeds nor partial file; the atomic output made at once when
+    /// `make_out`, else when the first difference from `basis` shows.
+    pub fn for_test(
+        dir: &std::path::Path,
+        entries: Vec<Entry>,
+        basis: Option<Basis>,
+        make_out: bool,
+        allow_changing: bool,
+        progress: &'a Progress,
+    ) -> Run<'a> {
+        let dest = dir.join("img");
+        let size = entries.last().map_or(0, Entry::end);
+        let locked = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(crate::dest::writer::partial_path(&dest))
+            .unwrap();
+        let spec = OutSpec {
+            locked,
+            dest,
+            size,
+            existing: None,
+            mode: 0o644,
+            umask: 0o022,
+            keep: false,
+        };
+        let out = make_out.then(|| spec.partial(false).unwrap());
+        let opts = RecvOptions {
+            allow_changing,
+            ..RecvOptions::default()
+        };
+        Run {
+            validator: Validator::new(size, opts.params),
+            state: vec![State::Pending; entries.len()],
+            entries,
+            next: 0,
+            outstanding: 0,
+            requests: Vec::new(),
+            deferred: Vec::new(),
+            refined: 0,
+            refine_requests: Vec::new(),
+            piece_requests: Vec::new(),
+            plans: HashMap::new(),
+            blocks: None,
+            out,
+            spec,
+            lazy_copies: Vec::new(),
+            inline: false,
+            allow_changing,
+            basis,
+            seeds: Vec::new(),
+            partial: None,
+            decoder: None,
+            summary: Summary::default(),
+            progress,
+            buf: Vec::new(),
+        }
+    }
+}
+
+/// Old files, manifest entries and contents for the phases' tests.
+#[cfg(test)]
+pub(super) mod testing {
+    use std::fs::File;
+    use std::io::Write as _;
+
+    use crate::content::hash::ChunkHash;
+    use crate::content::manifest::{Entry, Kind};
+    use crate::roles::receive::basis::Basis;
+    use crate::roles::receive::options::RecvOptions;
+
+    pub fn data(offset: u64, bytes: &[u8]) -> Entry {
+        Entry {
+            offset,
+            kind: Kind::Data {
+                len: bytes.len() as u32,
+                hash: ChunkHash::of(bytes),
+            },
+        }
+    }
+
+    /// A basis over a file holding `bytes`, indexed as the chunks `cuts`
+    /// (offset, length).
+    pub fn basis_of(dir: &std::path::Path, bytes: &[u8], cuts: &[(u64, usize)]) -> Basis {
+        let path = dir.join("old");
+        File::create(&path).unwrap().write_all(bytes).unwrap();
+        let entries = cuts
+            .iter()
+            .map(|&(o, l)| data(o, &bytes[o as usize..o as usize + l]))
+            .collect();
+        let opts = RecvOptions::default();
+        Basis::scan(
+            File::open(&path).unwrap(),
+            bytes.len() as u64,
+            Some(entries),
+            &path,
+            &opts,
+        )
+        .unwrap()
+    }
+
+    /// `n` bytes that repeat nowhere within them (no two blocks alike).
+    pub fn filled(n: usize, seed: u8) -> Vec<u8> {
+        let mut x = u32::from(seed).wrapping_mul(2_654_435_761) | 1;
+        (0..n)
+            .map(|_| {
+                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+}

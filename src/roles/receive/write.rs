@@ -393,3 +393,128 @@ pub(super) fn build(
     }
     (ok.then_some(chunk), from_wire)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::exit_code_of;
+    use crate::progress::Progress;
+    use crate::roles::receive::run::testing::{basis_of, data, filled};
+
+    fn chunk(index: u64, payload: &[u8]) -> ChunkMsg {
+        ChunkMsg {
+            changed: false,
+            index,
+            raw_len: payload.len() as u32,
+            compressed: false,
+            pieces: false,
+            payload: payload.to_vec(),
+        }
+    }
+
+    fn protocol_error(r: Result<()>) -> String {
+        let e = r.expect_err("a protocol error");
+        assert_eq!(exit_code_of(&e), Exit::Protocol, "{e:#}");
+        format!("{e:#}")
+    }
+
+    #[test]
+    fn accept_writes_a_requested_chunk_and_refuses_the_unasked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (filled(100, 1), filled(50, 2));
+        let progress = Progress::hidden();
+        let entries = vec![data(0, &a), data(100, &b)];
+        let mut run = Run::for_test(dir.path(), entries, None, true, false, &progress);
+        run.request(0, 100);
+
+        // Entry 1 was not asked for; entry 7 does not exist.
+        assert!(protocol_error(run.accept(vec![chunk(1, &b)])).contains("unexpected chunk 1"));
+        assert!(protocol_error(run.accept(vec![chunk(7, &b)])).contains("not in the manifest"));
+        // The right chunk with the wrong length, or corrupted.
+        assert!(protocol_error(run.accept(vec![chunk(0, &a[..99])])).contains("expected 100"));
+        let mut bad = a.clone();
+        bad[3] ^= 1;
+        assert!(protocol_error(run.accept(vec![chunk(0, &bad)])).contains("BLAKE3"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let entries = vec![data(0, &a), data(100, &b)];
+        let mut run = Run::for_test(dir.path(), entries, None, true, false, &progress);
+        run.request(0, 100);
+        run.accept(vec![chunk(0, &a)]).unwrap();
+        assert_eq!(run.state[0], State::Done);
+        assert_eq!(run.outstanding, 0);
+        assert_eq!(run.summary.literal_bytes, 100);
+        let mut got = vec![0u8; 100];
+        read_full(run.out.as_ref().unwrap().file(), &mut got, 0).unwrap();
+        assert_eq!(got, a);
+        // A duplicate of a chunk already written is refused.
+        assert!(protocol_error(run.accept(vec![chunk(0, &a)])).contains("unexpected chunk 0"));
+    }
+
+    #[test]
+    fn a_changed_chunk_is_taken_only_with_allow_changing() {
+        let (a, now) = (filled(100, 1), filled(100, 5));
+        let progress = Progress::hidden();
+        let mut c = chunk(0, &now);
+        c.changed = true;
+        for allow in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut run =
+                Run::for_test(dir.path(), vec![data(0, &a)], None, true, allow, &progress);
+            run.request(0, 100);
+            let r = run.accept(vec![c.clone()]);
+            if !allow {
+                assert!(protocol_error(r).contains("--allow-changing-source"));
+                continue;
+            }
+            r.unwrap();
+            assert!(run.summary.source_changed);
+            assert_eq!(
+                run.entries[0],
+                data(0, &now),
+                "the hash committed is the new one"
+            );
+        }
+    }
+
+    #[test]
+    fn build_assembles_old_pieces_and_wire_pieces() {
+        let dir = tempfile::tempdir().unwrap();
+        let bs = refine::BLOCK as usize;
+        let old = filled(3 * bs, 7);
+        let basis = basis_of(dir.path(), &old, &[(0, 3 * bs)]);
+        let wire = filled(bs, 9);
+        let want = [&old[..bs], &wire[..], &old[2 * bs..]].concat();
+        let e = data(0, &want);
+        let plan = [
+            PieceSource::Basis(0),
+            PieceSource::Wire,
+            PieceSource::Basis(2 * bs as u64),
+        ];
+        let (chunk, from_wire) = build(&e, &plan, &wire, &basis, &|_, _| false);
+        assert_eq!(chunk.as_deref(), Some(&want[..]));
+        assert_eq!(from_wire, bs as u64);
+
+        // A piece taken from elsewhere in the old file.
+        let moved = [&old[bs..2 * bs], &wire[..]].concat();
+        let e = data(0, &moved);
+        let plan = [PieceSource::Basis(bs as u64), PieceSource::Wire];
+        let (chunk, _) = build(&e, &plan, &wire, &basis, &|_, _| false);
+        assert_eq!(chunk.as_deref(), Some(&moved[..]));
+
+        // Old data overwritten since it was planned: nothing to build.
+        let (chunk, _) = build(&e, &plan, &wire, &basis, &|_, _| true);
+        assert!(chunk.is_none());
+    }
+
+    #[test]
+    fn decode_refuses_a_payload_of_the_wrong_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let progress = Progress::hidden();
+        let mut run = Run::for_test(dir.path(), Vec::new(), None, true, false, &progress);
+        let mut c = chunk(0, &[1, 2, 3]);
+        assert_eq!(run.decode(&c).unwrap(), [1, 2, 3]);
+        c.raw_len = 4;
+        assert!(protocol_error(run.decode(&c).map(drop)).contains("carries 3 bytes, expected 4"));
+    }
+}
