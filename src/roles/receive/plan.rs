@@ -508,7 +508,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let bs = refine::BLOCK as usize;
         let old = filled(3 * bs, 7);
-        let basis = basis_of(dir.path(), &old, &[(0, 3 * bs as usize)]);
+        let basis = basis_of(dir.path(), &old, &[(0, 3 * bs)]);
         let blocks = BlockIndex::build(&basis.file, basis.size, &[(0, basis.size)]).unwrap();
         let clean = |_: u64, _: u64| false;
 
