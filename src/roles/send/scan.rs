@@ -268,3 +268,29 @@ pub(super) fn spawn_scanner(
         })
         .context("cannot start a thread")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::content::compress::StreamDecoder;
+
+    #[test]
+    fn chunk_msg_compresses_only_with_an_encoder() {
+        let data: Vec<u8> = b"abcd".iter().cycle().take(10_000).copied().collect();
+        let plain = chunk_msg(&mut None, 3, &data, true).unwrap();
+        assert_eq!((plain.index, plain.raw_len), (3, 10_000));
+        assert!(plain.pieces && !plain.compressed && !plain.changed);
+        assert_eq!(plain.payload, data);
+
+        let mut enc = Some(StreamEncoder::new(3).unwrap());
+        let mut dec = StreamDecoder::new().unwrap();
+        // Two messages of one stream decode in order.
+        for index in [0, 1] {
+            let c = chunk_msg(&mut enc, index, &data, false).unwrap();
+            assert!(c.compressed && c.payload.len() < data.len() / 10);
+            let mut out = vec![0u8; c.raw_len as usize];
+            dec.decode(&c.payload, &mut out).unwrap();
+            assert_eq!(out, data);
+        }
+    }
+}

@@ -269,3 +269,134 @@ fn peer_reason(rx: &mpsc::Receiver<Event>) -> Option<anyhow::Error> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::io::Write as _;
+
+    use super::*;
+    use crate::content::chunk::ChunkParams;
+    use crate::content::manifest::Kind;
+    use crate::wire::protocol::FrameReader;
+
+    /// A source file holding `data`, with the one data entry covering it.
+    fn source(dir: &std::path::Path, data: &[u8]) -> (Source, Vec<Entry>) {
+        let path = dir.join("src");
+        File::create(&path).unwrap().write_all(data).unwrap();
+        let src = Source::open(&path).unwrap();
+        let e = Entry {
+            offset: 0,
+            kind: Kind::Data {
+                len: data.len() as u32,
+                hash: ChunkHash::of(data),
+            },
+        };
+        (src, vec![e])
+    }
+
+    fn opts(allow_changing: bool) -> SendOptions {
+        SendOptions {
+            params: ChunkParams::default(),
+            compress_level: 0,
+            allow_changing,
+            sample: None,
+        }
+    }
+
+    fn sent(w: &mut FrameWriter<Vec<u8>>) -> Vec<Msg> {
+        let bytes = w.with_inner(std::mem::take).unwrap();
+        let mut r = FrameReader::new(&bytes[..], "test");
+        std::iter::from_fn(|| r.read_msg().ok()).collect()
+    }
+
+    fn data(n: usize) -> Vec<u8> {
+        (0..n as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn a_request_is_answered_with_the_chunk_rehashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = data(3000);
+        let (src, entries) = source(dir.path(), &bytes);
+        let (o, progress) = (opts(false), Progress::hidden());
+        let mut w = FrameWriter::new(Vec::new(), "test");
+        let mut s = Server::new(&src, &o, &mut w, &progress, HashMap::new()).unwrap();
+        s.entries = entries.clone();
+        s.on_request(vec![0]).unwrap();
+        // Out of the manifest, or a zero run: refused.
+        let e = s.on_request(vec![1]).unwrap_err();
+        assert_eq!(exit_code_of(&e), Exit::Protocol);
+        drop(s);
+        let got = sent(&mut w);
+        let [Msg::Chunk(c)] = &got[..] else {
+            panic!("one chunk: {got:?}")
+        };
+        assert_eq!((c.index, c.raw_len, c.compressed), (0, 3000, false));
+        assert!(!c.changed && !c.pieces);
+        assert_eq!(c.payload, bytes);
+
+        // The file changed since the scan: exit 7, or sent marked changed.
+        std::fs::write(
+            dir.path().join("src"),
+            data(3000).iter().map(|b| !b).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let mut s = Server::new(&src, &o, &mut w, &progress, HashMap::new()).unwrap();
+        s.entries = entries.clone();
+        let e = s.on_request(vec![0]).unwrap_err();
+        assert_eq!(exit_code_of(&e), Exit::SourceChanged);
+        let o = opts(true);
+        let mut s = Server::new(&src, &o, &mut w, &progress, HashMap::new()).unwrap();
+        s.entries = entries;
+        s.on_request(vec![0]).unwrap();
+        assert!(s.moved);
+        drop(s);
+        assert!(matches!(&sent(&mut w)[..], [Msg::Chunk(c)] if c.changed));
+    }
+
+    #[test]
+    fn piece_and_block_requests_get_pieces_and_their_hashes() {
+        let dir = tempfile::tempdir().unwrap();
+        let bs = refine::BLOCK as usize;
+        let bytes = data(2 * bs + 100);
+        let (src, entries) = source(dir.path(), &bytes);
+        let (o, progress) = (opts(false), Progress::hidden());
+        let mut w = FrameWriter::new(Vec::new(), "test");
+        let mut s = Server::new(&src, &o, &mut w, &progress, HashMap::new()).unwrap();
+        s.entries = entries;
+        s.on_block_request(&[0]).unwrap();
+        // Pieces 1 and 2 of 3.
+        s.on_piece_request(0, 3, &[0b110]).unwrap();
+        let e = s.on_piece_request(0, 4, &[0b110]).unwrap_err();
+        assert_eq!(exit_code_of(&e), Exit::Protocol);
+        drop(s);
+        let got = sent(&mut w);
+        let [Msg::BlockHashes { index: 0, hashes }, Msg::Chunk(c)] = &got[..] else {
+            panic!("hashes then pieces: {got:?}")
+        };
+        assert_eq!(hashes, &refine::piece_hashes(0, &bytes));
+        assert_eq!(hashes.len(), 3);
+        assert!(c.pieces);
+        assert_eq!(c.payload, &bytes[bs..]);
+        assert_eq!(c.raw_len as usize, bs + 100);
+    }
+
+    #[test]
+    fn a_piece_the_receiver_holds_is_sent_as_a_reference() {
+        let piece = vec![Entry {
+            offset: 0,
+            kind: Kind::Zero { len: 1 << 20 },
+        }];
+        let mut known = HashMap::new();
+        let mut w = FrameWriter::new(Vec::new(), "test");
+        send_piece(&mut w, &known, &piece).unwrap();
+        known.insert(manifest::piece_digest(&piece), 5);
+        send_piece(&mut w, &known, &piece).unwrap();
+        let mut expected = Vec::new();
+        manifest::encode_batch(&piece, &mut expected);
+        assert_eq!(sent(&mut w), [Msg::Manifest(expected), Msg::ManifestRef(5)]);
+    }
+}

@@ -213,3 +213,66 @@ pub(super) fn load(src: &Source, entries: &[Entry], i: u64, buf: &mut Vec<u8>) -
     read_entry(src, offset, len, buf)?;
     Ok(ChunkHash::of(buf) == hash)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+    use crate::error::exit_code_of;
+
+    #[test]
+    fn a_source_that_changes_while_read_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("src");
+        std::fs::write(&path, b"hello world").unwrap();
+        let src = Source::open(&path).unwrap();
+        assert_eq!(src.info.size, 11);
+        src.check_unchanged().unwrap();
+        let entries = [
+            Entry {
+                offset: 0,
+                kind: Kind::Data {
+                    len: 5,
+                    hash: ChunkHash::of(b"hello"),
+                },
+            },
+            Entry {
+                offset: 5,
+                kind: Kind::Zero { len: 6 },
+            },
+        ];
+        let mut buf = Vec::new();
+        assert!(load(&src, &entries, 0, &mut buf).unwrap());
+        assert_eq!(buf, b"hello");
+        assert_eq!(
+            data_entry(&entries, 0).unwrap(),
+            (0, 5, ChunkHash::of(b"hello"))
+        );
+        for bad in [1, 2] {
+            let e = data_entry(&entries, bad).unwrap_err();
+            assert_eq!(exit_code_of(&e), Exit::Protocol);
+        }
+
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(b"!").unwrap();
+        let e = src.check_unchanged().unwrap_err();
+        assert_eq!(exit_code_of(&e), Exit::SourceChanged);
+        std::fs::write(&path, b"jello world!").unwrap();
+        assert!(
+            !load(&src, &entries, 0, &mut buf).unwrap(),
+            "the hash no longer matches"
+        );
+    }
+
+    #[test]
+    fn a_directory_is_not_a_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Source::open(dir.path()).err().expect("refused");
+        assert_eq!(exit_code_of(&e), Exit::Io);
+        assert!(format!("{e:#}").contains("is a directory"));
+    }
+}
