@@ -20,7 +20,7 @@ use crate::dest::confine::Root;
 use crate::error::{exit_code_of, fail, message_of, Exit};
 use crate::progress::Progress;
 use crate::roles::receive::{self, RecvOptions, Seed};
-use crate::roles::sender::{self, SendOptions, Source};
+use crate::roles::send::{self, SendOptions, Source};
 use crate::roles::{apply, list};
 use crate::signals;
 use crate::units::bytes_path;
@@ -121,7 +121,7 @@ fn serve_on(
                 allow_changing: options.allow_changing,
                 sample: open.sample,
             };
-            sender::send(&src, reader, writer, &opts, &quiet, None)?;
+            send::send(&src, reader, writer, &opts, &quiet, None)?;
         }
         Role::Receive => {
             if limits.read_only && !options.check && !options.dry_run {

@@ -22,7 +22,7 @@ use crate::client::spawn::{Launch, Operand, Peer, PeerReader, PeerWriter, Remote
 use crate::error::{exit_code_of, fail, Exit};
 use crate::progress::Progress;
 use crate::roles::receive::{self, RecvOptions, Seed};
-use crate::roles::sender::{self, SendOptions, Source};
+use crate::roles::send::{self, SendOptions, Source};
 use crate::units::path_bytes;
 use crate::wire::frame::{FrameReader, FrameWriter};
 use crate::wire::messages::{Msg, Open, Role, Summary};
@@ -105,7 +105,7 @@ pub(crate) fn launch(cfg: &Config) -> Launch<'_> {
 /// directory receives the file under: `-r` gives an empty one, so that a
 /// directory where a file belongs is an error, never a place to write into.
 /// `prescan`: when pushing, start scanning the source while the other end
-/// starts up ([`sender::Prescan`]); worth it unless the destination is
+/// starts up ([`send::Prescan`]); worth it unless the destination is
 /// known to be up to date or missing.
 pub(crate) fn transfer(
     cfg: &Config,
@@ -155,7 +155,7 @@ pub(crate) fn transfer(
             };
             let size = source.info.size;
             let prescan = if prescan {
-                sender::Prescan::start(&source, &opts)?
+                send::Prescan::start(&source, &opts)?
             } else {
                 None
             };
@@ -165,7 +165,7 @@ pub(crate) fn transfer(
                 open,
                 progress,
                 |reader, writer, progress| {
-                    sender::send(&source, reader, writer, &opts, progress, prescan)
+                    send::send(&source, reader, writer, &opts, progress, prescan)
                 },
             )?;
             (s.0, size, s.1)

@@ -52,11 +52,10 @@ use anyhow::{Context, Result};
 
 use crate::content::chunk::is_zero;
 use crate::content::hash::ChunkHash;
+use crate::content::ranges::RangeSet;
 use crate::error::{fail, Exit, WithExit};
 use crate::signals::TempGuard;
 
-// TEMP alias: dest::writer::RangeSet -> content::ranges::RangeSet
-pub use crate::content::ranges::RangeSet;
 use crate::wire::FileInfo;
 
 /// Granularity of holes left in written data.

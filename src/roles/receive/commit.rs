@@ -1,0 +1,146 @@
+//! The end of a sync: fill in what an unchanged basis left unwritten,
+//! verify (`--verify`) and commit the output (an atomic rename, or the
+//! in-place file's final size and mtime), record the new manifest in the
+//! cache, and send the summary. Also the end of a run the quick check found
+//! up to date.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::io::AsRawFd;
+
+use anyhow::{Context, Result};
+
+use crate::content::verify::Comparer;
+use crate::dest::cache;
+use crate::dest::writer;
+use crate::error::{fail, Exit, WithExit};
+use crate::progress::Progress;
+use crate::roles::receive::basis::Target;
+use crate::roles::receive::options::RecvOptions;
+use crate::roles::receive::run::Run;
+use crate::wire::{FileInfo, FrameWriter, Msg, StartMode, Summary};
+
+/// Commits what `run` wrote as `target` and sends the summary.
+pub(super) fn commit<W: Write>(
+    mut run: Run<'_>,
+    target: &Target,
+    info: &FileInfo,
+    writer: &mut FrameWriter<W>,
+    opts: &RecvOptions,
+    progress: &Progress,
+) -> Result<Summary> {
+    let (dest, device) = (&target.dest, target.device);
+    if run.out.is_none() && run.basis.as_ref().is_some_and(|b| b.size != info.size) {
+        run.materialize()?;
+    }
+    let Run {
+        out,
+        entries,
+        mut summary,
+        basis,
+        ..
+    } = run;
+    summary.basis_cached = basis.as_ref().is_some_and(|b| b.from_cache);
+    let size = info.size;
+    let verify = |file: &File| -> Result<()> {
+        if !opts.verify {
+            return Ok(());
+        }
+        drop_cache(file);
+        let mut cmp = Comparer::new(file, size);
+        for part in entries.chunks(4096) {
+            cmp.compare(part)?;
+        }
+        let diffs = cmp.finish(size);
+        if let Some((s, e)) = diffs.iter().next() {
+            let outcome = if device || opts.inplace {
+                "it was written in place, so it holds neither version: run again to repair it"
+            } else {
+                "the destination was not replaced"
+            };
+            return Err(fail(
+                Exit::Verify,
+                format!(
+                    "verification failed: {} differs from the source in {} bytes (first at offset {s}..{e}); {outcome}",
+                    dest.display(),
+                    diffs.total()
+                ),
+            ));
+        }
+        Ok(())
+    };
+    crate::vlog!(1, "receiver: all data written; committing");
+    let written = match out {
+        Some(out) => out.commit(info, verify)?,
+        None => {
+            // The old file already holds exactly the new contents.
+            let file = basis.expect("no output only with a basis").file;
+            verify(&file)?;
+            file.set_modified(writer::mtime(info))
+                .with_context(|| format!("cannot set the modification time of {}", dest.display()))
+                .exit_with(Exit::Io)?;
+            file
+        }
+    };
+    // Best effort: without a cache entry the next run reads the file instead.
+    // Never for a device (see `Basis::scan`).
+    if !device {
+        let _ = cache::store(dest, &written, opts.params, &entries);
+    }
+    crate::vlog!(1, "receiver: committed {}", dest.display());
+    summary.verified = opts.verify;
+    summary.source_bytes = info.size;
+    progress.finish();
+    writer.send_now(&Msg::Done(summary.clone()))?;
+    Ok(summary)
+}
+
+/// Ends a run that the quick check found up to date.
+pub(super) fn up_to_date<W: Write>(
+    info: &FileInfo,
+    writer: &mut FrameWriter<W>,
+    dry_run: bool,
+) -> Result<Summary> {
+    let s = Summary {
+        up_to_date: true,
+        identical: true,
+        dry_run,
+        source_bytes: info.size,
+        ..Summary::default()
+    };
+    writer.send_now(&Msg::Start(StartMode::UpToDate))?;
+    writer.send_now(&Msg::Done(s.clone()))?;
+    Ok(s)
+}
+
+/// Asks the kernel to forget cached pages, so `--verify` reads the disk.
+fn drop_cache(file: &File) {
+    // SAFETY: advisory call on a valid fd.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::FrameReader;
+
+    #[test]
+    fn up_to_date_says_so_then_sends_the_summary() {
+        let info = FileInfo {
+            size: 123,
+            mtime_sec: 1,
+            mtime_nsec: 2,
+            mode: 0o644,
+        };
+        let mut w = FrameWriter::new(Vec::new(), "test");
+        let s = up_to_date(&info, &mut w, true).unwrap();
+        assert!(s.up_to_date && s.identical && s.dry_run);
+        assert_eq!(s.source_bytes, 123);
+        let bytes = w.with_inner(std::mem::take).unwrap();
+        let mut r = FrameReader::new(&bytes[..], "test");
+        assert_eq!(r.read_msg().unwrap(), Msg::Start(StartMode::UpToDate));
+        assert_eq!(r.read_msg().unwrap(), Msg::Done(s));
+    }
+}

@@ -1,0 +1,159 @@
+//! The sending end: scan the source, stream its manifest, answer requests
+//! with compressed chunks.
+//!
+//! Three threads: the scanner (`scan.rs`) cuts and hashes the file and
+//! hands manifest batches over; the request reader (here) drains the peer's
+//! `REQUEST`s, so the peer never blocks writing them; the main thread
+//! (`serve.rs`) does all the writing, interleaving manifest batches with
+//! requested chunks. On a push the scanner starts before the connection is
+//! up ([`Prescan`]). On a first copy it also compresses every chunk, at a
+//! level that follows the link ([`crate::content::compress::Adapt`]). Every
+//! chunk is re-hashed when it is read for sending, so a source that changed
+//! since the scan is caught (exit 7) and never sent under a stale hash.
+//!
+//! `source.rs` holds the source file and what must not change while it is
+//! read: a regular file's size and times, a block device's size only.
+
+mod scan;
+mod serve;
+mod source;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::sync::mpsc;
+
+use anyhow::{Context, Result};
+
+pub use self::scan::Prescan;
+pub use self::source::{SendOptions, Source};
+use crate::content::manifest::PieceDigest;
+use crate::error::{exit_code_of, Exit};
+use crate::progress::Progress;
+use crate::roles::send::scan::{spawn_manifest_scanner, spawn_scanner, Event};
+use crate::roles::send::serve::Server;
+use crate::wire::{FrameReader, FrameWriter, Msg, StartMode, Summary};
+
+/// Runs the sending end until the receiver's `DONE`. `prescan`, if any,
+/// is this source's scan already under way with the same options.
+pub fn send<R, W>(
+    src: &Source,
+    mut reader: FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    opts: &SendOptions,
+    progress: &Progress,
+    prescan: Option<Prescan>,
+) -> Result<Summary>
+where
+    R: Read + Send + 'static,
+    W: Write,
+{
+    let (inline, known) = match greet(src, &mut reader, writer)? {
+        Greeting::UpToDate(s) => return Ok(s),
+        Greeting::Start { inline, known } => (inline, known),
+    };
+    progress.set_total(src.info.size);
+    crate::vlog!(
+        1,
+        "sender: scanning {} ({} bytes){}",
+        src.path.display(),
+        src.info.size,
+        if inline { ", all chunks inline" } else { "" }
+    );
+
+    let (tx, rx) = match prescan {
+        Some(p) if !inline => (p.tx, p.rx),
+        p => {
+            if let Some(p) = p {
+                p.stop();
+            }
+            // A batch carries up to a segment (16 MiB) of compressed data
+            // inline: keep the queue short so memory stays flat when the
+            // link is slow.
+            let (tx, rx) = mpsc::sync_channel::<Event>(2);
+            if inline {
+                spawn_scanner(src, opts, true, tx.clone())?;
+            } else {
+                spawn_manifest_scanner(src, opts, tx.clone())?;
+            }
+            (tx, rx)
+        }
+    };
+    spawn_request_reader(reader, tx)?;
+    Server::new(src, opts, writer, progress, known)?.serve(&rx)
+}
+
+/// How the receiver answered our `FILE_INFO`.
+enum Greeting {
+    /// Up to date: its summary, nothing to send.
+    UpToDate(Summary),
+    /// Send: every chunk unasked (`inline`), or a manifest, with references
+    /// for the pieces of it the receiver holds (`known`).
+    Start {
+        inline: bool,
+        known: HashMap<PieceDigest, u32>,
+    },
+}
+
+/// Sends `FILE_INFO` and reads the receiver's `PIECES` (if any) and `START`.
+fn greet<R: Read, W: Write>(
+    src: &Source,
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+) -> Result<Greeting> {
+    if let Err(e) = writer.send_now(&Msg::FileInfo(src.info)) {
+        // A peer that refused our OPEN (a path outside its --root, say)
+        // said why and hung up: its reason beats our broken pipe.
+        return Err(match reader.read_msg() {
+            Err(why) if exit_code_of(&why) != Exit::Connection => why,
+            _ => e,
+        });
+    }
+    // A receiver with its destination's manifest cached says which pieces
+    // of it it holds (see `manifest`'s module doc).
+    let mut first = reader.read_msg()?;
+    let mut known: HashMap<PieceDigest, u32> = HashMap::new();
+    if let Msg::Pieces(digests) = first {
+        for (i, d) in digests.into_iter().enumerate() {
+            known.entry(d).or_insert(i as u32);
+        }
+        first = reader.read_msg()?;
+    }
+    let inline = match first {
+        Msg::Start(StartMode::UpToDate) => {
+            return match reader.read_msg()? {
+                Msg::Done(s) => Ok(Greeting::UpToDate(s)),
+                m => Err(m.unexpected("DONE")),
+            }
+        }
+        Msg::Start(StartMode::Manifest) => false,
+        Msg::Start(StartMode::Inline) => true,
+        m => return Err(m.unexpected("START")),
+    };
+    Ok(Greeting::Start { inline, known })
+}
+
+/// Drains the receiver's requests into the main thread's channel until its
+/// `DONE` or an error.
+fn spawn_request_reader<R: Read + Send + 'static>(
+    mut reader: FrameReader<R>,
+    tx: mpsc::SyncSender<Event>,
+) -> Result<()> {
+    std::thread::Builder::new()
+        .name("requests".into())
+        .spawn(move || loop {
+            let ev = match reader.read_msg() {
+                Ok(m @ (Msg::Request(_) | Msg::BlockRequest(_) | Msg::PieceRequest { .. })) => {
+                    Event::Peer(m)
+                }
+                Ok(Msg::Done(s)) => Event::PeerDone(s),
+                Ok(m) => Event::Failed(m.unexpected("a request or DONE")),
+                Err(e) => Event::Failed(e),
+            };
+            let last = !matches!(ev, Event::Peer(_));
+            if tx.send(ev).is_err() || last {
+                return;
+            }
+        })
+        .context("cannot start a thread")?;
+    Ok(())
+}
