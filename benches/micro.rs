@@ -13,9 +13,10 @@
 //! benches the input is the encoded manifest batch.
 
 // Shared with the integration tests, which lint it (and own it): its lints
-// are theirs to fix, so they do not fail the benches too.
-#[allow(clippy::all)]
-#[path = "../tests/common/mod.rs"]
+// are theirs to fix, so they do not fail the benches too. A bench uses a
+// small part of it, hence dead_code.
+#[allow(clippy::all, dead_code)]
+#[path = "../tests/it/common/mod.rs"]
 mod common;
 
 use std::fs::File;

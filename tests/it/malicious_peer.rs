@@ -1,7 +1,7 @@
 //! A scripted, lying peer against the real `vmsync --server`.
 //!
 //! The test plays the client with the library's own protocol types
-//! (`tests/common/peer.rs`) and lies: flipped bits, truncated streams, huge
+//! (`tests/it/peer.rs`) and lies: flipped bits, truncated streams, huge
 //! and zero lengths, unknown messages, a newer protocol version, a zstd
 //! bomb, manifests that lie, chunks nobody asked for, pieces of the wrong
 //! length; and, against a server that sends, a receiver that asks for
@@ -10,7 +10,7 @@
 //! Every case asserts the server's exit code (5 for a protocol error, 4 for
 //! a stream that just ends, 7 for a changed source), the `ERROR` frame it
 //! sends back, that it did not panic, that its peak RSS stayed under
-//! [`peer::RSS_LIMIT_KIB`], and that the destination is exactly as before
+//! [`RSS_LIMIT_KIB`], and that the destination is exactly as before
 //! (or, when there was none, that none was made: only the hidden
 //! `.NAME.vmsync-partial` may appear, and it holds no data).
 //!
@@ -18,15 +18,11 @@
 //! protocol versions, the offending length or type); elsewhere the words a
 //! case expects are printed as a note when missing, since wording changes.
 
-mod common;
-#[path = "common/peer.rs"]
-mod peer;
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::*;
-use peer::*;
+use crate::common::*;
+use crate::peer::*;
 use vmsync::hash::ChunkHash;
 use vmsync::manifest::{Entry, Kind};
 use vmsync::protocol::{flags, ChunkMsg, Msg, StartMode, Summary, MAX_FRAME};

@@ -14,8 +14,7 @@
 //! Nothing waits on a clock except the safety timeouts (a hung server is
 //! killed and the test fails with what it printed).
 //!
-//! Include with `#[path = "common/peer.rs"] mod peer;` next to `mod common;`.
-#![allow(dead_code)]
+//! A module of the `it` test crate (`crate::peer`), beside `common`.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -145,17 +144,6 @@ impl Outcome {
                 "server peak RSS {kib} KiB over the {RSS_LIMIT_KIB} KiB bound\n{self}"
             );
         }
-        self
-    }
-
-    /// Peak RSS below `kib` (a tighter bound than [`RSS_LIMIT_KIB`]).
-    #[track_caller]
-    pub fn assert_rss_below(&self, kib: u64) -> &Self {
-        let peak = self.peak_rss_kib.expect("the RSS wrapper reported nothing");
-        assert!(
-            peak < kib,
-            "server peak RSS {peak} KiB over the {kib} KiB bound\n{self}"
-        );
         self
     }
 

@@ -5,16 +5,12 @@
 //!
 //! "Remote" operands go through the fault relay (`tests/fixtures/relay.py`)
 //! as `-e`; a second sync is made to wait deterministically by holding the
-//! destination's lock with a scripted server (`tests/common/peer.rs`).
-
-mod common;
-#[path = "common/peer.rs"]
-mod peer;
+//! destination's lock with a scripted server (`tests/it/peer.rs`).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 
 /// A sync through the relay with `relay_opts`; waits for the relay's
 /// server side to exit before returning.
@@ -130,7 +126,7 @@ fn bit_flipped_in_flight_on_a_pull_fails_5_and_keeps_the_destination() {
 
 #[test]
 fn second_sync_of_a_locked_destination_exits_8_and_the_first_completes() {
-    use peer::*;
+    use crate::peer::*;
     let pair = Pair::new();
     pair.write_src(&random_bytes(3, 1 << 20));
     // The first sync: a server receiving into the destination, kept
