@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Generates deterministic disk-image-like files under /var/tmp, starts a
-//! throwaway sshd on 127.0.0.1 (`tests/common`'s `Sshd`), and for each
+//! throwaway sshd on 127.0.0.1 (`tests/it/common`'s `Sshd`), and for each
 //! scenario runs vmsync and rsync (plain and `--inplace`) alternately, at
 //! least `--runs` times each, checking after every run that the destination
 //! is byte-identical to the source. Prints a Markdown table and writes it to

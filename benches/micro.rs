@@ -1,5 +1,5 @@
 //! Micro-benchmarks of vmsync's hot paths, on 16 MiB of mixed data
-//! (`tests/common`'s `mixed_bytes`: random, text, records and zero runs);
+//! (`tests/it/common`'s `mixed_bytes`: random, text, records and zero runs);
 //! `scan/file-256m` scans 256 MiB of it, many segments.
 //!
 //! ```text
