@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Generates deterministic disk-image-like files under /var/tmp, starts a
-//! throwaway sshd on 127.0.0.1 (`tests/common`'s `Sshd`), and for each
+//! throwaway sshd on 127.0.0.1 (`tests/it/common`'s `Sshd`), and for each
 //! scenario runs vmsync and rsync (plain and `--inplace`) alternately, at
 //! least `--runs` times each, checking after every run that the destination
 //! is byte-identical to the source. Prints a Markdown table and writes it to
@@ -26,9 +26,10 @@
 //! It needs 14x the size free instead of 7x.
 
 // Shared with the integration tests, which lint it (and own it): its lints
-// are theirs to fix, so they do not fail the benches too.
-#[allow(clippy::all)]
-#[path = "../tests/common/mod.rs"]
+// are theirs to fix, so they do not fail the benches too. A bench uses a
+// small part of it, hence dead_code.
+#[allow(clippy::all, dead_code)]
+#[path = "../tests/it/common/mod.rs"]
 mod common;
 
 use std::fmt::Write as _;

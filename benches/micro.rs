@@ -1,5 +1,5 @@
 //! Micro-benchmarks of vmsync's hot paths, on 16 MiB of mixed data
-//! (`tests/common`'s `mixed_bytes`: random, text, records and zero runs);
+//! (`tests/it/common`'s `mixed_bytes`: random, text, records and zero runs);
 //! `scan/file-256m` scans 256 MiB of it, many segments.
 //!
 //! ```text
@@ -13,9 +13,10 @@
 //! benches the input is the encoded manifest batch.
 
 // Shared with the integration tests, which lint it (and own it): its lints
-// are theirs to fix, so they do not fail the benches too.
-#[allow(clippy::all)]
-#[path = "../tests/common/mod.rs"]
+// are theirs to fix, so they do not fail the benches too. A bench uses a
+// small part of it, hence dead_code.
+#[allow(clippy::all, dead_code)]
+#[path = "../tests/it/common/mod.rs"]
 mod common;
 
 use std::fs::File;

@@ -132,14 +132,6 @@ pub fn fail(exit: Exit, message: impl Into<String>) -> anyhow::Error {
     })
 }
 
-/// `bail!` with an exit code.
-#[macro_export]
-macro_rules! bail_with {
-    ($exit:expr, $($arg:tt)*) => {
-        return Err($crate::error::fail($exit, format!($($arg)*)))
-    };
-}
-
 /// Attach an exit code to any error, keeping its message chain.
 pub trait WithExit<T> {
     fn exit_with(self, exit: Exit) -> anyhow::Result<T>;

@@ -16,25 +16,16 @@
 //! and SIGTERM.
 
 pub mod app;
-pub mod client;
+pub(crate) mod client;
 pub mod content;
-pub mod dest;
+pub(crate) mod dest;
 pub mod error;
-pub mod filter;
-pub mod log;
-pub mod progress;
-pub mod roles;
-pub mod server;
-pub mod signals;
-pub mod sys;
+pub(crate) mod filter;
+pub(crate) mod log;
+pub(crate) mod progress;
+pub(crate) mod roles;
+pub(crate) mod server;
+pub(crate) mod signals;
+pub(crate) mod sys;
 pub mod units;
 pub mod wire;
-
-/// The process umask, read once before any thread starts (reading it means
-/// setting it, which would race with threads creating files).
-pub fn read_umask() -> u32 {
-    use rustix::fs::Mode;
-    let old = rustix::process::umask(Mode::from_raw_mode(0o022));
-    rustix::process::umask(old);
-    old.as_raw_mode()
-}

@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmsync::wire::protocol::{FrameReader, Msg};
+use vmsync::wire::{FrameReader, Msg};
 
 fuzz_target!(|data: &[u8]| {
     let _ = FrameReader::new(data, "fuzz").read_hello();

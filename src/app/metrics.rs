@@ -471,7 +471,7 @@ fn write_atomically(path: &Path, text: &str) -> Result<()> {
 }
 
 #[cfg(test)]
-#[path = "../../tests/common/prom.rs"]
+#[path = "../../tests/it/prom.rs"]
 mod prom;
 
 #[cfg(test)]

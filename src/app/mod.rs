@@ -1,6 +1,9 @@
 //! The invoking end's outer layer: command line, validated settings, reports, metrics.
 
 pub mod cli;
-pub mod config;
-pub mod metrics;
-pub mod report;
+pub(crate) mod config;
+pub(crate) mod metrics;
+pub(crate) mod report;
+mod run;
+
+pub use run::{main, start};

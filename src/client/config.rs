@@ -2,7 +2,7 @@
 //! line, or by a library user): what the client needs to start the other end
 //! and drive the roles.
 
-use crate::client::spawn::{Operand, Remote};
+use crate::client::spawn::Operand;
 use crate::content::chunk::ChunkParams;
 
 /// One sync or check, ready to run.
@@ -40,14 +40,4 @@ pub struct Config {
     pub delete: bool,
     /// `--include`/`--exclude`, in command-line order.
     pub filters: Vec<crate::wire::FilterRule>,
-}
-
-impl Config {
-    /// The operand that is remote, if any.
-    pub fn remote(&self) -> Option<&Remote> {
-        match (&self.src, &self.dst) {
-            (Operand::Remote(r), _) | (_, Operand::Remote(r)) => Some(r),
-            _ => None,
-        }
-    }
 }

@@ -78,9 +78,6 @@ impl ChunkParams {
         }
     }
 
-    pub fn is_fixed(&self) -> bool {
-        self.fixed
-    }
     pub fn avg(&self) -> u32 {
         self.avg
     }

@@ -3,13 +3,13 @@
 //! A 64 KiB chunk that differs from everything the receiver has may still
 //! be mostly old data: a database rewrote one 8 KiB page of it, or a qcow2
 //! cluster moved. So for a chunk it lacks, the receiver asks for the hashes
-//! of the chunk's *pieces* — the chunk cut at absolute 4 KiB file offsets,
+//! of the chunk's *blocks* — the chunk cut at absolute 4 KiB file offsets,
 //! because disk images write in aligned 4 KiB units (`docs/DESIGN.md`, finding 3:
-//! chunk-relative blocks sent 2.5× more) — finds each piece in its old data,
+//! chunk-relative blocks sent 2.5× more) — finds each block in its old data,
 //! either at the same offset or anywhere in a [`BlockIndex`] of the old data
 //! that no chunk of the new file matched, and requests only the rest. The
 //! assembled chunk is verified against its full BLAKE3 hash before it is
-//! written, so a piece matched by its short hash can never slip in wrong
+//! written, so a block matched by its short hash can never slip in wrong
 //! data: a mismatch makes the receiver fetch the whole chunk instead.
 
 use std::collections::HashMap;
@@ -23,24 +23,24 @@ use crate::content::scan::read_full;
 
 /// Refinement granularity, aligned to absolute file offsets.
 pub const BLOCK: u64 = 4096;
-/// Length of a piece hash: a truncated BLAKE3. Collisions only cost a
+/// Length of a block hash: a truncated BLAKE3. Collisions only cost a
 /// whole-chunk refetch, since the assembled chunk is verified in full.
-pub const PIECE_HASH_LEN: usize = 8;
-/// Most pieces in one chunk: a maximal chunk spans this many 4 KiB blocks.
-pub const MAX_PIECES: usize = (crate::content::chunk::MAX_CHUNK as usize) / BLOCK as usize + 1;
+pub const BLOCK_HASH_LEN: usize = 8;
+/// Most blocks in one chunk: a maximal chunk spans this many 4 KiB blocks.
+pub const MAX_BLOCKS: usize = (crate::content::chunk::MAX_CHUNK as usize) / BLOCK as usize + 1;
 
-pub type PieceHash = [u8; PIECE_HASH_LEN];
+pub type BlockHash = [u8; BLOCK_HASH_LEN];
 
-pub fn piece_hash(data: &[u8]) -> PieceHash {
+pub fn block_hash(data: &[u8]) -> BlockHash {
     let h = blake3::hash(data);
-    let mut out = [0u8; PIECE_HASH_LEN];
-    out.copy_from_slice(&h.as_bytes()[..PIECE_HASH_LEN]);
+    let mut out = [0u8; BLOCK_HASH_LEN];
+    out.copy_from_slice(&h.as_bytes()[..BLOCK_HASH_LEN]);
     out
 }
 
-/// The pieces of the chunk `[offset, offset + len)`: `(start, len)` cut at
+/// The blocks of the chunk `[offset, offset + len)`: `(start, len)` cut at
 /// every multiple of [`BLOCK`].
-pub fn pieces(offset: u64, len: u32) -> impl Iterator<Item = (u64, u32)> {
+pub fn blocks(offset: u64, len: u32) -> impl Iterator<Item = (u64, u32)> {
     let end = offset + u64::from(len);
     let mut pos = offset;
     std::iter::from_fn(move || {
@@ -55,7 +55,7 @@ pub fn pieces(offset: u64, len: u32) -> impl Iterator<Item = (u64, u32)> {
     })
 }
 
-pub fn piece_count(offset: u64, len: u32) -> usize {
+pub fn block_count(offset: u64, len: u32) -> usize {
     if len == 0 {
         return 0;
     }
@@ -63,20 +63,20 @@ pub fn piece_count(offset: u64, len: u32) -> usize {
     ((end - 1) / BLOCK - offset / BLOCK + 1) as usize
 }
 
-/// Hashes of the pieces of `data`, which sits at file offset `offset`.
-pub fn piece_hashes(offset: u64, data: &[u8]) -> Vec<PieceHash> {
-    pieces(offset, data.len() as u32)
+/// Hashes of the blocks of `data`, which sits at file offset `offset`.
+pub fn block_hashes(offset: u64, data: &[u8]) -> Vec<BlockHash> {
+    blocks(offset, data.len() as u32)
         .map(|(s, l)| {
             let a = (s - offset) as usize;
-            piece_hash(&data[a..a + l as usize])
+            block_hash(&data[a..a + l as usize])
         })
         .collect()
 }
 
-/// Full 4 KiB blocks of old data, by piece hash: where each sits.
+/// Full 4 KiB blocks of old data, by block hash: where each sits.
 #[derive(Default)]
 pub struct BlockIndex {
-    map: HashMap<PieceHash, u64>,
+    map: HashMap<BlockHash, u64>,
 }
 
 impl BlockIndex {
@@ -93,7 +93,7 @@ impl BlockIndex {
                 b += BLOCK;
             }
         }
-        let hashed: Vec<Option<(PieceHash, u64)>> = blocks
+        let hashed: Vec<Option<(BlockHash, u64)>> = blocks
             .par_chunks(256)
             .flat_map_iter(|group| {
                 let mut buf = vec![0u8; BLOCK as usize];
@@ -103,7 +103,7 @@ impl BlockIndex {
                         if read_full(file, &mut buf, b).is_err() || is_zero(&buf) {
                             None
                         } else {
-                            Some((piece_hash(&buf), b))
+                            Some((block_hash(&buf), b))
                         }
                     })
                     .collect::<Vec<_>>()
@@ -116,7 +116,7 @@ impl BlockIndex {
         Ok(BlockIndex { map })
     }
 
-    pub fn get(&self, h: &PieceHash) -> Option<u64> {
+    pub fn get(&self, h: &BlockHash) -> Option<u64> {
         self.map.get(h).copied()
     }
 
@@ -129,20 +129,20 @@ impl BlockIndex {
     }
 }
 
-/// Where each piece of a chunk being assembled comes from.
+/// Where each block of a chunk being assembled comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PieceSource {
+pub enum BlockSource {
     /// Old data at this offset, same length.
     Basis(u64),
     /// The sender sends it.
     Wire,
 }
 
-/// Packs "which pieces to send" as a bitmap, piece 0 in bit 0 of byte 0.
-pub fn bitmap(plan: &[PieceSource]) -> Vec<u8> {
+/// Packs "which blocks to send" as a bitmap, block 0 in bit 0 of byte 0.
+pub fn bitmap(plan: &[BlockSource]) -> Vec<u8> {
     let mut bits = vec![0u8; plan.len().div_ceil(8)];
     for (i, p) in plan.iter().enumerate() {
-        if *p == PieceSource::Wire {
+        if *p == BlockSource::Wire {
             bits[i / 8] |= 1 << (i % 8);
         }
     }
@@ -153,12 +153,12 @@ pub fn bit(bits: &[u8], i: usize) -> bool {
     bits.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
 }
 
-/// The pieces of a chunk (`data`, at file offset `offset`) whose bits are
+/// The blocks of a chunk (`data`, at file offset `offset`) whose bits are
 /// set in `bitmap`, concatenated: the payload of a `CHUNK` that answers a
-/// `PIECE_REQUEST`.
+/// `BLOCK_FETCH`.
 pub fn gather(offset: u64, data: &[u8], bitmap: &[u8]) -> Vec<u8> {
     let mut wanted = Vec::new();
-    for (k, (start, len)) in pieces(offset, data.len() as u32).enumerate() {
+    for (k, (start, len)) in blocks(offset, data.len() as u32).enumerate() {
         if bit(bitmap, k) {
             let a = (start - offset) as usize;
             wanted.extend_from_slice(&data[a..a + len as usize]);
@@ -173,41 +173,41 @@ mod tests {
 
     #[test]
     fn pieces_follow_absolute_4k_offsets() {
-        let p: Vec<_> = pieces(1000, 10000).collect();
+        let p: Vec<_> = blocks(1000, 10000).collect();
         assert_eq!(p, [(1000, 3096), (4096, 4096), (8192, 2808)]);
-        assert_eq!(piece_count(1000, 10000), 3);
-        let p: Vec<_> = pieces(8192, 4096).collect();
+        assert_eq!(block_count(1000, 10000), 3);
+        let p: Vec<_> = blocks(8192, 4096).collect();
         assert_eq!(p, [(8192, 4096)]);
-        assert_eq!(piece_count(8192, 4096), 1);
-        assert_eq!(piece_count(8191, 2), 2);
-        assert_eq!(pieces(5, 0).count(), 0);
+        assert_eq!(block_count(8192, 4096), 1);
+        assert_eq!(block_count(8191, 2), 2);
+        assert_eq!(blocks(5, 0).count(), 0);
         for (o, l) in [(0u64, 1u32), (4095, 1), (4095, 2), (123456, 262144)] {
-            assert_eq!(pieces(o, l).count(), piece_count(o, l));
+            assert_eq!(blocks(o, l).count(), block_count(o, l));
             assert_eq!(
-                pieces(o, l).map(|p| u64::from(p.1)).sum::<u64>(),
+                blocks(o, l).map(|p| u64::from(p.1)).sum::<u64>(),
                 u64::from(l)
             );
         }
-        assert!(piece_count(4095, crate::content::chunk::MAX_CHUNK) <= MAX_PIECES);
+        assert!(block_count(4095, crate::content::chunk::MAX_CHUNK) <= MAX_BLOCKS);
     }
 
     #[test]
     fn bitmap_round_trips() {
         let plan = [
-            PieceSource::Wire,
-            PieceSource::Basis(0),
-            PieceSource::Wire,
-            PieceSource::Basis(1),
-            PieceSource::Basis(2),
-            PieceSource::Basis(3),
-            PieceSource::Basis(4),
-            PieceSource::Basis(5),
-            PieceSource::Wire,
+            BlockSource::Wire,
+            BlockSource::Basis(0),
+            BlockSource::Wire,
+            BlockSource::Basis(1),
+            BlockSource::Basis(2),
+            BlockSource::Basis(3),
+            BlockSource::Basis(4),
+            BlockSource::Basis(5),
+            BlockSource::Wire,
         ];
         let b = bitmap(&plan);
         assert_eq!(b, [0b101, 1]);
         for (i, p) in plan.iter().enumerate() {
-            assert_eq!(bit(&b, i), *p == PieceSource::Wire);
+            assert_eq!(bit(&b, i), *p == BlockSource::Wire);
         }
     }
 }

@@ -12,13 +12,13 @@
 //! empty device still sends no data.
 //!
 //! Cutting runs in parallel too, though a chunk's end depends on where it
-//! starts: a stretch of data is split into pieces, each cut as if a chunk
-//! started at its beginning, and the pieces are stitched in order. The chain
-//! of cuts from the stretch's start, continued into a piece, soon lands on
-//! one of the piece's own cut points (usually within a chunk or two) and
-//! from there on is the piece's chain; until it does, it is cut serially.
+//! starts: a stretch of data is split into parts, each cut as if a chunk
+//! started at its beginning, and the parts are stitched in order. The chain
+//! of cuts from the stretch's start, continued into a part, soon lands on
+//! one of the part's own cut points (usually within a chunk or two) and
+//! from there on is the part's chain; until it does, it is cut serially.
 //! So the cut points are exactly those of a serial pass ([`cut_run`]), and a
-//! piece that never lines up (long runs of one byte value written out) only
+//! part that never lines up (long runs of one byte value written out) only
 //! costs its speculative work. Hashing and zero checks of a segment's chunks
 //! run in parallel on rayon's pool, overlapping the next segment's read and
 //! cut.
@@ -36,7 +36,7 @@ use crate::content::hash::ChunkHash;
 const SEGMENT: usize = 16 << 20;
 /// Most records in one segment (bounds memory over terabytes of holes).
 const MAX_PENDING: usize = 65536;
-/// Fewest bytes of a piece cut on its own thread: smaller stretches are cut
+/// Fewest bytes of a part cut on its own thread: smaller stretches are cut
 /// serially, where spreading them would cost more than it saves.
 const MIN_PIECE: usize = 2 << 20;
 
@@ -169,7 +169,7 @@ pub fn scan(
 /// its file offset, so a data chunk's bytes are
 /// `&data[(rec.offset - at) as usize..][..rec.len]` without reading them again.
 ///
-/// Reading and cutting a segment (cut in parallel pieces, see
+/// Reading and cutting a segment (cut in parallel parts, see
 /// [`cut_run`]) overlaps with hashing the previous one on rayon's pool.
 pub fn scan_with_data(
     file: &File,
@@ -302,36 +302,36 @@ impl Cutting<'_> {
 ///
 /// The caller must make those windows right: `data` holds at least `max`
 /// bytes after every start before `until`, or ends where the file does.
-/// Long stretches are cut in parallel pieces (one per thread of rayon's pool)
+/// Long stretches are cut in parallel parts (one per thread of rayon's pool)
 /// and stitched, see [`cut_run_in`].
 fn cut_run(cutter: &Cutter, data: &[u8], from: usize, until: usize) -> Vec<(usize, usize)> {
     let len = until - from;
-    let pieces = rayon::current_num_threads().min(len / MIN_PIECE).max(1);
-    cut_run_in(cutter, data, from, until, len.div_ceil(pieces))
+    let parts = rayon::current_num_threads().min(len / MIN_PIECE).max(1);
+    cut_run_in(cutter, data, from, until, len.div_ceil(parts))
 }
 
-/// [`cut_run`] with pieces of `piece` bytes (the tests pick small ones).
+/// [`cut_run`] with parts of `part` bytes (the tests pick small ones).
 ///
-/// Each piece is cut on its own, as if a chunk started at its first byte,
-/// until a chunk ends at or past the piece's end. Stitching in order keeps
+/// Each part is cut on its own, as if a chunk started at its first byte,
+/// until a chunk ends at or past the part's end. Stitching in order keeps
 /// the serial chain, which is always at `q`, the end of the chunks so far:
-/// the first piece's cuts are that chain outright. In a later piece, when `q`
-/// is one of the piece's chunk starts, the rest of the piece's cuts are the
+/// the first part's cuts are that chain outright. In a later part, when `q`
+/// is one of the part's chunk starts, the rest of the part's cuts are the
 /// serial chain from `q` on (a cut depends only on its start and the data),
 /// and they are taken whole. Otherwise one chunk is cut at `q` serially and
-/// the test repeats, until `q` matches or passes the piece's end (the whole
-/// piece was then recut serially: correct, just not faster). Every chunk
-/// taken starts before its piece's end, so before `until`, and the last
+/// the test repeats, until `q` matches or passes the part's end (the whole
+/// part was then recut serially: correct, just not faster). Every chunk
+/// taken starts before its part's end, so before `until`, and the last
 /// one ends at or past `until`: the chain is the serial loop's, no more.
 ///
-/// Piece starts are rounded down to multiples of `min` from `from`, so fixed
+/// Part starts are rounded down to multiples of `min` from `from`, so fixed
 /// blocks (a chain of steps of exactly `min`) line up at once.
 fn cut_run_in(
     cutter: &Cutter,
     data: &[u8],
     from: usize,
     until: usize,
-    piece: usize,
+    part: usize,
 ) -> Vec<(usize, usize)> {
     let max = cutter.params().max() as usize;
     let align = cutter.params().min() as usize;
@@ -346,7 +346,7 @@ fn cut_run_in(
         out
     };
     let mut bounds: Vec<usize> = (0..until - from)
-        .step_by(piece.max(1))
+        .step_by(part.max(1))
         .map(|d| from + d - d % align)
         .collect();
     bounds.dedup();
@@ -354,11 +354,11 @@ fn cut_run_in(
         return chain(from, until);
     }
     bounds.push(until);
-    let pieces: Vec<Vec<(usize, usize)>> =
+    let parts: Vec<Vec<(usize, usize)>> =
         bounds.par_windows(2).map(|w| chain(w[0], w[1])).collect();
-    let mut out = Vec::with_capacity(pieces.iter().map(Vec::len).sum::<usize>() + 16);
+    let mut out = Vec::with_capacity(parts.iter().map(Vec::len).sum::<usize>() + 16);
     let mut q = from;
-    for (cuts, &end) in pieces.iter().zip(&bounds[1..]) {
+    for (cuts, &end) in parts.iter().zip(&bounds[1..]) {
         let mut j = 0;
         while q < end {
             while j < cuts.len() && cuts[j].0 < q {
@@ -366,7 +366,7 @@ fn cut_run_in(
             }
             if j < cuts.len() && cuts[j].0 == q {
                 out.extend_from_slice(&cuts[j..]);
-                let &(last, n) = cuts.last().expect("a piece has a chunk");
+                let &(last, n) = cuts.last().expect("a part has a chunk");
                 q = last + n;
                 break;
             }
@@ -553,7 +553,7 @@ mod tests {
     }
 
     /// Noise, runs of one byte (0 and 0xAB), a short block repeated, and
-    /// noise again. A piece that starts inside a run of one value (or of a
+    /// noise again. A part that starts inside a run of one value (or of a
     /// short period) may not line up with the serial chain before the run
     /// ends, and is recut serially that far.
     fn mixed(len: usize, seed: u64) -> Vec<u8> {
@@ -568,18 +568,18 @@ mod tests {
         v
     }
 
-    /// Of the piece starts after the first, as `cut_run_in` splits
+    /// Of the part starts after the first, as `cut_run_in` splits
     /// `[from, until)`: how many the serial chain `cuts` misses (the stitch
     /// recuts at least one chunk serially) and how many it hits.
     fn sync_counts(
         cuts: &[(usize, usize)],
         from: usize,
         until: usize,
-        piece: usize,
+        part: usize,
         align: usize,
     ) -> (usize, usize) {
         let (mut miss, mut hit) = (0, 0);
-        for d in (piece..until - from).step_by(piece) {
+        for d in (part..until - from).step_by(part) {
             let start = from + d - d % align;
             if cuts.binary_search_by_key(&start, |c| c.0).is_ok() {
                 hit += 1;
@@ -603,17 +603,17 @@ mod tests {
             mixed(3 << 20, 4),
             mixed(20 << 20, 5),
         ];
-        let pieces = [1, 777, 4096, 10_000, 100_000, 1 << 20, 4 << 20];
+        let parts = [1, 777, 4096, 10_000, 100_000, 1 << 20, 4 << 20];
         let (mut missed, mut hit) = (0, 0);
         for cutter in cutters() {
             let max = cutter.params().max() as usize;
             let align = cutter.params().min() as usize;
             for data in &inputs {
-                // The 20 MiB input only in coarser pieces, to keep the test quick.
-                let pieces = if data.len() > 4 << 20 {
-                    &pieces[3..]
+                // The 20 MiB input only in coarser parts, to keep the test quick.
+                let parts = if data.len() > 4 << 20 {
+                    &parts[3..]
                 } else {
-                    &pieces[..]
+                    &parts[..]
                 };
                 // The whole file; a run that starts later; a run in a buffer
                 // that does not reach the end of the file (windows of `max`).
@@ -625,22 +625,22 @@ mod tests {
                 for (from, until) in runs {
                     let want = serial(&cutter, data, from, until);
                     assert_eq!(cut_run(&cutter, data, from, until), want);
-                    for &piece in pieces {
-                        let got = cut_run_in(&cutter, data, from, until, piece);
+                    for &part in parts {
+                        let got = cut_run_in(&cutter, data, from, until, part);
                         assert!(
                             got == want,
-                            "{:?}, {} bytes [{from}, {until}), pieces of {piece}",
+                            "{:?}, {} bytes [{from}, {until}), parts of {part}",
                             cutter.params(),
                             data.len()
                         );
-                        let (m, h) = sync_counts(&want, from, until, piece, align);
+                        let (m, h) = sync_counts(&want, from, until, part, align);
                         missed += m;
                         hit += h;
                     }
                 }
             }
         }
-        // Both ways of stitching a piece were taken.
+        // Both ways of stitching a part were taken.
         assert!(missed > 100 && hit > 100, "missed {missed}, hit {hit}");
     }
 
@@ -651,7 +651,7 @@ mod tests {
         fn parallel_cut_is_the_serial_cut_prop(
             parts in proptest::collection::vec((0u8..4, 1usize..200_000, proptest::prelude::any::<u64>()), 1..12),
             which in 0usize..5,
-            piece in 1usize..300_000,
+            part in 1usize..300_000,
             from_frac in 0.0f64..1.0,
             to_eof in proptest::prelude::any::<bool>(),
         ) {
@@ -672,7 +672,7 @@ mod tests {
             let until = if to_eof || data.len() < max { data.len() } else { data.len() - max + 1 };
             let from = ((until as f64 * from_frac) as usize).min(until - 1);
             let want = serial(cutter, &data, from, until);
-            proptest::prop_assert_eq!(cut_run_in(cutter, &data, from, until, piece), want);
+            proptest::prop_assert_eq!(cut_run_in(cutter, &data, from, until, part), want);
         }
     }
 
@@ -725,7 +725,7 @@ mod tests {
 
     #[test]
     fn runs_between_holes_cut_as_written_zeros() {
-        // Data runs long enough to be cut in parallel pieces, ending at holes
+        // Data runs long enough to be cut in parallel parts, ending at holes
         // that windows bridge (8 KiB < max) and that they do not, one run
         // across the segment boundary, a little data at the very end.
         let dir = tempfile::tempdir().unwrap();

@@ -181,13 +181,6 @@ fn prune(dir: &Path) {
     }
 }
 
-/// Forgets `dest`'s entry (after an in-place run was interrupted, say).
-pub fn forget(dest: &Path, params: ChunkParams) {
-    if let Some(p) = entry_path(dest, params) {
-        let _ = std::fs::remove_file(p);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,8 +239,6 @@ mod tests {
         bytes[n - 40] ^= 1;
         std::fs::write(&p, bytes).unwrap();
         assert_eq!(load(&dest, &meta2, params), None);
-        forget(&dest, params);
-        assert!(!p.exists());
     }
 
     #[test]

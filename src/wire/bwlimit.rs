@@ -140,11 +140,6 @@ impl Limiter {
         }
     }
 
-    /// The configured rate in bytes per second (0 = unlimited).
-    pub fn bytes_per_sec(&self) -> u64 {
-        self.shared.rate
-    }
-
     /// Blocks until `n` bytes may go out.
     pub fn take(&self, n: usize) {
         let rate = self.shared.rate;
@@ -245,14 +240,6 @@ impl<W: Write> Limited<W> {
         self.slice = limiter.slice_len();
         self.limiter = limiter;
     }
-
-    pub fn get_ref(&self) -> &W {
-        &self.inner
-    }
-
-    pub fn into_inner(self) -> W {
-        self.inner
-    }
 }
 
 impl<W: Write> Write for Limited<W> {
@@ -350,8 +337,7 @@ mod tests {
         w.write_all(&data).unwrap();
         w.write_all(&[]).unwrap();
         w.flush().unwrap();
-        assert_eq!(w.get_ref().len(), data.len());
-        assert_eq!(w.into_inner(), data);
+        assert_eq!(w.inner, data);
     }
 
     /// Takes at most 7 bytes per call, as a pipe may under pressure.
@@ -373,7 +359,7 @@ mod tests {
         let mut w = Limited::new(Trickle(Vec::new()), Limiter::new(64 * MIB));
         assert_eq!(w.write(b"0123456789").unwrap(), 7);
         w.write_all(b"abcdefghijklmnopqrstuvwxyz").unwrap();
-        assert_eq!(w.into_inner().0, b"0123456abcdefghijklmnopqrstuvwxyz");
+        assert_eq!(w.inner.0, b"0123456abcdefghijklmnopqrstuvwxyz");
     }
 
     #[test]
@@ -398,7 +384,7 @@ mod tests {
         fast.take(1);
         let mut w = Limited::new(Vec::new(), fast);
         w.write_all(&[1; 100_000]).unwrap();
-        assert_eq!(w.into_inner().len(), 100_000);
+        assert_eq!(w.inner.len(), 100_000);
     }
 
     #[test]

@@ -12,12 +12,12 @@
 //! The items below are the public face: `crate::wire::Msg`,
 //! `crate::wire::FrameReader`, and so on.
 
-pub mod bwlimit;
-pub mod codec;
+pub(crate) mod bwlimit;
+pub(crate) mod codec;
 pub mod frame;
 pub mod messages;
 pub mod options;
-pub mod pipe;
+pub(crate) mod pipe;
 
 pub use frame::{FrameReader, FrameWriter, LOCAL_PEER, MAGIC, MAX_FRAME, PROTOCOL_VERSION};
 pub use messages::{
@@ -28,23 +28,3 @@ pub use messages::{
 };
 pub use options::{flags, Options};
 pub use pipe::{keepalive_interval, Counted, Silence, Watched};
-
-/// TEMP alias: `crate::wire::protocol::X` -> `crate::wire::X` (frame,
-/// messages, options). Kept so files not yet rewritten still compile.
-pub mod protocol {
-    pub use super::frame::*;
-    pub use super::messages::*;
-    pub use super::options::*;
-}
-
-/// TEMP alias: `crate::wire::transport::X` -> `crate::client::spawn::X`
-/// (operands, spawning), `crate::wire::pipe::X` (Counted, Watched, Silence,
-/// keepalive_interval), `crate::progress::Counter`, `crate::units::{path_bytes,
-/// bytes_path}`, `crate::wire::frame::LOCAL_PEER`.
-pub mod transport {
-    pub use crate::client::spawn::*;
-    pub use crate::progress::Counter;
-    pub use crate::units::{bytes_path, path_bytes};
-    pub use crate::wire::frame::LOCAL_PEER;
-    pub use crate::wire::pipe::*;
-}

@@ -19,7 +19,7 @@ use crate::wire::{ChunkMsg, FrameReader, FrameWriter, Msg};
 
 /// Most decompressed bytes of received chunks completed together.
 const BATCH_RAW: u64 = 16 << 20;
-/// Most piece-hash answers planned together.
+/// Most block-hash answers planned together.
 const BATCH_HASHES: usize = 4096;
 
 /// The main thread's end of the reader thread.
@@ -229,7 +229,7 @@ fn chunk_batch(inbox: &mut Inbox, first: ChunkMsg) -> Vec<ChunkMsg> {
 /// cannot fill our memory by sending faster than we write, or by sending
 /// what nobody asked for.
 ///
-/// Chunk data (and piece hashes) count against a byte budget. Inline, the
+/// Chunk data (and block hashes) count against a byte budget. Inline, the
 /// sender pushes everything unasked and we send nothing back until the end,
 /// so the reader simply waits for room. Otherwise the sender only sends what
 /// was requested, at most [`WINDOW`] bytes in flight, so twice that is a

@@ -52,7 +52,6 @@ use std::path::Path;
 use anyhow::Result;
 
 pub use self::options::{RecvOptions, Seed};
-pub use self::run::WINDOW;
 use crate::error::{fail, Exit};
 use crate::progress::Progress;
 use crate::wire::{FileInfo, FrameReader, FrameWriter, Msg, Summary};

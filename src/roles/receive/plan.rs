@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use crate::content::hash::ChunkHash;
 use crate::content::manifest::{piece_digest, Entry, Kind, Piecer};
-use crate::content::refine::{self, BlockIndex, PieceSource};
+use crate::content::refine::{self, BlockIndex, BlockSource};
 use crate::content::scan::read_full;
 use crate::dest::cache;
 use crate::error::{fail, Exit};
@@ -271,7 +271,7 @@ impl Run<'_> {
             self.refined += 1;
             let e = self.entries[i];
             if no_blocks && !self.old_data_overlaps(&e) {
-                // No piece of it can be found here: skip the round trip.
+                // No block of it can be found here: skip the round trip.
                 self.request(i, e.len() as u32);
                 continue;
             }
@@ -281,18 +281,18 @@ impl Run<'_> {
         }
     }
 
-    /// Piece hashes of chunks we lack: find what we can locally (planned in
+    /// Block hashes of chunks we lack: find what we can locally (planned in
     /// parallel: each plan reads and hashes old data), ask for the rest.
-    pub fn plan(&mut self, batch: Vec<(u64, Vec<refine::PieceHash>)>) -> Result<()> {
+    pub fn plan(&mut self, batch: Vec<(u64, Vec<refine::BlockHash>)>) -> Result<()> {
         let mut todo = Vec::with_capacity(batch.len());
         for (index, hashes) in batch {
             let i = self.expect_state(index, State::Refining)?;
             let e = self.entries[i];
-            if hashes.len() != refine::piece_count(e.offset, e.len() as u32) {
+            if hashes.len() != refine::block_count(e.offset, e.len() as u32) {
                 return Err(fail(
                     Exit::Protocol,
                     format!(
-                        "protocol error: {} piece hashes for chunk {i}",
+                        "protocol error: {} block hashes for chunk {i}",
                         hashes.len()
                     ),
                 ));
@@ -303,24 +303,24 @@ impl Run<'_> {
         let blocks = self.blocks.as_ref().expect("refinement has a block index");
         let dirty =
             |s: u64, e: u64| basis.alias && self.out.as_ref().is_some_and(|o| o.is_dirty(s, e));
-        let plans: Vec<Vec<PieceSource>> = todo
+        let plans: Vec<Vec<BlockSource>> = todo
             .par_iter()
             .map(|(i, hashes)| make_plan(&self.entries[*i], hashes, basis, blocks, &dirty))
             .collect();
         for ((i, _), plan) in todo.into_iter().zip(plans) {
-            let wire = plan.iter().filter(|p| **p == PieceSource::Wire).count();
+            let wire = plan.iter().filter(|p| **p == BlockSource::Wire).count();
             if wire == plan.len() {
                 // Nothing of it here: the whole chunk is the same bytes, one message.
                 self.state[i] = State::Requested;
                 self.requests.push(i as u64);
                 continue;
             }
-            self.state[i] = State::Pieces;
+            self.state[i] = State::Blocks;
             if wire == 0 {
                 self.complete(vec![(i, Vec::new(), Some(plan))])?;
                 continue;
             }
-            self.piece_requests.push(Msg::PieceRequest {
+            self.block_fetches.push(Msg::BlockFetch {
                 index: i as u64,
                 count: plan.len() as u32,
                 bitmap: refine::bitmap(&plan),
@@ -334,14 +334,14 @@ impl Run<'_> {
     pub fn send_requests<W: Write>(&mut self, writer: &mut FrameWriter<W>) -> Result<()> {
         let any = !self.requests.is_empty()
             || !self.refine_requests.is_empty()
-            || !self.piece_requests.is_empty();
+            || !self.block_fetches.is_empty();
         for part in self.requests.chunks(MAX_REQUEST) {
             writer.send(&Msg::Request(part.to_vec()))?;
         }
         for part in self.refine_requests.chunks(MAX_REQUEST) {
             writer.send(&Msg::BlockRequest(part.to_vec()))?;
         }
-        for m in self.piece_requests.drain(..) {
+        for m in self.block_fetches.drain(..) {
             writer.send(&m)?;
         }
         self.requests.clear();
@@ -353,17 +353,17 @@ impl Run<'_> {
     }
 }
 
-/// Where each piece of chunk `e` can come from: the old file at the same
+/// Where each 4 KiB block of chunk `e` can come from: the old file at the same
 /// offset (read once for the whole chunk), else a block of unmatched old
-/// data with the same piece hash, else the wire. `dirty` says which old
+/// data with the same block hash, else the wire. `dirty` says which old
 /// ranges were overwritten this run (in place).
 pub(super) fn make_plan(
     e: &Entry,
-    hashes: &[refine::PieceHash],
+    hashes: &[refine::BlockHash],
     basis: &Basis,
     blocks: &BlockIndex,
     dirty: &(impl Fn(u64, u64) -> bool + Sync),
-) -> Vec<PieceSource> {
+) -> Vec<BlockSource> {
     let len = e.len() as u32;
     let same_end = e.end().min(basis.size);
     let mut same = Vec::new();
@@ -373,25 +373,25 @@ pub(super) fn make_plan(
             same.clear();
         }
     }
-    refine::pieces(e.offset, len)
+    refine::blocks(e.offset, len)
         .zip(hashes)
         .map(|((start, plen), want)| {
             let end = start + u64::from(plen);
             let a = (start - e.offset) as usize;
             // Same offset first: in-place rewrites leave the neighbours there.
             if let Some(old) = same.get(a..a + plen as usize) {
-                if !dirty(start, end) && &refine::piece_hash(old) == want {
-                    return PieceSource::Basis(start);
+                if !dirty(start, end) && &refine::block_hash(old) == want {
+                    return BlockSource::Basis(start);
                 }
             }
             if u64::from(plen) == refine::BLOCK {
                 if let Some(at) = blocks.get(want) {
                     if !dirty(at, at + refine::BLOCK) {
-                        return PieceSource::Basis(at);
+                        return BlockSource::Basis(at);
                     }
                 }
             }
-            PieceSource::Wire
+            BlockSource::Wire
         })
         .collect()
 }
@@ -516,14 +516,14 @@ mod tests {
         let mut new = old.clone();
         new[bs + 10] ^= 0xff;
         let e = data(0, &new);
-        let hashes = refine::piece_hashes(0, &new);
+        let hashes = refine::block_hashes(0, &new);
         let plan = make_plan(&e, &hashes, &basis, &blocks, &clean);
         assert_eq!(
             plan,
             [
-                PieceSource::Basis(0),
-                PieceSource::Wire,
-                PieceSource::Basis(2 * bs as u64)
+                BlockSource::Basis(0),
+                BlockSource::Wire,
+                BlockSource::Basis(2 * bs as u64)
             ]
         );
 
@@ -531,13 +531,13 @@ mod tests {
         let at = 3 * bs as u64;
         let moved = [old[bs..2 * bs].to_vec(), filled(bs, 9)].concat();
         let e = data(at, &moved);
-        let hashes = refine::piece_hashes(at, &moved);
+        let hashes = refine::block_hashes(at, &moved);
         let plan = make_plan(&e, &hashes, &basis, &blocks, &clean);
-        assert_eq!(plan, [PieceSource::Basis(bs as u64), PieceSource::Wire]);
+        assert_eq!(plan, [BlockSource::Basis(bs as u64), BlockSource::Wire]);
 
         // Old data overwritten this run is not used.
         let all_dirty = |_: u64, _: u64| true;
         let plan = make_plan(&e, &hashes, &basis, &blocks, &all_dirty);
-        assert_eq!(plan, [PieceSource::Wire, PieceSource::Wire]);
+        assert_eq!(plan, [BlockSource::Wire, BlockSource::Wire]);
     }
 }

@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use crate::content::compress::StreamDecoder;
 use crate::content::hash::ChunkHash;
 use crate::content::manifest::{Entry, Validator};
-use crate::content::refine::{BlockIndex, PieceSource};
+use crate::content::refine::{BlockIndex, BlockSource};
 use crate::dest::writer::Output;
 use crate::error::{fail, Exit};
 use crate::progress::Progress;
@@ -31,10 +31,10 @@ pub(super) enum State {
     Pending,
     /// Not in the basis; refined once the whole manifest is known.
     Deferred,
-    /// Piece hashes asked for.
+    /// Block hashes asked for.
     Refining,
     /// Some pieces asked for; the plan says where the rest come from.
-    Pieces,
+    Blocks,
     /// The whole chunk asked for.
     Requested,
     Done,
@@ -81,7 +81,7 @@ pub(super) struct Run<'a> {
     /// How far `deferred` has been handed to the sender (after the manifest end).
     pub refined: usize,
     pub refine_requests: Vec<u64>,
-    pub piece_requests: Vec<Msg>,
+    pub block_fetches: Vec<Msg>,
     /// Entries identical to the old file at the same offset, not written yet
     /// because no output exists yet (see `OutSpec`).
     pub lazy_copies: Vec<(usize, Option<usize>, u64)>,
@@ -92,8 +92,8 @@ pub(super) struct Run<'a> {
     /// none is refined (pieces are checked against the manifest's hash,
     /// which a changed chunk no longer has): a lacking chunk is fetched whole.
     pub allow_changing: bool,
-    /// Plans of chunks in state `Pieces`.
-    pub plans: HashMap<usize, Vec<PieceSource>>,
+    /// Plans of chunks in state `Blocks`.
+    pub plans: HashMap<usize, Vec<BlockSource>>,
     pub blocks: Option<BlockIndex>,
     pub out: Option<Output>,
     /// The destination's old contents.
@@ -187,7 +187,7 @@ impl<'a> Run<'a> {
             deferred: Vec::new(),
             refined: 0,
             refine_requests: Vec::new(),
-            piece_requests: Vec::new(),
+            block_fetches: Vec::new(),
             plans: HashMap::new(),
             blocks: None,
             out,
@@ -300,7 +300,7 @@ impl<'a> Run<'a> {
             deferred: Vec::new(),
             refined: 0,
             refine_requests: Vec::new(),
-            piece_requests: Vec::new(),
+            block_fetches: Vec::new(),
             plans: HashMap::new(),
             blocks: None,
             out,

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use crate::content::compress::StreamDecoder;
 use crate::content::hash::ChunkHash;
 use crate::content::manifest::{Entry, Kind};
-use crate::content::refine::{self, PieceSource};
+use crate::content::refine::{self, BlockSource};
 use crate::content::scan::read_full;
 use crate::dest::writer;
 use crate::error::{fail, Exit};
@@ -191,9 +191,9 @@ impl Run<'_> {
                 ));
             };
             let want = match (c.pieces, state) {
-                (true, State::Pieces) => refine::pieces(e.offset, len)
+                (true, State::Blocks) => refine::blocks(e.offset, len)
                     .zip(&self.plans[&i])
-                    .filter(|(_, p)| **p == PieceSource::Wire)
+                    .filter(|(_, p)| **p == BlockSource::Wire)
                     .map(|((_, l), _)| u64::from(l))
                     .sum(),
                 (false, State::Requested) => u64::from(len),
@@ -278,10 +278,10 @@ impl Run<'_> {
     /// the wire pieces of a planned one (assembled with old data). Building,
     /// verifying and writing run in parallel; a whole chunk that fails its
     /// hash is a protocol error, an assembled one is fetched whole instead
-    /// (a piece matched by its short hash but differed, or old data changed).
+    /// (a block matched by its short hash but differed, or old data changed).
     pub fn complete(
         &mut self,
-        items: Vec<(usize, Vec<u8>, Option<Vec<PieceSource>>)>,
+        items: Vec<(usize, Vec<u8>, Option<Vec<BlockSource>>)>,
     ) -> Result<()> {
         let basis = self.basis.as_ref();
         let out = self.out.as_ref().expect("output made before writing");
@@ -354,7 +354,7 @@ impl Run<'_> {
 /// that came from the wire.
 pub(super) fn build(
     e: &Entry,
-    plan: &[PieceSource],
+    plan: &[BlockSource],
     wire: &[u8],
     basis: &Basis,
     dirty: &(impl Fn(u64, u64) -> bool + Sync),
@@ -363,7 +363,7 @@ pub(super) fn build(
     let mut ok = true;
     let same = plan
         .iter()
-        .filter(|p| matches!(p, PieceSource::Basis(_)))
+        .filter(|p| matches!(p, BlockSource::Basis(_)))
         .count()
         > 1;
     let same_end = e.end().min(basis.size);
@@ -374,17 +374,17 @@ pub(super) fn build(
     }
     let mut wire_pos = 0usize;
     let mut from_wire = 0u64;
-    for ((start, plen), src) in refine::pieces(e.offset, e.len() as u32).zip(plan) {
+    for ((start, plen), src) in refine::blocks(e.offset, e.len() as u32).zip(plan) {
         let a = (start - e.offset) as usize;
         let dst = &mut chunk[a..a + plen as usize];
         match *src {
-            PieceSource::Wire => {
+            BlockSource::Wire => {
                 dst.copy_from_slice(&wire[wire_pos..wire_pos + plen as usize]);
                 wire_pos += plen as usize;
                 from_wire += u64::from(plen);
             }
-            PieceSource::Basis(at) if same && at == start => {} // read above
-            PieceSource::Basis(at) => {
+            BlockSource::Basis(at) if same && at == start => {} // read above
+            BlockSource::Basis(at) => {
                 if dirty(at, at + u64::from(plen)) || read_full(&basis.file, dst, at).is_err() {
                     ok = false;
                 }
@@ -487,18 +487,18 @@ mod tests {
         let want = [&old[..bs], &wire[..], &old[2 * bs..]].concat();
         let e = data(0, &want);
         let plan = [
-            PieceSource::Basis(0),
-            PieceSource::Wire,
-            PieceSource::Basis(2 * bs as u64),
+            BlockSource::Basis(0),
+            BlockSource::Wire,
+            BlockSource::Basis(2 * bs as u64),
         ];
         let (chunk, from_wire) = build(&e, &plan, &wire, &basis, &|_, _| false);
         assert_eq!(chunk.as_deref(), Some(&want[..]));
         assert_eq!(from_wire, bs as u64);
 
-        // A piece taken from elsewhere in the old file.
+        // A block taken from elsewhere in the old file.
         let moved = [&old[bs..2 * bs], &wire[..]].concat();
         let e = data(0, &moved);
-        let plan = [PieceSource::Basis(bs as u64), PieceSource::Wire];
+        let plan = [BlockSource::Basis(bs as u64), BlockSource::Wire];
         let (chunk, _) = build(&e, &plan, &wire, &basis, &|_, _| false);
         assert_eq!(chunk.as_deref(), Some(&moved[..]));
 

@@ -142,7 +142,7 @@ fn spawn_request_reader<R: Read + Send + 'static>(
         .name("requests".into())
         .spawn(move || loop {
             let ev = match reader.read_msg() {
-                Ok(m @ (Msg::Request(_) | Msg::BlockRequest(_) | Msg::PieceRequest { .. })) => {
+                Ok(m @ (Msg::Request(_) | Msg::BlockRequest(_) | Msg::BlockFetch { .. })) => {
                     Event::Peer(m)
                 }
                 Ok(Msg::Done(s)) => Event::PeerDone(s),

@@ -27,7 +27,7 @@ pub(super) enum Event {
     /// ssh password prompt).
     Batch(Vec<Entry>, Vec<ChunkMsg>, u64),
     ScanDone(u64, ChunkHash),
-    /// `REQUEST`, `BLOCK_REQUEST` or `PIECE_REQUEST`.
+    /// `REQUEST`, `BLOCK_REQUEST` or `BLOCK_FETCH`.
     Peer(Msg),
     PeerDone(Summary),
     Failed(anyhow::Error),

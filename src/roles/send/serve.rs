@@ -1,6 +1,6 @@
 //! The main thread of the sending end: it does all the writing,
 //! interleaving the scanner's manifest batches (or references to the pieces
-//! of it the receiver holds) with the chunks, piece hashes and pieces the
+//! of it the receiver holds) with the chunks, block hashes and blocks the
 //! receiver asks for.
 //!
 //! Every chunk is re-hashed when it is read for sending, so a source that
@@ -98,11 +98,11 @@ impl<'a, W: Write> Server<'a, W> {
                 Event::ScanDone(count, digest) => self.on_scan_done(count, digest)?,
                 Event::Peer(Msg::Request(idx)) => self.on_request(idx)?,
                 Event::Peer(Msg::BlockRequest(idx)) => self.on_block_request(&idx)?,
-                Event::Peer(Msg::PieceRequest {
+                Event::Peer(Msg::BlockFetch {
                     index,
                     count,
                     bitmap,
-                }) => self.on_piece_request(index, count, &bitmap)?,
+                }) => self.on_block_fetch(index, count, &bitmap)?,
                 Event::Peer(m) => return Err(m.unexpected("a request")),
                 Event::PeerDone(mut s) => {
                     self.unchanged()?;
@@ -172,10 +172,10 @@ impl<'a, W: Write> Server<'a, W> {
         self.writer.flush()
     }
 
-    /// `BLOCK_REQUEST`: the piece hashes of each chunk, which must still
+    /// `BLOCK_REQUEST`: the block hashes of each chunk, which must still
     /// have its hash (exit 7 otherwise).
     fn on_block_request(&mut self, idx: &[u64]) -> Result<()> {
-        // Read serially, hash in parallel: the chunk check and the piece
+        // Read serially, hash in parallel: the chunk check and the block
         // hashes are most of the cost.
         for group in idx.chunks(BLOCK_GROUP) {
             let mut loaded = Vec::with_capacity(group.len());
@@ -185,10 +185,10 @@ impl<'a, W: Write> Server<'a, W> {
                 read_entry(self.src, offset, len, &mut data)?;
                 loaded.push((i, offset, hash, data));
             }
-            let answers: Vec<Option<Vec<refine::PieceHash>>> = loaded
+            let answers: Vec<Option<Vec<refine::BlockHash>>> = loaded
                 .par_iter()
                 .map(|(_, offset, hash, data)| {
-                    (ChunkHash::of(data) == *hash).then(|| refine::piece_hashes(*offset, data))
+                    (ChunkHash::of(data) == *hash).then(|| refine::block_hashes(*offset, data))
                 })
                 .collect();
             for ((i, _, _, _), hashes) in loaded.into_iter().zip(answers) {
@@ -199,15 +199,15 @@ impl<'a, W: Write> Server<'a, W> {
         self.writer.flush()
     }
 
-    /// `PIECE_REQUEST`: the pieces of chunk `index` that `bitmap` marks, in
+    /// `BLOCK_FETCH`: the pieces of chunk `index` that `bitmap` marks, in
     /// one `CHUNK`.
-    fn on_piece_request(&mut self, index: u64, count: u32, bitmap: &[u8]) -> Result<()> {
+    fn on_block_fetch(&mut self, index: u64, count: u32, bitmap: &[u8]) -> Result<()> {
         // Not re-hashed: the receiver verifies the chunk it assembles, and
         // if the source changed since the scan, fetches it whole, which
         // `load` checks (exit 7).
         let (offset, len, _) = data_entry(&self.entries, index)?;
         read_entry(self.src, offset, len, &mut self.raw)?;
-        if refine::piece_count(offset, self.raw.len() as u32) != count as usize {
+        if refine::block_count(offset, self.raw.len() as u32) != count as usize {
             return Err(fail(
                 Exit::Protocol,
                 format!("protocol error: peer asked for {count} pieces of chunk {index}"),
@@ -369,15 +369,15 @@ mod tests {
         s.entries = entries;
         s.on_block_request(&[0]).unwrap();
         // Pieces 1 and 2 of 3.
-        s.on_piece_request(0, 3, &[0b110]).unwrap();
-        let e = s.on_piece_request(0, 4, &[0b110]).unwrap_err();
+        s.on_block_fetch(0, 3, &[0b110]).unwrap();
+        let e = s.on_block_fetch(0, 4, &[0b110]).unwrap_err();
         assert_eq!(exit_code_of(&e), Exit::Protocol);
         drop(s);
         let got = sent(&mut w);
         let [Msg::BlockHashes { index: 0, hashes }, Msg::Chunk(c)] = &got[..] else {
             panic!("hashes then pieces: {got:?}")
         };
-        assert_eq!(hashes, &refine::piece_hashes(0, &bytes));
+        assert_eq!(hashes, &refine::block_hashes(0, &bytes));
         assert_eq!(hashes.len(), 3);
         assert!(c.pieces);
         assert_eq!(c.payload, &bytes[bs..]);

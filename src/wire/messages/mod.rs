@@ -23,9 +23,9 @@
 //! | 7    | `REQUEST`      | recv→sender   | count u32 (1 ≤ n ≤ [`MAX_REQUEST`]), n entry indices u64 |
 //! | 8    | `CHUNK`        | sender→recv   | see [`ChunkMsg`] |
 //! | 9    | `DONE`         | recv→sender   | see [`Summary`] |
-//! | 10   | `BLOCK_REQUEST`| recv→sender   | count u32 (1 ≤ n ≤ [`MAX_REQUEST`]), n entry indices u64: send piece hashes |
-//! | 11   | `BLOCK_HASHES` | sender→recv   | entry index u64, count u32 (1 ≤ n ≤ [`MAX_PIECES`]), count × 8-byte piece hash |
-//! | 12   | `PIECE_REQUEST`| recv→sender   | entry index u64, piece count u32 (1 ≤ n ≤ [`MAX_PIECES`]), bitmap of ⌈count/8⌉ bytes: pieces to send |
+//! | 10   | `BLOCK_REQUEST`| recv→sender   | count u32 (1 ≤ n ≤ [`MAX_REQUEST`]), n entry indices u64: send block hashes |
+//! | 11   | `BLOCK_HASHES` | sender→recv   | entry index u64, count u32 (1 ≤ n ≤ [`MAX_BLOCKS`]), count × 8-byte block hash |
+//! | 12   | `BLOCK_FETCH`  | recv→sender   | entry index u64, block count u32 (1 ≤ n ≤ [`MAX_BLOCKS`]), bitmap of ⌈count/8⌉ bytes: blocks to send |
 //! | 13   | `KEEPALIVE`    | either        | empty: "still here, busy"; skipped by [`crate::wire::frame::FrameReader::read_msg`] |
 //! | 14   | `LIST`         | client→server | after `OPEN` with role 2: flags u32 ([`list_flags`]), rule count u32 (≤ [`MAX_RULES`]) × (exclude u8: 0 include, 1 exclude; pattern bytes, 1 to [`MAX_PATTERN`] bytes of UTF-8) |
 //! | 15   | `ENTRIES`      | server→client | count u32 (1 ≤ n ≤ [`MAX_LIST_BATCH`]) × [`ListEntry`] |
@@ -41,8 +41,8 @@
 //! while the receiver streams `REQUEST`s and the sender answers each index
 //! with a `CHUNK`; for a chunk it lacks but may partly hold (see
 //! [`crate::content::refine`]) it asks `BLOCK_REQUEST`, gets `BLOCK_HASHES`, and
-//! answers `PIECE_REQUEST` for the pieces it did not find, which come back
-//! as a `CHUNK` carrying only those pieces; the receiver ends with `DONE`. `ERROR` may come at any
+//! sends `BLOCK_FETCH` for the blocks it did not find, which come back
+//! as a `CHUNK` carrying only those blocks; the receiver ends with `DONE`. `ERROR` may come at any
 //! point and ends the run with its exit code.
 //!
 //! `-r` adds two roles. List (role 2): the client sends `LIST` with the
@@ -62,7 +62,7 @@ use anyhow::Result;
 
 use crate::content::hash::{ChunkHash, HASH_LEN};
 use crate::content::manifest::PieceDigest;
-use crate::content::refine::{PieceHash, MAX_PIECES, PIECE_HASH_LEN};
+use crate::content::refine::{BlockHash, BLOCK_HASH_LEN, MAX_BLOCKS};
 use crate::error::{fail, Exit};
 use crate::wire::codec::{malformed, put_bytes, Rd};
 
@@ -87,7 +87,7 @@ const T_CHUNK: u8 = 8;
 const T_DONE: u8 = 9;
 const T_BLOCK_REQUEST: u8 = 10;
 const T_BLOCK_HASHES: u8 = 11;
-const T_PIECE_REQUEST: u8 = 12;
+const T_BLOCK_FETCH: u8 = 12;
 /// Public for the frame layer's tests, which look at raw keepalive bytes.
 pub const T_KEEPALIVE: u8 = 13;
 const T_LIST: u8 = 14;
@@ -128,9 +128,9 @@ pub enum Msg {
     BlockRequest(Vec<u64>),
     BlockHashes {
         index: u64,
-        hashes: Vec<PieceHash>,
+        hashes: Vec<BlockHash>,
     },
-    PieceRequest {
+    BlockFetch {
         index: u64,
         count: u32,
         bitmap: Vec<u8>,
@@ -163,7 +163,7 @@ impl Msg {
             Msg::Done(_) => "DONE",
             Msg::BlockRequest(_) => "BLOCK_REQUEST",
             Msg::BlockHashes { .. } => "BLOCK_HASHES",
-            Msg::PieceRequest { .. } => "PIECE_REQUEST",
+            Msg::BlockFetch { .. } => "BLOCK_FETCH",
             Msg::KeepAlive => "KEEPALIVE",
             Msg::List { .. } => "LIST",
             Msg::Entries(_) => "ENTRIES",
@@ -246,12 +246,12 @@ impl Msg {
                     out.extend_from_slice(h);
                 }
             }
-            Msg::PieceRequest {
+            Msg::BlockFetch {
                 index,
                 count,
                 bitmap,
             } => {
-                out.push(T_PIECE_REQUEST);
+                out.push(T_BLOCK_FETCH);
                 out.extend_from_slice(&index.to_le_bytes());
                 out.extend_from_slice(&count.to_le_bytes());
                 out.extend_from_slice(bitmap);
@@ -363,26 +363,26 @@ impl Msg {
             T_BLOCK_HASHES => {
                 let index = r.u64()?;
                 let n = r.u32()? as usize;
-                if n == 0 || n > MAX_PIECES {
+                if n == 0 || n > MAX_BLOCKS {
                     return Err(malformed(format!("BLOCK_HASHES with {n} pieces")));
                 }
-                let raw = r.take(n * PIECE_HASH_LEN)?;
+                let raw = r.take(n * BLOCK_HASH_LEN)?;
                 Msg::BlockHashes {
                     index,
                     hashes: raw
-                        .chunks_exact(PIECE_HASH_LEN)
+                        .chunks_exact(BLOCK_HASH_LEN)
                         .map(|b| b.try_into().unwrap())
                         .collect(),
                 }
             }
-            T_PIECE_REQUEST => {
+            T_BLOCK_FETCH => {
                 let index = r.u64()?;
                 let count = r.u32()?;
-                if count == 0 || count as usize > MAX_PIECES {
-                    return Err(malformed(format!("PIECE_REQUEST with {count} pieces")));
+                if count == 0 || count as usize > MAX_BLOCKS {
+                    return Err(malformed(format!("BLOCK_FETCH with {count} pieces")));
                 }
                 let bitmap = r.take((count as usize).div_ceil(8))?.to_vec();
-                Msg::PieceRequest {
+                Msg::BlockFetch {
                     index,
                     count,
                     bitmap,
@@ -551,7 +551,7 @@ mod tests {
             index: 4,
             hashes: vec![[1; 8], [2; 8]],
         });
-        round_trip(Msg::PieceRequest {
+        round_trip(Msg::BlockFetch {
             index: 4,
             count: 9,
             bitmap: vec![0xff, 1],

@@ -12,16 +12,12 @@
 //! backing files are only looked at for how much of them is allocated, which
 //! shows whether zeros were written where the device already held zeros.
 
-mod common;
-#[path = "common/peer.rs"]
-mod peer;
-
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 /// A loop device attached to a backing file; detached on drop.
 struct LoopDev {
@@ -369,7 +365,7 @@ fn check_compares_a_device_with_a_file_either_way() {
 
 #[test]
 fn a_second_sync_to_a_device_in_use_by_vmsync_exits_8() {
-    use peer::*;
+    use crate::peer::*;
     let tmp = tempdir();
     let back = backing(tmp.path(), "dev.img", 8 << 20, &[]);
     let Some(dev) = LoopDev::attach(&back, "a_second_sync_to_a_device") else {
@@ -383,7 +379,7 @@ fn a_second_sync_to_a_device_in_use_by_vmsync_exits_8() {
     let first = Source::new(random_bytes(41, 3 << 20), 64 * 1024);
     let mut holder = Server::connect();
     let mode = holder.open_receive(open_receive(&dev.path), first.info());
-    assert_eq!(mode, vmsync::wire::protocol::StartMode::Manifest);
+    assert_eq!(mode, vmsync::wire::StartMode::Manifest);
 
     let (run, v) = vmsync().arg(&src).arg(&dev.path).run_json();
     run.assert_code(exit::LOCKED);
@@ -399,7 +395,7 @@ fn a_second_sync_to_a_device_in_use_by_vmsync_exits_8() {
     let _ = holder.send(&first.manifest_end());
     let end = answer_requests(&mut holder, &first, &mut Chunker::compressed(), |_| {});
     assert!(
-        matches!(end, In::Msg(vmsync::wire::protocol::Msg::Done(_))),
+        matches!(end, In::Msg(vmsync::wire::Msg::Done(_))),
         "{end:?}"
     );
     holder.finish().assert_code(0);

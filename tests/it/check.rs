@@ -3,9 +3,7 @@
 //! `identical: false` and byte ranges in `differences` that cover every
 //! changed offset. The destination's bytes, mtime and inode are untouched.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::path::Path;
 
 /// A source and a destination synced from it (same bytes, size, mtime).

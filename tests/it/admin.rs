@@ -2,13 +2,10 @@
 //! a Prometheus textfile that parses, keeps the last success across a
 //! failure and merges destinations; `--bwlimit` really caps the rate.
 
-mod common;
-#[path = "common/prom.rs"]
-mod prom;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
+use crate::prom;
 
 fn metrics(path: &std::path::Path) -> Vec<prom::Sample> {
     let text = std::fs::read_to_string(path).expect("metrics file written");

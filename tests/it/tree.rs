@@ -8,8 +8,6 @@
 //! fixed modes and mtimes, so that [`assert_same_tree`] can compare bytes,
 //! kinds, link texts, permissions and nanosecond mtimes entry by entry.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
@@ -17,7 +15,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 /// The files of [`make_tree`], relative to its root.
@@ -591,7 +589,7 @@ fn confined_server_lists_and_applies_only_beneath_its_root() {
 /// `--read-only` refuses it outright.
 #[test]
 fn apply_operations_never_follow_links_out_of_the_root() {
-    use vmsync::wire::protocol::{attrs, FrameReader, FrameWriter, Msg, Op, Open, Role};
+    use vmsync::wire::{attrs, FrameReader, FrameWriter, Msg, Op, Open, Role};
     let tmp = tempdir();
     let root = tmp.path().join("root");
     let outside = tmp.path().join("outside");

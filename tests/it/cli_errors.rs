@@ -3,9 +3,7 @@
 //! the destination as it was, print a useful message (never a panic), and
 //! with `--json` still print the full JSON object with `error` set.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

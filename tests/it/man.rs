@@ -3,7 +3,7 @@
 //! page is stale. Regenerate with:
 //!
 //! ```sh
-//! VMSYNC_UPDATE_MAN=1 cargo test --release --test man
+//! VMSYNC_UPDATE_MAN=1 cargo test --release --test it man::
 //! ```
 
 use std::path::Path;
@@ -131,7 +131,7 @@ fn man_page_is_current() {
     let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
         checked_in == fresh,
-        "man/vmsync.1 is stale; regenerate it with: VMSYNC_UPDATE_MAN=1 cargo test --release --test man"
+        "man/vmsync.1 is stale; regenerate it with: VMSYNC_UPDATE_MAN=1 cargo test --release --test it man::"
     );
     for needle in [
         "EXIT STATUS",

@@ -4,9 +4,7 @@
 //! vmsync, nothing listening). These tests fail when sshd is missing, unless
 //! `VMSYNC_SKIP_SSH=1`.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 /// Starts sshd or returns from the test when SSH tests are skipped.
 macro_rules! sshd {

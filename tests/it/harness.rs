@@ -1,11 +1,9 @@
-//! Self-checks of the test harness in `common/`: the data generators are
+//! Self-checks of the test harness in `tests/it/common/`: the data generators are
 //! deterministic and shaped as documented, and the file comparison finds
 //! differences hidden between holes of sparse files. (If these fail, every
 //! other result is suspect.)
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[test]
 fn generators_are_deterministic_and_seed_dependent() {

@@ -3,9 +3,7 @@
 //! parts of its manifest the receiver holds as short references. A touched
 //! but unchanged image, the nightly case, then costs about a kilobyte.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 fn wire(v: &serde_json::Value) -> u64 {
     json_u64(v, "wire_bytes")

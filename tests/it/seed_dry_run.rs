@@ -2,11 +2,9 @@
 //! a VM disk was cloned from) and `-n/--dry-run` (compare and count, write
 //! nothing), locally and through the relay (where seeds are remote paths).
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 /// A 24 MiB "golden image" and a clone of it with two small changes.
 fn base_and_clone(pair: &Pair) -> (std::path::PathBuf, Vec<u8>) {
@@ -80,7 +78,7 @@ fn a_missing_or_unusable_seed_is_an_error_naming_it() {
 
     let dir = pair.tmp.path().join("a-directory");
     std::fs::create_dir(&dir).unwrap();
-    let run = common::run(&[&"--seed", &dir, &pair.src, &pair.dst]);
+    let run = crate::common::run(&[&"--seed", &dir, &pair.src, &pair.dst]);
     run.assert_code(exit::IO);
     assert!(run.stderr.contains("a-directory"), "{run}");
     assert!(!pair.dst.exists());

@@ -14,8 +14,7 @@
 //! Nothing waits on a clock except the safety timeouts (a hung server is
 //! killed and the test fails with what it printed).
 //!
-//! Include with `#[path = "common/peer.rs"] mod peer;` next to `mod common;`.
-#![allow(dead_code)]
+//! A module of the `it` test crate (`crate::peer`), beside `common`.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -32,7 +31,7 @@ use vmsync::content::chunk::{ChunkParams, Cutter};
 use vmsync::content::compress::StreamEncoder;
 use vmsync::content::hash::{ChunkHash, FileDigest};
 use vmsync::content::manifest::{encode_batch, Entry, Kind, MAX_BATCH};
-use vmsync::wire::protocol::{
+use vmsync::wire::{
     ChunkMsg, FileInfo, FrameWriter, Msg, Open, Role, StartMode, MAGIC, PROTOCOL_VERSION,
 };
 
@@ -100,7 +99,7 @@ impl Outcome {
     }
 
     /// The server's `DONE`, if it sent one.
-    pub fn done(&self) -> Option<&vmsync::wire::protocol::Summary> {
+    pub fn done(&self) -> Option<&vmsync::wire::Summary> {
         self.messages.iter().find_map(|m| match m {
             Msg::Done(s) => Some(s),
             _ => None,
@@ -145,17 +144,6 @@ impl Outcome {
                 "server peak RSS {kib} KiB over the {RSS_LIMIT_KIB} KiB bound\n{self}"
             );
         }
-        self
-    }
-
-    /// Peak RSS below `kib` (a tighter bound than [`RSS_LIMIT_KIB`]).
-    #[track_caller]
-    pub fn assert_rss_below(&self, kib: u64) -> &Self {
-        let peak = self.peak_rss_kib.expect("the RSS wrapper reported nothing");
-        assert!(
-            peak < kib,
-            "server peak RSS {peak} KiB over the {kib} KiB bound\n{self}"
-        );
         self
     }
 
@@ -262,7 +250,7 @@ fn reader_thread(
                 return;
             }
             let len = u32::from_le_bytes(len) as usize;
-            if len == 0 || len > vmsync::wire::protocol::MAX_FRAME {
+            if len == 0 || len > vmsync::wire::MAX_FRAME {
                 let _ = tx.send(In::Bad(format!("server sent a frame of {len} bytes")));
                 let _ = tx.send(In::Eof);
                 return;
@@ -815,7 +803,7 @@ pub fn hello_bytes(version: u32, features: u32) -> Vec<u8> {
 }
 
 /// Plays a correct sender against a server in `Manifest` mode until its
-/// `DONE`: answers `REQUEST`, `BLOCK_REQUEST` and `PIECE_REQUEST` from
+/// `DONE`: answers `REQUEST`, `BLOCK_REQUEST` and `BLOCK_FETCH` from
 /// `src`, passing every `CHUNK` through `tamper` first. Returns early (with
 /// the message) when the server sends anything else, or at its end.
 pub fn answer_requests(
@@ -837,11 +825,11 @@ pub fn answer_requests(
                 for i in idx {
                     let e = src.entries[i as usize];
                     let hashes =
-                        vmsync::content::refine::piece_hashes(e.offset, src.bytes(i as usize));
+                        vmsync::content::refine::block_hashes(e.offset, src.bytes(i as usize));
                     let _ = server.send(&Msg::BlockHashes { index: i, hashes });
                 }
             }
-            In::Msg(Msg::PieceRequest {
+            In::Msg(Msg::BlockFetch {
                 index,
                 count: _,
                 bitmap,

@@ -4,9 +4,7 @@
 //! were data in the old destination and are zero in the source read back as
 //! zeros (with and without `--inplace`).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 const IMAGE: u64 = 8 * GIB;
 

@@ -9,18 +9,16 @@
 //! * [`Sshd`], a throwaway OpenSSH server on 127.0.0.1;
 //! * [`Relay`], the fault-injecting `-e` command in `tests/fixtures/relay.py`;
 //! * [`Tmpfs`], a tiny mounted file system for a real "disk full" (root).
-//! * `peer.rs` beside this file: a scripted (lying) peer that drives a real
-//!   `vmsync --server` with the library's protocol types; include it with
-//!   `#[path = "common/peer.rs"] mod peer;` (it is not part of this module,
-//!   so a change to the protocol types can only break the tests using it).
+//! * `crate::peer` (`tests/it/peer.rs`, beside this directory): a scripted
+//!   (lying) peer that drives a real `vmsync --server` with the library's
+//!   protocol types. It is not part of this module, which the benches
+//!   include alone with `#[path]`: keep this file self-contained, using
+//!   only the CLI, so the benches never depend on the library's internals.
 //!
 //! Every run gets `VMSYNC_CACHE_DIR` pointing into cargo's target tmp dir, so
 //! the receiver's manifest cache never lands in `~/.cache`. A run that takes
 //! longer than `VMSYNC_TEST_TIMEOUT` seconds (default 120) is killed with its
 //! process group and fails with a list of the processes that were left.
-//!
-//! Each test binary uses a different subset of this module.
-#![allow(dead_code)]
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -49,6 +47,9 @@ pub mod exit {
     pub const IO: i32 = 3;
     pub const CONNECTION: i32 = 4;
     pub const PROTOCOL: i32 = 5;
+    // The whole contract is listed, though no test provokes a verify failure
+    // end to end yet.
+    #[allow(dead_code)]
     pub const VERIFY: i32 = 6;
     pub const SIGINT: i32 = 130;
     pub const SIGTERM: i32 = 143;
@@ -331,8 +332,9 @@ impl Vmsync {
     }
 }
 
-/// The receiver's manifest cache for this test binary: under cargo's
-/// target tmp dir rather than `~/.cache`, emptied when the binary starts.
+/// The receiver's manifest cache for this test binary (`it`, or a bench):
+/// under cargo's target tmp dir rather than `~/.cache`, emptied when the
+/// binary starts.
 /// (Over real ssh the server gets it through sshd's `SetEnv`.)
 pub fn cache_dir() -> &'static Path {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();

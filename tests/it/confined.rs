@@ -5,13 +5,11 @@
 //! that lead out, and names with control characters are refused; a symlink
 //! at the destination is replaced, never written through.
 
-mod common;
-
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 
 /// One confined sshd and its directories: `root` (served), `outside` (holds
 /// a sentinel that must never change) and the source image.

@@ -5,9 +5,7 @@
 //! file, then confirmed with `--check -c`. A property test does the same for
 //! random sizes and random insert/delete/overwrite/zero edits.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use proptest::prelude::*;
 
 const BOUNDARY_SIZES: &[usize] = &[0, 1, 1023, 1024, 1025, 16383, 16384, 16385];

@@ -4,9 +4,7 @@
 //! output options (`--json`, `-q`, `--stats`). Every test checks the bytes,
 //! size and nanosecond mtime of the result and the reported byte counts.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 /// Syncs `pair.src` to `pair.dst` with extra options and returns the JSON.
 fn sync(pair: &Pair, opts: &[&str]) -> (Run, serde_json::Value) {

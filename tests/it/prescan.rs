@@ -2,9 +2,7 @@
 //! (`sender::Prescan`): ssh's handshake and the remote binary's start
 //! overlap with reading the source instead of preceding it.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 /// The relay holds back the client's first byte until the client has read
 /// half the source, and gives up after 30 s. Without the prescan the client

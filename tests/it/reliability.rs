@@ -5,16 +5,12 @@
 //!
 //! "Remote" operands go through the fault relay (`tests/fixtures/relay.py`)
 //! as `-e`; a second sync is made to wait deterministically by holding the
-//! destination's lock with a scripted server (`tests/common/peer.rs`).
-
-mod common;
-#[path = "common/peer.rs"]
-mod peer;
+//! destination's lock with a scripted server (`tests/it/peer.rs`).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 
 /// A sync through the relay with `relay_opts`; waits for the relay's
 /// server side to exit before returning.
@@ -130,7 +126,7 @@ fn bit_flipped_in_flight_on_a_pull_fails_5_and_keeps_the_destination() {
 
 #[test]
 fn second_sync_of_a_locked_destination_exits_8_and_the_first_completes() {
-    use peer::*;
+    use crate::peer::*;
     let pair = Pair::new();
     pair.write_src(&random_bytes(3, 1 << 20));
     // The first sync: a server receiving into the destination, kept
@@ -138,7 +134,7 @@ fn second_sync_of_a_locked_destination_exits_8_and_the_first_completes() {
     let first = Source::new(random_bytes(4, 300_000), 64 * 1024);
     let mut holder = Server::connect();
     let mode = holder.open_receive(open_receive(&pair.dst), first.info());
-    assert_eq!(mode, vmsync::wire::protocol::StartMode::Inline);
+    assert_eq!(mode, vmsync::wire::StartMode::Inline);
 
     let (run, v) = vmsync().arg(&pair.src).arg(&pair.dst).run_json();
     run.assert_code(exit::LOCKED);
@@ -713,8 +709,8 @@ fn allow_changing_source_sends_chunks_that_changed_after_the_scan() {
     pair.write_src(&new);
     // The first client→server byte after hello, OPEN and START is the
     // first REQUEST (with this flag nothing is refined first).
-    let open = vmsync::wire::protocol::Msg::Open(vmsync::wire::protocol::Open {
-        role: vmsync::wire::protocol::Role::Send,
+    let open = vmsync::wire::Msg::Open(vmsync::wire::Open {
+        role: vmsync::wire::Role::Send,
         flags: 0,
         compress_level: 3,
         chunking: 0,

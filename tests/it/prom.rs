@@ -16,9 +16,8 @@
 //!   parses as a float;
 //! * the last line ends with a line feed.
 //!
-//! Include with `#[path = "common/prom.rs"] mod prom;` from an integration
-//! test; `src/metrics.rs` includes it for its unit tests too.
-#![allow(dead_code)]
+//! `tests/it/main.rs` declares it (`crate::prom`); `src/metrics.rs` includes
+//! it with `#[path]` for its unit tests too.
 
 use std::collections::{HashMap, HashSet};
 

@@ -1,9 +1,7 @@
 //! `--check --sample K/N`: slice K of N checks its share of the file, and
 //! the N slices together check every byte exactly once.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[test]
 fn samples_cover_the_file_exactly_once_and_find_each_corruption_once() {
@@ -76,11 +74,11 @@ fn samples_cover_the_file_exactly_once_and_find_each_corruption_once() {
     run.assert_code(exit::DIFFERENT);
     assert_eq!(json_u64(&v, "checked_bytes"), size);
     for bad in ["0/7", "8/7", "3", "a/b", "1/0"] {
-        let r = common::run(&[&"--check", &"--sample", &bad, &pair.src, &pair.dst]);
+        let r = crate::common::run(&[&"--check", &"--sample", &bad, &pair.src, &pair.dst]);
         r.assert_code(exit::USAGE);
         assert!(r.stderr.contains("--sample"), "{r}");
     }
-    common::run(&[&"--sample", &"1/2", &pair.src, &pair.dst]).assert_code(exit::USAGE);
+    crate::common::run(&[&"--sample", &"1/2", &pair.src, &pair.dst]).assert_code(exit::USAGE);
     assert_content(&pair.dst, &corrupt);
 }
 

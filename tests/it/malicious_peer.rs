@@ -1,7 +1,7 @@
 //! A scripted, lying peer against the real `vmsync --server`.
 //!
 //! The test plays the client with the library's own protocol types
-//! (`tests/common/peer.rs`) and lies: flipped bits, truncated streams, huge
+//! (`tests/it/peer.rs`) and lies: flipped bits, truncated streams, huge
 //! and zero lengths, unknown messages, a newer protocol version, a zstd
 //! bomb, manifests that lie, chunks nobody asked for, pieces of the wrong
 //! length; and, against a server that sends, a receiver that asks for
@@ -10,7 +10,7 @@
 //! Every case asserts the server's exit code (5 for a protocol error, 4 for
 //! a stream that just ends, 7 for a changed source), the `ERROR` frame it
 //! sends back, that it did not panic, that its peak RSS stayed under
-//! [`peer::RSS_LIMIT_KIB`], and that the destination is exactly as before
+//! [`RSS_LIMIT_KIB`], and that the destination is exactly as before
 //! (or, when there was none, that none was made: only the hidden
 //! `.NAME.vmsync-partial` may appear, and it holds no data).
 //!
@@ -18,18 +18,14 @@
 //! protocol versions, the offending length or type); elsewhere the words a
 //! case expects are printed as a note when missing, since wording changes.
 
-mod common;
-#[path = "common/peer.rs"]
-mod peer;
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::*;
-use peer::*;
+use crate::common::*;
+use crate::peer::*;
 use vmsync::content::hash::ChunkHash;
 use vmsync::content::manifest::{Entry, Kind};
-use vmsync::wire::protocol::{flags, ChunkMsg, Msg, StartMode, Summary, MAX_FRAME};
+use vmsync::wire::{flags, ChunkMsg, Msg, StartMode, Summary, MAX_FRAME};
 
 // ---------------------------------------------------------------------------
 // Destinations
@@ -109,8 +105,8 @@ fn receiver(dest: &Dest, src: &Source) -> (Server, StartMode) {
 
 fn receiver_with(
     dest: &Dest,
-    info: vmsync::wire::protocol::FileInfo,
-    edit: impl FnOnce(&mut vmsync::wire::protocol::Open),
+    info: vmsync::wire::FileInfo,
+    edit: impl FnOnce(&mut vmsync::wire::Open),
 ) -> (Server, StartMode) {
     let mut s = Server::connect();
     let mut open = open_receive(&dest.path);
@@ -192,7 +188,7 @@ fn honest_session_with_requests_and_refinement_writes_the_source() {
     let asked_pieces = o
         .messages
         .iter()
-        .any(|m| matches!(m, Msg::PieceRequest { .. }));
+        .any(|m| matches!(m, Msg::BlockFetch { .. }));
     assert!(asked_pieces, "the refinement path was not exercised\n{o}");
     assert_content(&dest.path, &src.data);
 }
@@ -280,7 +276,7 @@ fn stream_truncated_anywhere_is_a_connection_error_and_writes_nothing() {
 
     // The whole client side of an inline session, frame by frame.
     let mut frames: Vec<Vec<u8>> = vec![
-        hello_bytes(vmsync::wire::protocol::PROTOCOL_VERSION, 0),
+        hello_bytes(vmsync::wire::PROTOCOL_VERSION, 0),
         frame(&Msg::Open(open_receive(&dest.path))),
         frame(&Msg::FileInfo(src.info())),
         frame(&src.manifest()[0]),
@@ -423,7 +419,7 @@ fn largest_frame_full_of_garbage_is_rejected_with_bounded_memory() {
 /// One lie after a valid start; exit 5 with `word` in the message, and the
 /// destination untouched.
 fn lie_after_start(
-    info: vmsync::wire::protocol::FileInfo,
+    info: vmsync::wire::FileInfo,
     existing: bool,
     before: &[Msg],
     lie: &[u8],
@@ -474,13 +470,7 @@ fn huge_and_zero_values_in_messages_are_rejected() {
         }))
     };
     let big = file_info(1 << 40);
-    type Case<'a> = (
-        &'a str,
-        vmsync::wire::protocol::FileInfo,
-        Vec<Msg>,
-        Vec<u8>,
-        &'a str,
-    );
+    type Case<'a> = (&'a str, vmsync::wire::FileInfo, Vec<Msg>, Vec<u8>, &'a str);
     let cases: Vec<Case> = vec![
         (
             "FILE_INFO size u64::MAX",
@@ -491,7 +481,7 @@ fn huge_and_zero_values_in_messages_are_rejected() {
         ),
         (
             "FILE_INFO nanoseconds 10^9",
-            vmsync::wire::protocol::FileInfo {
+            vmsync::wire::FileInfo {
                 mtime_nsec: 1_000_000_000,
                 ..src.info()
             },
@@ -621,7 +611,7 @@ fn bad_open_fields_are_refused() {
     bad_role[5] = 7;
     let mut bad_flags = frame(&Msg::Open(good.clone()));
     bad_flags[6..10].copy_from_slice(&0x8000_0000u32.to_le_bytes());
-    let with = |f: &dyn Fn(&mut vmsync::wire::protocol::Open)| {
+    let with = |f: &dyn Fn(&mut vmsync::wire::Open)| {
         let mut o = good.clone();
         f(&mut o);
         frame(&Msg::Open(o))
@@ -693,12 +683,12 @@ fn misplaced_messages_are_protocol_errors() {
             "peer sent OPEN",
         ),
         (
-            Msg::PieceRequest {
+            Msg::BlockFetch {
                 index: 0,
                 count: 1,
                 bitmap: vec![1],
             },
-            "peer sent PIECE_REQUEST",
+            "peer sent BLOCK_FETCH",
         ),
     ];
     for (m, word) in cases {
@@ -716,8 +706,8 @@ fn misplaced_messages_are_protocol_errors() {
 #[test]
 fn newer_protocol_version_is_refused_naming_both_versions() {
     let mut s = Server::spawn();
-    let ours = format!("v{}", vmsync::wire::protocol::PROTOCOL_VERSION);
-    let newer = vmsync::wire::protocol::PROTOCOL_VERSION + 1;
+    let ours = format!("v{}", vmsync::wire::PROTOCOL_VERSION);
+    let newer = vmsync::wire::PROTOCOL_VERSION + 1;
     let _ = s.send_raw(&hello_bytes(newer, 0));
     s.expect_hello();
     s.finish()
@@ -743,10 +733,7 @@ fn unknown_feature_flags_in_the_hello_are_ignored() {
     let dest = Dest::fresh();
     let src = Source::new(random_bytes(11, 50_000), 64 * 1024);
     let mut s = Server::spawn();
-    let _ = s.send_raw(&hello_bytes(
-        vmsync::wire::protocol::PROTOCOL_VERSION,
-        u32::MAX,
-    ));
+    let _ = s.send_raw(&hello_bytes(vmsync::wire::PROTOCOL_VERSION, u32::MAX));
     s.expect_hello();
     assert_eq!(
         s.open_receive(open_receive(&dest.path), src.info()),
@@ -1226,8 +1213,8 @@ fn chunk_sent_twice_is_rejected() {
 }
 
 /// Drives a refinement: the server holds `src` with one byte changed, asks
-/// for piece hashes of that chunk and then for its changed piece. `hashes`
-/// may lie about the piece hashes; `pieces` about the `CHUNK` of pieces.
+/// for block hashes of that chunk and then for its changed block. `hashes`
+/// may lie about the block hashes; `pieces` about the `CHUNK` of blocks.
 fn refine_with(
     hashes: impl FnOnce(u64, Vec<[u8; 8]>) -> Msg,
     pieces: impl FnOnce(ChunkMsg) -> ChunkMsg,
@@ -1252,16 +1239,16 @@ fn refine_with(
                 assert_eq!(v.len(), 1, "one changed chunk: {v:?}");
                 let i = v[0];
                 let e = src.entries[i as usize];
-                let h = vmsync::content::refine::piece_hashes(e.offset, src.bytes(i as usize));
+                let h = vmsync::content::refine::block_hashes(e.offset, src.bytes(i as usize));
                 let _ = s.send(&(hashes.take().expect("one BLOCK_REQUEST"))(i, h));
             }
-            In::Msg(Msg::PieceRequest { index, bitmap, .. }) => {
+            In::Msg(Msg::BlockFetch { index, bitmap, .. }) => {
                 let e = src.entries[index as usize];
                 let data = src.bytes(index as usize);
                 let wanted = vmsync::content::refine::gather(e.offset, data, &bitmap);
                 assert_eq!(wanted.len(), 4096, "one changed 4 KiB piece");
                 let c = chunker.chunk(index as usize, &wanted, true);
-                let _ = s.send(&Msg::Chunk((pieces.take().expect("one PIECE_REQUEST"))(c)));
+                let _ = s.send(&Msg::Chunk((pieces.take().expect("one BLOCK_FETCH"))(c)));
             }
             In::Msg(Msg::Request(v)) => {
                 // The receiver gave up on pieces and wants the whole chunk.
@@ -1349,7 +1336,7 @@ fn pieces_of_the_wrong_length_are_rejected() {
 }
 
 #[test]
-fn wrong_piece_hash_counts_are_rejected() {
+fn wrong_block_hash_counts_are_rejected() {
     let (dest, _, o) = refine_with(
         |index, mut hashes| {
             hashes.push([0; 8]);
@@ -1357,7 +1344,7 @@ fn wrong_piece_hash_counts_are_rejected() {
         },
         |c| c,
     );
-    o.assert_rejected(&["piece hashes for chunk"]);
+    o.assert_rejected(&["block hashes for chunk"]);
     dest.assert_untouched();
 
     let (dest, _, o) = refine_with(
@@ -1508,8 +1495,8 @@ fn block_request_out_of_range_is_rejected() {
 fn piece_request_with_a_wrong_piece_count_is_rejected() {
     lying_receiver(
         |e| {
-            let n = vmsync::content::refine::piece_count(e[0].offset, e[0].len() as u32) as u32;
-            frame(&Msg::PieceRequest {
+            let n = vmsync::content::refine::block_count(e[0].offset, e[0].len() as u32) as u32;
+            frame(&Msg::BlockFetch {
                 index: 0,
                 count: n + 1,
                 bitmap: vec![0xff; (n as usize + 1).div_ceil(8)],
@@ -1519,7 +1506,7 @@ fn piece_request_with_a_wrong_piece_count_is_rejected() {
     );
     lying_receiver(
         |_| {
-            frame(&Msg::PieceRequest {
+            frame(&Msg::BlockFetch {
                 index: 0,
                 count: 1,
                 bitmap: vec![1],
@@ -1529,7 +1516,7 @@ fn piece_request_with_a_wrong_piece_count_is_rejected() {
     );
     lying_receiver(
         |e| {
-            frame(&Msg::PieceRequest {
+            frame(&Msg::BlockFetch {
                 index: zero_index(e),
                 count: 1,
                 bitmap: vec![1],
@@ -1543,7 +1530,7 @@ fn piece_request_with_a_wrong_piece_count_is_rejected() {
 fn piece_request_beyond_the_protocol_limit_is_rejected() {
     lying_receiver(
         |_| {
-            let mut f = frame(&Msg::PieceRequest {
+            let mut f = frame(&Msg::BlockFetch {
                 index: 0,
                 count: 1,
                 bitmap: vec![1],
@@ -1552,7 +1539,7 @@ fn piece_request_beyond_the_protocol_limit_is_rejected() {
             f[13..17].copy_from_slice(&u32::MAX.to_le_bytes());
             f
         },
-        "PIECE_REQUEST with 4294967295 pieces",
+        "BLOCK_FETCH with 4294967295 pieces",
     );
 }
 
@@ -1736,7 +1723,7 @@ fn receiver_indexing_its_basis_does_not_buffer_a_flood_from_the_sender() {
     set_mtime_ns(&dest.path, OLD_MTIME_NS);
     let input = dest.tmp.path().join("client-side");
     let mut frames = vec![
-        hello_bytes(vmsync::wire::protocol::PROTOCOL_VERSION, 0),
+        hello_bytes(vmsync::wire::PROTOCOL_VERSION, 0),
         frame(&Msg::Open(open_receive(&dest.path))),
         frame(&Msg::FileInfo(file_info(1 << 20))),
     ];
@@ -1780,7 +1767,7 @@ fn compressible_chunks_taken_in_together_do_not_inflate_memory() {
     let mut open = open_receive(&dest.path);
     open.chunking = 1 << 20;
     let mut frames = vec![
-        hello_bytes(vmsync::wire::protocol::PROTOCOL_VERSION, 0),
+        hello_bytes(vmsync::wire::PROTOCOL_VERSION, 0),
         frame(&Msg::Open(open)),
         frame(&Msg::FileInfo(file_info((N * CHUNK) as u64))),
         frame(&manifest_msgs(&entries)[0]),
@@ -1830,7 +1817,7 @@ fn inline_receiver_does_not_buffer_a_flood_of_the_largest_frames() {
     let mut open = open_receive(&dest.path);
     open.chunking = 1 << 20;
     let mut frames = vec![
-        hello_bytes(vmsync::wire::protocol::PROTOCOL_VERSION, 0),
+        hello_bytes(vmsync::wire::PROTOCOL_VERSION, 0),
         frame(&Msg::Open(open)),
         frame(&Msg::FileInfo(file_info((n * CHUNK) as u64))),
         frame(&manifest_msgs(&entries)[0]),
@@ -1870,7 +1857,7 @@ fn extreme_mtimes_from_the_peer_never_panic() {
     for mtime_sec in [i64::MIN, i64::MIN + 1, -(1 << 40), -1, 1 << 40, i64::MAX] {
         let dest = Dest::fresh();
         let src = Source::new(random_bytes(25, 20_000), 64 * 1024);
-        let info = vmsync::wire::protocol::FileInfo {
+        let info = vmsync::wire::FileInfo {
             mtime_sec,
             mtime_nsec: 999_999_999,
             ..src.info()
@@ -1898,7 +1885,7 @@ fn extreme_mtimes_from_the_peer_never_panic() {
 fn check_mode_compares_without_writing_and_rejects_lies() {
     let old = random_bytes(26, 300 * 1024);
     let dest = Dest::existing(&old);
-    let check = |o: &mut vmsync::wire::protocol::Open| o.flags = flags::CHECK;
+    let check = |o: &mut vmsync::wire::Open| o.flags = flags::CHECK;
 
     // An honest manifest of other contents: differences, nothing written.
     let mut other = old.clone();

@@ -9,9 +9,7 @@
 //! other than a hidden `.NAME.vmsync-partial*`; a normal re-run then
 //! completes the sync and leaves nothing behind.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::sync::OnceLock;
 
 const SIZE: u64 = 64 * MIB;

@@ -10,9 +10,9 @@ use vmsync::content::chunk::ChunkParams;
 use vmsync::content::compress::{StreamDecoder, StreamEncoder};
 use vmsync::content::hash::{ChunkHash, FileDigest};
 use vmsync::content::manifest::{encode_batch, Entry, Kind, Validator, MAX_BATCH};
-use vmsync::content::refine::MAX_PIECES;
+use vmsync::content::refine::MAX_BLOCKS;
 use vmsync::error::{exit_code_of, Exit};
-use vmsync::wire::protocol::{
+use vmsync::wire::{
     flags, ChunkMsg, FileInfo, FrameReader, FrameWriter, Msg, Open, Role, StartMode, Summary,
     MAX_PATH,
 };
@@ -30,7 +30,7 @@ fn arb_open() -> impl Strategy<Value = Open> {
         vec(any::<u8>(), 0..64),
         vec(any::<u8>(), 0..32),
         any::<bool>(),
-        (0..=vmsync::wire::protocol::MAX_TIMEOUT, any::<u64>()),
+        (0..=vmsync::wire::MAX_TIMEOUT, any::<u64>()),
         (
             proptest::option::of((1u32..=100, 0u32..=100)),
             vec(vec(any::<u8>(), 0..16), 0..4),
@@ -143,13 +143,13 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
                 })
             }),
         arb_summary().prop_map(Msg::Done),
-        (any::<u64>(), vec(any::<[u8; 8]>(), 1..=MAX_PIECES))
+        (any::<u64>(), vec(any::<[u8; 8]>(), 1..=MAX_BLOCKS))
             .prop_map(|(index, hashes)| Msg::BlockHashes { index, hashes }),
-        (any::<u64>(), 1..=MAX_PIECES as u32, any::<u64>()).prop_map(|(index, count, seed)| {
+        (any::<u64>(), 1..=MAX_BLOCKS as u32, any::<u64>()).prop_map(|(index, count, seed)| {
             let bitmap = (0..(count as usize).div_ceil(8))
                 .map(|i| (seed.rotate_left(i as u32 * 7) & 0xff) as u8)
                 .collect();
-            Msg::PieceRequest {
+            Msg::BlockFetch {
                 index,
                 count,
                 bitmap,
@@ -203,7 +203,7 @@ proptest! {
     fn messages_round_trip(m in arb_msg()) {
         let mut buf = Vec::new();
         m.encode(&mut buf);
-        prop_assert!(buf.len() <= vmsync::wire::protocol::MAX_FRAME);
+        prop_assert!(buf.len() <= vmsync::wire::MAX_FRAME);
         prop_assert_eq!(&Msg::decode(&buf).unwrap(), &m);
         // Every prefix of short messages; a spread of them (and the last
         // few) for long ones.

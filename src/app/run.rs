@@ -1,0 +1,125 @@
+//! One run of the binary from start to end: read what must be read before
+//! any thread exists, dispatch to the server or the client, report the
+//! outcome (human or JSON, log file, metrics) and map it to the exit code
+//! once. `main.rs` only parses and calls [`start`] and [`main`].
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
+
+use crate::app::cli::Cli;
+use crate::app::{config::Config, report};
+use crate::client::tree;
+use crate::{client, server, signals};
+
+/// The process umask, read by [`start`].
+static UMASK: AtomicU32 = AtomicU32::new(0o022);
+
+/// What must happen before any thread starts: reading the umask (reading it
+/// means setting it, which would race with threads creating files) and
+/// blocking the signals, so that every thread inherits the mask.
+pub fn start() {
+    use rustix::fs::Mode;
+    let old = rustix::process::umask(Mode::from_raw_mode(0o022));
+    rustix::process::umask(old);
+    UMASK.store(old.as_raw_mode(), Ordering::Relaxed);
+    signals::install();
+}
+
+/// What a run produced: one file's report, or a tree's.
+enum Outcome {
+    File(client::Report),
+    Tree(tree::TreeReport),
+}
+
+/// Runs the command line `cli` to its end: the `--server` loop, or one
+/// sync or check (a file or a tree), reported as asked; returns the exit
+/// code. [`start`] must have run first.
+pub fn main(cli: &Cli) -> ExitCode {
+    let umask = UMASK.load(Ordering::Relaxed);
+    if cli.server {
+        signals::set_quiet(true);
+        let limits = server::Limits {
+            root: cli.root.clone(),
+            read_only: cli.read_only,
+        };
+        let code = server::serve(umask, &limits);
+        signals::hold_if_interrupted();
+        return ExitCode::from(code.code());
+    }
+    if let Some(shell) = cli.completions {
+        let mut cmd = <crate::app::cli::Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut cmd, "vmsync", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
+    let (json, recursive) = (cli.json, cli.recursive);
+    signals::set_fallback(Box::new(move |sig| {
+        report::error_message(sig.exit(), &sig.message(), json, recursive);
+    }));
+    crate::log::init(if cli.quiet { 0 } else { cli.verbose });
+    crate::log::set_quiet(cli.quiet);
+    if let Some(path) = &cli.log_file {
+        match crate::log::open_file(path) {
+            Ok(()) => crate::log::to_file(&format!(
+                "start: {}",
+                std::env::args_os()
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )),
+            Err(e) => eprintln!("vmsync: warning: {}", crate::error::message_of(&e)),
+        }
+    }
+    let start = Instant::now();
+    let outcome = Config::from_cli(cli).and_then(|cfg| {
+        let r = if cfg.recursive {
+            Outcome::Tree(tree::run(&cfg, umask)?)
+        } else {
+            Outcome::File(client::run(&cfg, umask)?)
+        };
+        Ok((cfg, r))
+    });
+    let mut outcome = outcome;
+    if let Some(sig) = signals::claim_report() {
+        // The signal thread stopped our children, so whatever the run
+        // returned is a consequence of the signal: report the signal.
+        match &mut outcome {
+            Ok((_, Outcome::Tree(r))) => r.fatal = Some((sig.exit(), sig.message())),
+            _ => outcome = Err(crate::error::fail(sig.exit(), sig.message())),
+        }
+    }
+    let exit = match &outcome {
+        Ok((cfg, Outcome::File(r))) => {
+            report::print(r, cfg.stats, cfg.json, cfg.quiet);
+            r.exit()
+        }
+        Ok((cfg, Outcome::Tree(r))) => {
+            report::print_tree(r, cfg.stats, cfg.json, cfg.quiet);
+            r.exit()
+        }
+        Err(e) => report::error(e, cli.json, cli.recursive),
+    };
+    // A tree is recorded by its totals, as one series for its destination.
+    let totals = match &outcome {
+        Ok((_, Outcome::File(r))) => Some(r.clone()),
+        Ok((_, Outcome::Tree(r))) => Some(r.totals()),
+        Err(_) => None,
+    };
+    match &outcome {
+        Ok((_, Outcome::Tree(r))) => report::log_tree_outcome(r, exit),
+        Ok((_, Outcome::File(r))) => report::log_outcome(Ok(r), exit),
+        Err(e) => report::log_outcome(Err(e), exit),
+    }
+    if let (Some(path), Some(src), Some(dst)) = (&cli.metrics_file, &cli.src, &cli.dst) {
+        report::write_metrics(
+            path,
+            &src.to_string_lossy(),
+            &dst.to_string_lossy(),
+            cli.check,
+            totals.as_ref(),
+            exit,
+            start.elapsed(),
+        );
+    }
+    ExitCode::from(exit.code())
+}
