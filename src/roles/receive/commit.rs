@@ -6,7 +6,6 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::io::AsRawFd;
 
 use anyhow::{Context, Result};
 
@@ -115,10 +114,8 @@ pub(super) fn up_to_date<W: Write>(
 
 /// Asks the kernel to forget cached pages, so `--verify` reads the disk.
 fn drop_cache(file: &File) {
-    // SAFETY: advisory call on a valid fd.
-    unsafe {
-        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
-    }
+    // Advice: a file system that ignores it only makes --verify read the cache.
+    let _ = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed);
 }
 
 #[cfg(test)]
