@@ -3,4 +3,5 @@
 pub mod cache;
 pub mod confine;
 pub mod lock;
+pub mod sparse;
 pub mod writer;
