@@ -56,6 +56,7 @@ use crate::dest::sparse::{
 };
 use crate::error::{fail, Exit, WithExit};
 use crate::signals::TempGuard;
+use crate::sys::crash;
 
 use crate::wire::FileInfo;
 
@@ -422,12 +423,14 @@ impl Output {
             .exit_with(Exit::Io)?;
         check(file)?;
         if let Mode::Partial { path, .. } = &self.mode {
+            crash::point(crash::BEFORE_RENAME);
             std::fs::rename(path, &dest)
                 .with_context(|| {
                     format!("cannot rename {} onto {}", path.display(), dest.display())
                 })
                 .exit_with(Exit::Io)?;
             self.committed = true;
+            crash::point(crash::AFTER_RENAME);
             sync_dir(&dest)?;
         } else {
             file.sync_all()
