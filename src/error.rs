@@ -30,6 +30,9 @@ pub enum Exit {
     SourceChanged = 7,
     /// Another vmsync holds the destination's lock.
     Locked = 8,
+    /// A redo journal left by an interrupted write could not be applied:
+    /// damaged, or written for another file; nothing was changed.
+    Journal = 9,
     /// `-r`: some files (or other entries) of the tree failed; the others
     /// were synced (rsync's code for the same case).
     Partial = 23,
@@ -72,6 +75,10 @@ pub const EXIT_CODES: &[(u8, &str)] = &[
         "the destination is locked by another vmsync run (its pid and host are named)",
     ),
     (
+        9,
+        "a journal of an interrupted write is damaged or not for this destination; it was not applied and nothing was changed",
+    ),
+    (
         23,
         "partial transfer: some files failed (with -r; the others were synced, the summary lists the failures)",
     ),
@@ -97,6 +104,7 @@ impl Exit {
             6 => Exit::Verify,
             7 => Exit::SourceChanged,
             8 => Exit::Locked,
+            9 => Exit::Journal,
             23 => Exit::Partial,
             129 => Exit::Hangup,
             130 => Exit::Interrupted,
