@@ -152,18 +152,7 @@ fn serve_on(
                 Some(r) => (r.enter_destination(&path, &open.source_name)?, Vec::new()),
                 None => (path, open.source_name),
             };
-            let opts = RecvOptions {
-                params,
-                check: options.check,
-                inplace: options.inplace,
-                checksum: options.checksum,
-                verify: options.verify,
-                no_partial: options.no_partial,
-                umask,
-                dry_run: options.dry_run,
-                allow_changing: options.allow_changing,
-                sample: open.sample,
-            };
+            let opts = RecvOptions::new(&options, params, umask, open.sample);
             receive::receive(
                 Path::new(&path),
                 &source_name,

@@ -38,6 +38,9 @@ static SIGNAL: AtomicI32 = AtomicI32::new(0);
 static REPORT: Mutex<Reporter> = Mutex::new(Reporter::Nobody);
 static REPORT_CLAIMED: Condvar = Condvar::new();
 static FALLBACK: Mutex<Option<Fallback>> = Mutex::new(None);
+/// Held while a committed write is being applied ([`critical`]): the
+/// process does not exit on a signal before it is released.
+static CRITICAL: Mutex<()> = Mutex::new(());
 
 /// What prints the outcome when the main thread cannot.
 pub type Fallback = Box<dyn Fn(Signal) + Send>;
@@ -159,6 +162,21 @@ pub fn hold_if_interrupted() {
     }
 }
 
+/// A stretch that must run to its end once started, whatever signal comes
+/// or whether the peer is still there: applying a committed journal. A
+/// signal is still recorded at once and the children stopped, but the
+/// process exits only when the guard is dropped. (SIGKILL, and a power
+/// cut, still stop it: that is what replaying the journal is for.)
+pub fn critical() -> std::sync::MutexGuard<'static, ()> {
+    CRITICAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Exits with `code` once no [`critical`] stretch is running.
+fn exit_when_not_critical(code: i32) -> ! {
+    let _held = critical();
+    std::process::exit(code)
+}
+
 fn on_signal(sig: libc::c_int) {
     if SIGNAL
         .compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst)
@@ -171,7 +189,7 @@ fn on_signal(sig: libc::c_int) {
     remove_temp_files();
     let signal = Signal(sig);
     if QUIET.load(Ordering::Relaxed) {
-        std::process::exit(128 + sig);
+        exit_when_not_critical(128 + sig);
     }
     let who = REPORT.lock().unwrap_or_else(|e| e.into_inner());
     let (mut who, _) = REPORT_CLAIMED
@@ -187,7 +205,7 @@ fn on_signal(sig: libc::c_int) {
         None => eprintln!("vmsync: {}", signal.message()),
     }
     remove_temp_files();
-    std::process::exit(128 + sig);
+    exit_when_not_critical(128 + sig);
 }
 
 fn stop_children() {
@@ -206,7 +224,7 @@ fn stop_children() {
 pub fn abandon(code: u8) -> ! {
     STOPPING.store(true, Ordering::SeqCst);
     remove_temp_files();
-    std::process::exit(i32::from(code));
+    exit_when_not_critical(i32::from(code));
 }
 
 fn pid_of(pid: u32) -> Option<rustix::process::Pid> {

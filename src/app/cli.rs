@@ -117,15 +117,15 @@ where
 )]
 pub struct Cli {
     /// Source file (or directory, with -r): a local path or [user@]host:path.
-    #[arg(value_name = "SRC", required_unless_present_any = ["server", "completions"])]
+    #[arg(value_name = "SRC", required_unless_present_any = ["server", "completions", "recover"])]
     pub src: Option<OsString>,
 
     /// Destination file or directory: a local path or [user@]host:path.
-    #[arg(value_name = "DST", required_unless_present_any = ["server", "completions"])]
+    #[arg(value_name = "DST", required_unless_present_any = ["server", "completions", "recover"])]
     pub dst: Option<OsString>,
 
     /// Compare only: change nothing; exit 0 if identical, 1 if not, listing differing byte ranges.
-    #[arg(long, conflicts_with_all = ["inplace", "verify"])]
+    #[arg(long, conflicts_with_all = ["inplace", "write_mode", "verify"])]
     pub check: bool,
 
     /// Sync a directory tree: regular files (each by the delta engine), directories and symlinks
@@ -183,15 +183,38 @@ pub struct Cli {
     #[arg(long)]
     pub allow_changing_source: bool,
 
-    /// Write into the existing destination instead of a temporary file renamed over it.
+    /// How an existing destination is written (a new one is always written beside it, then
+    /// renamed): auto, clone, journal, copy or unsafe-inplace.
     ///
-    /// For low free space (a block device destination is always written in place). RISK: the destination is modified as
-    /// the sync runs, so an interrupted run (signal, dropped connection, full disk, crash)
-    /// leaves a file that is neither the old nor the new version until a later run completes.
-    /// Unchanged chunks are left where they are; moved chunks are copied only from regions not
-    /// yet overwritten, otherwise fetched from the source.
+    /// auto (the default): clone where the destination's filesystem supports reflinks (XFS,
+    /// btrfs), else journal; a block device is always journaled (unless unsafe-inplace).
+    /// clone: readers and a crash see the old or the new file, never a mix; writes and extra
+    /// space cost about the changed bytes. journal: a crash leaves the old file, or a journal
+    /// that the next run (or --recover) completes; readers may see a partly applied file while
+    /// it is applied; writes cost about twice the changed bytes. copy: the old or the new
+    /// file, never a mix, on any filesystem; writes and extra space cost a whole copy.
+    /// unsafe-inplace: straight into the destination like rsync --inplace: a crash leaves a
+    /// file that is neither version.
+    #[arg(long, value_name = "MODE", value_parser = parse_write_mode, conflicts_with = "inplace")]
+    pub write_mode: Option<crate::wire::WriteMode>,
+
+    /// Write into the existing destination, journaled: the same as --write-mode journal
+    /// (rsync's unjournaled --inplace is --write-mode unsafe-inplace).
     #[arg(long)]
     pub inplace: bool,
+
+    /// Where the receiving host keeps the journals of block-device destinations (a regular
+    /// file's journal sits beside it). Default: /var/lib/vmsync. Passed on to a remote
+    /// receiver.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
+
+    /// Finish an interrupted journaled write of PATH (a file, or a block device) and exit: a
+    /// committed journal is applied, so PATH holds the new version; an uncommitted one is left
+    /// for the next sync to resume from (PATH holds the old version). A damaged journal, or one
+    /// for another file, is refused (exit 9). Every sync and --check does this on its own.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["src", "dst", "server"])]
+    pub recover: Option<OsString>,
 
     /// Do not resume from, nor leave behind, the partial file of an interrupted run.
     ///
@@ -297,4 +320,15 @@ pub struct Cli {
     /// With --server: refuse to write; only send files and answer --check.
     #[arg(long, requires = "server", help_heading = "Server options")]
     pub read_only: bool,
+}
+
+/// `--write-mode`: one of [`crate::wire::WriteMode::ALL`]'s names.
+fn parse_write_mode(s: &str) -> Result<crate::wire::WriteMode, String> {
+    crate::wire::WriteMode::from_name(s).ok_or_else(|| {
+        let names: Vec<&str> = crate::wire::WriteMode::ALL
+            .iter()
+            .map(|m| m.name())
+            .collect();
+        format!("unknown write mode '{s}': one of {}", names.join(", "))
+    })
 }

@@ -82,7 +82,12 @@ impl Config {
             compress_level: cli.compress_level,
             check: cli.check,
             verify: cli.verify,
-            inplace: cli.inplace,
+            write_mode: match (cli.write_mode, cli.inplace) {
+                (Some(m), _) => m,
+                (None, true) => crate::wire::WriteMode::Journal,
+                (None, false) => crate::wire::WriteMode::Auto,
+            },
+            state_dir: cli.state_dir.clone(),
             checksum: cli.checksum,
             no_partial: cli.no_partial,
             rsh,

@@ -38,8 +38,11 @@
 //! ```
 //!
 //! and so on for `vmsync_wire_bytes` (both directions), `vmsync_literal_bytes`
-//! (chunk data sent), `vmsync_reused_bytes` (taken from the old destination)
-//! and, for check runs only, `vmsync_differing_bytes`. All are gauges of the
+//! (chunk data sent), `vmsync_reused_bytes` (taken from the old destination),
+//! for syncs `vmsync_dest_written_bytes` (what the receiver wrote to storage)
+//! and `vmsync_write_mode` (1 clone, 2 journal, 3 copy, 4 unjournaled in
+//! place, 0 nothing written), and for check runs only
+//! `vmsync_differing_bytes`. All are gauges of the
 //! last run; counters would need state that survives a failed write or a
 //! replaced file, and the alerts only ever ask about the last run.
 //!
@@ -116,6 +119,10 @@ pub struct RunMetrics {
     pub reused_bytes: u64,
     /// `--check` only; written only for check runs that got as far as comparing.
     pub differing_bytes: Option<u64>,
+    /// Syncs only: bytes the receiver wrote to storage for the destination.
+    pub dest_written_bytes: Option<u64>,
+    /// Syncs only: how the destination was written (`None`: not at all).
+    pub write_mode: Option<Option<crate::wire::WriteMode>>,
 }
 
 /// An existing file larger than this is refused rather than replaced. One
@@ -131,11 +138,13 @@ const WIRE: usize = 5;
 const LITERAL: usize = 6;
 const REUSED: usize = 7;
 const DIFFERING: usize = 8;
+const DEST_WRITTEN: usize = 9;
+const WRITE_MODE: usize = 10;
 
 /// (name, HELP text) in output order, indexed by the constants above; all
 /// gauges. The HELP text must not change lightly: node_exporter refuses two
 /// textfiles that give one family different HELP.
-const FAMILIES: [(&str, &str); 9] = [
+const FAMILIES: [(&str, &str); 11] = [
     (
         "vmsync_last_run_timestamp_seconds",
         "End time of the last vmsync run, in seconds since the epoch.",
@@ -171,6 +180,14 @@ const FAMILIES: [(&str, &str); 9] = [
     (
         "vmsync_differing_bytes",
         "Bytes that differed between source and destination in the last vmsync --check run.",
+    ),
+    (
+        "vmsync_dest_written_bytes",
+        "Bytes the receiver of the last vmsync sync wrote to storage for the destination (its partial file or journal included).",
+    ),
+    (
+        "vmsync_write_mode",
+        "How the last vmsync sync wrote the destination: 1 reflink clone, 2 journal, 3 full copy, 4 unjournaled in place, 0 nothing written.",
     ),
 ];
 
@@ -382,6 +399,18 @@ fn merge(samples: &mut Samples, run: &RunMetrics) {
                 .filter(|_| run.check)
                 .map(|b| b.to_string()),
         ),
+        (
+            DEST_WRITTEN,
+            run.dest_written_bytes
+                .filter(|_| !run.check)
+                .map(|b| b.to_string()),
+        ),
+        (
+            WRITE_MODE,
+            run.write_mode
+                .filter(|_| !run.check)
+                .map(|m| m.map_or(0, |m| m as u8).to_string()),
+        ),
     ];
     for (family, value) in values {
         if let Some(v) = value {
@@ -492,6 +521,8 @@ mod tests {
             literal_bytes: 1_000_000,
             reused_bytes: (20 << 30) - 1_000_000,
             differing_bytes: check.then_some(4096),
+            dest_written_bytes: (!check).then_some(8192),
+            write_mode: (!check).then_some(Some(crate::wire::WriteMode::Journal)),
         }
     }
 
@@ -536,7 +567,7 @@ mod tests {
             Some(((20u64 << 30) - 1_000_000) as f64)
         );
         assert_eq!(v("vmsync_differing_bytes"), None, "sync runs have none");
-        assert_eq!(s.len(), 8);
+        assert_eq!(s.len(), 10);
 
         // Rewriting the same run changes nothing.
         let before = std::fs::read(&path).unwrap();
@@ -607,9 +638,9 @@ mod tests {
             value(&s, "vmsync_wire_bytes", "a", "sync"),
             Some(1_234_567.0)
         );
-        // 8 samples per sync series, 9 for the check series (differing bytes);
-        // the check series failed, so it has no last success.
-        assert_eq!(s.len(), 8 + 8 + 8);
+        // 10 samples per sync series (dest written, write mode), 9 for the
+        // check series (differing bytes), which failed: no last success.
+        assert_eq!(s.len(), 10 + 10 + 8);
 
         // Deterministic: the same runs in another order give the same bytes.
         let other = dir.path().join("n.prom");
@@ -676,7 +707,7 @@ mod tests {
         );
         let s = read(&path);
         // Read back as one series: the merge found the earlier samples.
-        assert_eq!(s.len(), 16);
+        assert_eq!(s.len(), 20);
         assert_eq!(
             value(&s, "vmsync_last_success_timestamp_seconds", nasty, "sync"),
             Some(1.0)
@@ -701,7 +732,7 @@ mod tests {
             std::fs::write(&path, garbage).unwrap();
             write_textfile(&path, &run("b", false, 0, 1.0)).unwrap();
             let s = read(&path);
-            assert_eq!(s.len(), 8, "{}", String::from_utf8_lossy(garbage));
+            assert_eq!(s.len(), 10, "{}", String::from_utf8_lossy(garbage));
             assert!(s.iter().all(|x| x.labels[0].1 == "b"));
         }
         // Foreign samples in a valid file are dropped, ours kept.
@@ -714,7 +745,7 @@ mod tests {
         .unwrap();
         write_textfile(&path, &run("b", false, 0, 1.0)).unwrap();
         let s = read(&path);
-        assert_eq!(s.len(), 9);
+        assert_eq!(s.len(), 11);
         assert_eq!(value(&s, "vmsync_wire_bytes", "a", "sync"), Some(6.0));
     }
 
@@ -760,7 +791,7 @@ mod tests {
             }
         });
         let s = read(&path);
-        assert_eq!(s.len(), 8 * 8);
+        assert_eq!(s.len(), 10 * 8);
         for t in 0..8 {
             let d = format!("dest{t}");
             assert_eq!(

@@ -264,6 +264,8 @@ pub fn tree_json(report: &TreeReport) -> Value {
                 "reused_bytes": r.summary.reused_bytes,
                 "zero_bytes": r.summary.zero_bytes,
                 "wire_bytes": r.wire_bytes,
+                "write_mode": write_mode_json(r.summary.write_mode),
+                "dest_written_bytes": r.summary.dest_written_bytes,
                 "up_to_date": r.summary.up_to_date,
                 "verified": r.summary.verified,
                 "identical": if r.check { Value::Bool(r.summary.identical) } else { Value::Null },
@@ -278,6 +280,8 @@ pub fn tree_json(report: &TreeReport) -> Value {
                 "reused_bytes": 0,
                 "zero_bytes": 0,
                 "wire_bytes": 0,
+                "write_mode": Value::Null,
+                "dest_written_bytes": 0,
                 "up_to_date": false,
                 "verified": false,
                 "identical": Value::Null,
@@ -299,6 +303,12 @@ pub fn tree_json(report: &TreeReport) -> Value {
     v
 }
 
+/// `write_mode` in `--json`: the mode's name, `null` when nothing was
+/// written.
+fn write_mode_json(m: Option<crate::wire::WriteMode>) -> Value {
+    m.map_or(Value::Null, |m| Value::from(m.name()))
+}
+
 /// The `--json` object for a completed run.
 pub fn to_json(report: &Report) -> Value {
     let s = &report.summary;
@@ -313,6 +323,8 @@ pub fn to_json(report: &Report) -> Value {
         "up_to_date": s.up_to_date,
         "verified": s.verified,
         "basis_cached": s.basis_cached,
+        "write_mode": write_mode_json(s.write_mode),
+        "dest_written_bytes": s.dest_written_bytes,
         "source_changed": s.source_changed,
         "dry_run": s.dry_run,
         "checked_bytes": s.checked_bytes,
@@ -330,6 +342,7 @@ pub fn error_json(exit_code: u8, msg: &str) -> Value {
         "source_bytes": 0, "reused_bytes": 0, "literal_bytes": 0, "wire_bytes": 0,
         "zero_bytes": 0, "duration_s": 0.0, "identical": Value::Null, "up_to_date": false,
         "verified": false, "basis_cached": false, "source_changed": false, "dry_run": false,
+        "write_mode": Value::Null, "dest_written_bytes": 0,
         "checked_bytes": 0, "differing_bytes": 0, "difference_count": 0,
         "differences": [], "exit_code": exit_code, "error": msg,
     })
@@ -390,6 +403,8 @@ pub fn write_metrics(
         } else {
             None
         },
+        dest_written_bytes: s.map(|s| s.dest_written_bytes),
+        write_mode: s.map(|s| s.write_mode),
     };
     if let Err(e) = crate::app::metrics::write_textfile(path, &run) {
         eprintln!("vmsync: warning: {}", message_of(&e));

@@ -77,7 +77,7 @@ pub(crate) fn is_a_directory(path: &std::path::Path) -> anyhow::Error {
 pub(crate) fn options(cfg: &Config) -> Options {
     Options {
         check: cfg.check,
-        inplace: cfg.inplace,
+        write_mode: cfg.write_mode,
         checksum: cfg.checksum,
         verify: cfg.verify,
         no_partial: cfg.no_partial,
@@ -197,18 +197,7 @@ pub(crate) fn transfer(
                 .iter()
                 .map(|p| Seed::open(std::path::Path::new(p)))
                 .collect::<Result<Vec<_>>>()?;
-            let opts = RecvOptions {
-                params: cfg.params,
-                check: options.check,
-                inplace: options.inplace,
-                checksum: options.checksum,
-                verify: options.verify,
-                no_partial: options.no_partial,
-                umask,
-                dry_run: options.dry_run,
-                allow_changing: options.allow_changing,
-                sample: cfg.sample,
-            };
+            let opts = RecvOptions::new(&options, cfg.params, umask, cfg.sample);
             let s = session(
                 Some(r),
                 &launch,

@@ -3,8 +3,10 @@
 //!
 //! [`crate::dest::writer::Output`] decides *what* reaches the disk; this
 //! module holds *how*: data is written in runs of whole 4 KiB blocks (at
-//! absolute offsets, so holes align with the filesystem's), all-zero blocks
-//! are skipped, punched or zeroed as [`ZeroBlocks`] says, and every
+//! absolute offsets, so holes align with the filesystem's); into a file of
+//! holes all-zero blocks are skipped ([`write_sparse`]); over old contents
+//! only the blocks that differ are written, zeros by punching a hole or, on
+//! a device, by zeroing ([`changes`], [`write_pieces`]); and every
 //! [`WRITEBACK_EVERY`] bytes the range written since the last time is handed
 //! to the disk with `sync_file_range(SYNC_FILE_RANGE_WRITE)`, which starts
 //! writeback and does not wait for it. Otherwise nothing reaches the disk
@@ -90,29 +92,17 @@ pub fn start_writeback(file: &File, lo: u64, hi: u64) {
     let _ = r;
 }
 
-/// What [`write_sparse`] does with the all-zero blocks of what it writes.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum ZeroBlocks {
-    /// Nothing: the file holds holes there already.
-    Skip,
-    /// Punch a hole (or write zeros), so a region that became zero frees
-    /// its blocks.
-    Punch,
-    /// Zero only the blocks that do not read as zeros already (a device).
-    IfNonZero,
-}
-
-/// Tells [`Output`] that `(offset, len)` bytes were written (made dirty in
+/// Tells [`crate::dest::writer::Output`] that `(offset, len)` bytes were written (made dirty in
 /// the page cache), for [`Writeback`]; holes punched are not writes.
 pub type Wrote<'a> = &'a dyn Fn(u64, u64);
 
-/// Writes `data` at `offset`, treating its all-zero 4 KiB blocks (at
-/// absolute offsets, so holes align with the filesystem's) as `zeros` says.
+/// Writes `data` at `offset` into a file that holds holes there, skipping
+/// its all-zero 4 KiB blocks (at absolute offsets, so holes align with the
+/// filesystem's), which stay holes.
 pub fn write_sparse(
     file: &File,
     offset: u64,
     data: &[u8],
-    zeros: ZeroBlocks,
     wrote: Wrote<'_>,
 ) -> std::io::Result<()> {
     let block_end = |p: usize| {
@@ -123,22 +113,16 @@ pub fn write_sparse(
     let mut pos = 0usize;
     while pos < data.len() {
         // Extend a run of blocks of one kind as far as it goes: one write
-        // (or punch) per run.
+        // per run of data.
         let zero = is_zero(&data[pos..block_end(pos)]);
         let mut run_end = block_end(pos);
         while run_end < data.len() && is_zero(&data[run_end..block_end(run_end)]) == zero {
             run_end = block_end(run_end);
         }
-        let at = offset + pos as u64;
-        let n = (run_end - pos) as u64;
-        match (zero, zeros) {
-            (false, _) => {
-                file.write_all_at(&data[pos..run_end], at)?;
-                wrote(at, n);
-            }
-            (true, ZeroBlocks::Skip) => {}
-            (true, ZeroBlocks::Punch) => punch_or_write_zeros(file, at, n, wrote)?,
-            (true, ZeroBlocks::IfNonZero) => zero_where_nonzero(file, at, n, wrote)?,
+        if !zero {
+            let at = offset + pos as u64;
+            file.write_all_at(&data[pos..run_end], at)?;
+            wrote(at, (run_end - pos) as u64);
         }
         pos = run_end;
     }
@@ -253,6 +237,119 @@ pub fn zero_device_range(
         Err(_) => write_zeros(file, mid_start, mid_end - mid_start, wrote)?,
     }
     write_zeros(file, mid_end, end - mid_end, wrote)
+}
+
+/// A run of 4 KiB blocks (or the part of one at a chunk's edge) that must
+/// change: new data, or bytes that must read as zeros. Offsets are absolute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece<'a> {
+    Data { at: u64, bytes: &'a [u8] },
+    Zero { at: u64, len: u64 },
+}
+
+#[allow(dead_code)] // TEMP: used by dest::journal, which lands next.
+impl Piece<'_> {
+    pub fn at(&self) -> u64 {
+        match self {
+            Piece::Data { at, .. } | Piece::Zero { at, .. } => *at,
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        match self {
+            Piece::Data { bytes, .. } => bytes.len() as u64,
+            Piece::Zero { len, .. } => *len,
+        }
+    }
+}
+
+/// What must be written so that `[offset, offset + data.len())` of `old`
+/// holds `data`: the runs of 4 KiB blocks (absolute alignment) that differ
+/// from what `old` holds there now, as data, or as zeros where the new
+/// bytes are all zero. Past the end of `old` it counts as zeros, which is
+/// what a file extended to its new size reads there.
+///
+/// This is what makes a write cost the change and not the chunk: a chunk
+/// found nowhere whole is fetched or assembled whole, but usually differs
+/// from the old one at its offset in a few blocks only (a rewritten page),
+/// and only those reach the disk. The price is one read of the old bytes,
+/// which is cheaper than writing them again on every kind of storage.
+pub fn changes<'a>(old: &File, offset: u64, data: &'a [u8]) -> std::io::Result<Vec<Piece<'a>>> {
+    let mut cur = vec![0u8; data.len()];
+    let mut got = 0;
+    while got < cur.len() {
+        match old.read_at(&mut cur[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let block_end = |p: usize| {
+        let abs = offset + p as u64;
+        let next = ((abs / BLOCK as u64 + 1) * BLOCK as u64 - abs) as usize;
+        (p + next).min(data.len())
+    };
+    #[derive(PartialEq, Clone, Copy)]
+    enum Kind {
+        Same,
+        Zero,
+        Data,
+    }
+    let kind = |p: usize, e: usize| {
+        if data[p..e] == cur[p..e] {
+            Kind::Same
+        } else if is_zero(&data[p..e]) {
+            Kind::Zero
+        } else {
+            Kind::Data
+        }
+    };
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < data.len() {
+        let k = kind(pos, block_end(pos));
+        let mut end = block_end(pos);
+        while end < data.len() && kind(end, block_end(end)) == k {
+            end = block_end(end);
+        }
+        let at = offset + pos as u64;
+        match k {
+            Kind::Same => {}
+            Kind::Zero => out.push(Piece::Zero {
+                at,
+                len: (end - pos) as u64,
+            }),
+            Kind::Data => out.push(Piece::Data {
+                at,
+                bytes: &data[pos..end],
+            }),
+        }
+        pos = end;
+    }
+    Ok(out)
+}
+
+/// Writes `pieces` into `file`: data as it is, zeros by punching a hole (a
+/// regular file) or by [`zero_device_range`] (`device`: the pieces came
+/// from [`changes`], so those bytes are known not to be zero yet).
+pub fn write_pieces(
+    file: &File,
+    pieces: &[Piece<'_>],
+    device: bool,
+    wrote: Wrote<'_>,
+) -> std::io::Result<()> {
+    for p in pieces {
+        match *p {
+            Piece::Data { at, bytes } => {
+                file.write_all_at(bytes, at)?;
+                wrote(at, bytes.len() as u64);
+            }
+            Piece::Zero { at, len } if device => zero_device_range(file, at, len, wrote)?,
+            Piece::Zero { at, len } => punch_or_write_zeros(file, at, len, wrote)?,
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -385,7 +482,8 @@ mod tests {
         let mut data = vec![3u8; 64 * 1024];
         data[8192..40_960].fill(0);
         f.write_all_at(&vec![8u8; 128 * 1024], 0).unwrap();
-        write_sparse(&f, 4096, &data, ZeroBlocks::IfNonZero, &note).unwrap();
+        let pieces = changes(&f, 4096, &data).unwrap();
+        write_pieces(&f, &pieces, true, &note).unwrap();
         assert_eq!(
             noted.take().iter().collect::<Vec<_>>(),
             [(4096, 12_288), (45_056, 69_632)]
@@ -412,7 +510,7 @@ mod tests {
         data[200 * 1024] = 2;
         let noted = RefCell::new(RangeSet::default());
         let note = |at, n| noted.borrow_mut().insert(at, at + n);
-        write_sparse(&f, 4096, &data, ZeroBlocks::Skip, &note).unwrap();
+        write_sparse(&f, 4096, &data, &note).unwrap();
         // Only the two blocks of data were written.
         let two_blocks = [(4096, 8192), (208_896, 212_992)];
         assert_eq!(noted.take().iter().collect::<Vec<_>>(), two_blocks);
@@ -434,7 +532,8 @@ mod tests {
             .unwrap();
         g.write_all_at(&vec![9u8; 1 << 20], 0).unwrap();
         g.sync_all().unwrap();
-        write_sparse(&g, 4096, &data, ZeroBlocks::Punch, &note).unwrap();
+        let pieces = changes(&g, 4096, &data).unwrap();
+        write_pieces(&g, &pieces, false, &note).unwrap();
         assert_eq!(noted.take().iter().collect::<Vec<_>>(), two_blocks);
         g.sync_all().unwrap();
         let mut back = vec![0u8; data.len()];
@@ -445,5 +544,62 @@ mod tests {
             alloc <= (1 << 20) - 200 * 1024,
             "zero blocks not punched: {alloc}"
         );
+    }
+
+    #[test]
+    fn changes_are_the_differing_blocks_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("old");
+        let mut old = vec![7u8; 64 * 1024];
+        old[24_000] = 1;
+        std::fs::write(&p, &old).unwrap();
+        let f = std::fs::File::open(&p).unwrap();
+        // A chunk at 1000 (not block aligned) of 40 000 bytes: new bytes in
+        // the block holding 9000 and in the one holding 30 000, zeros in the
+        // block at 16 KiB, and the byte at 24 000 changed back to 7.
+        let mut new = old[1000..41_000].to_vec();
+        new[8000] = 9;
+        new[29_000] = 9;
+        for b in &mut new[16384 - 1000..20480 - 1000] {
+            *b = 0;
+        }
+        new[24_000 - 1000] = 7;
+        let got = changes(&f, 1000, &new).unwrap();
+        let spans: Vec<(bool, u64, u64)> = got
+            .iter()
+            .map(|p| (matches!(p, Piece::Data { .. }), p.at(), p.len()))
+            .collect();
+        assert_eq!(
+            spans,
+            vec![
+                (true, 8192, 4096),
+                (false, 16384, 4096),
+                (true, 20480, 4096),
+                (true, 28672, 4096),
+            ]
+        );
+        // Written back, the file holds exactly the new bytes there.
+        let w = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        write_pieces(&w, &got, false, &|_, _| {}).unwrap();
+        let now = std::fs::read(&p).unwrap();
+        assert_eq!(&now[1000..41_000], &new[..]);
+        assert_eq!(&now[..1000], &old[..1000]);
+        assert_eq!(&now[41_000..], &old[41_000..]);
+        // Nothing differs: nothing to write.
+        assert!(changes(&w, 1000, &new).unwrap().is_empty());
+    }
+
+    #[test]
+    fn past_the_end_counts_as_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("old");
+        std::fs::write(&p, [1u8; 4096]).unwrap();
+        let f = std::fs::File::open(&p).unwrap();
+        let mut new = vec![0u8; 3 * 4096];
+        new[..4096].fill(1);
+        new[2 * 4096] = 5;
+        let got = changes(&f, 0, &new).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].at(), got[0].len()), (8192, 4096));
     }
 }

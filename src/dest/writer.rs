@@ -44,6 +44,7 @@ use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -52,26 +53,39 @@ use anyhow::{Context, Result};
 use crate::content::hash::ChunkHash;
 use crate::content::ranges::RangeSet;
 use crate::dest::sparse::{
-    punch_or_write_zeros, start_writeback, write_sparse, zero_where_nonzero, Writeback, ZeroBlocks,
+    changes, punch_or_write_zeros, start_writeback, write_pieces, write_sparse, zero_where_nonzero,
+    Writeback,
 };
 use crate::error::{fail, Exit, WithExit};
 use crate::signals::TempGuard;
 use crate::sys::crash;
 
-use crate::wire::FileInfo;
+use crate::wire::{FileInfo, WriteMode};
 
-/// Bytes whose BLAKE3 matched the manifest.
-pub struct Verified<'a>(&'a [u8]);
+/// Bytes whose BLAKE3 matched the manifest, with that hash.
+pub struct Verified<'a> {
+    bytes: &'a [u8],
+    #[allow(dead_code)] // TEMP: used by dest::journal, which lands next.
+    hash: ChunkHash,
+}
 
 impl<'a> Verified<'a> {
     pub fn bytes(&self) -> &'a [u8] {
-        self.0
+        self.bytes
+    }
+
+    #[allow(dead_code)] // TEMP: used by dest::journal, which lands next.
+    pub fn hash(&self) -> &ChunkHash {
+        &self.hash
     }
 }
 
 /// Hash-checks `data`; the only way to get a [`Verified`].
 pub fn verify<'a>(data: &'a [u8], expected: &ChunkHash) -> Option<Verified<'a>> {
-    (ChunkHash::of(data) == *expected).then_some(Verified(data))
+    (ChunkHash::of(data) == *expected).then_some(Verified {
+        bytes: data,
+        hash: *expected,
+    })
 }
 
 enum Mode {
@@ -80,6 +94,8 @@ enum Mode {
         path: PathBuf,
         /// Created empty by this run (all holes), not resumed.
         fresh: bool,
+        /// Made by this run as a reflink clone of the destination.
+        cloned: bool,
         /// Keep it for the next run if this one fails (not `--no-partial`).
         keep: bool,
         _guard: Option<TempGuard>,
@@ -104,21 +120,29 @@ pub struct Output {
     /// Bytes written since writeback was last started. Behind a lock
     /// because [`Output::write`] runs on several threads at once.
     writeback: Mutex<Writeback>,
+    /// Every byte written to storage for this output (`dest_written_bytes`).
+    written: AtomicU64,
     committed: bool,
 }
 
 /// The hidden partial file for `dest`: `.NAME.vmsync-partial` beside it, or
 /// `.vmsync-partial-HASH` when NAME is too long for that to be a file name.
 pub fn partial_path(dest: &Path) -> PathBuf {
-    const SUFFIX: &str = ".vmsync-partial";
+    hidden_path(dest, "vmsync-partial")
+}
+
+/// `.NAME.KIND` beside `dest`, or `.KIND-HASH` when NAME is too long for
+/// that to be a file name.
+pub fn hidden_path(dest: &Path, kind: &str) -> PathBuf {
     let name = dest.file_name().unwrap_or(OsStr::new("vmsync"));
     let mut p = std::ffi::OsString::from(".");
-    if name.len() + 1 + SUFFIX.len() <= 255 {
+    if name.len() + 2 + kind.len() <= 255 {
         p.push(name);
-        p.push(SUFFIX);
+        p.push(".");
+        p.push(kind);
     } else {
         let h = blake3::hash(name.as_encoded_bytes());
-        p.push(format!("vmsync-partial-{}", &h.to_hex()[..32]));
+        p.push(format!("{kind}-{}", &h.to_hex()[..32]));
     }
     dest.with_file_name(p)
 }
@@ -135,6 +159,19 @@ fn open_rw_nofollow(path: &Path, create: bool, mode: u32) -> std::io::Result<Fil
 }
 
 impl Output {
+    fn new(mode: Mode, file: File, dest: &Path, size: u64) -> Output {
+        Output {
+            mode,
+            file,
+            dest: dest.to_path_buf(),
+            size,
+            dirty: RangeSet::default(),
+            writeback: Mutex::default(),
+            written: AtomicU64::new(0),
+            committed: false,
+        }
+    }
+
     /// The partial file for `dest`, already opened and locked by
     /// [`crate::dest::lock::Lock`]: emptied (`resume` false: `size` bytes of
     /// holes) or as an interrupted run left it (`resume` true).
@@ -161,37 +198,74 @@ impl Output {
                 .exit_with(Exit::Io)?;
         }
         let guard = (!keep).then(|| TempGuard::new(&path));
-        let perm = match existing {
-            Some(m) => m.mode() & 0o7777,
-            None => mode & 0o777 & !umask,
-        };
-        file.set_permissions(std::fs::Permissions::from_mode(perm))
-            .with_context(|| format!("set permissions on {}", path.display()))
-            .exit_with(Exit::Io)?;
-        if let Some(m) = existing {
-            // Only root can give a file away; for others this is a no-op
-            // when the owner is already us, and a harmless EPERM otherwise.
-            let _ = std::os::unix::fs::fchown(&file, Some(m.uid()), Some(m.gid()));
-        }
+        take_over_mode(&file, &path, existing, mode, umask)?;
         if !resume {
             file.set_len(size)
                 .with_context(|| format!("cannot size {} to {size} bytes", path.display()))
                 .exit_with(Exit::Io)?;
         }
-        Ok(Output {
-            mode: Mode::Partial {
+        Ok(Output::new(
+            Mode::Partial {
                 path,
                 fresh: !resume,
+                cloned: false,
                 keep,
                 _guard: guard,
             },
             file,
-            dest: dest.to_path_buf(),
+            dest,
             size,
-            dirty: RangeSet::default(),
-            writeback: Mutex::default(),
-            committed: false,
-        })
+        ))
+    }
+
+    /// The partial file for `dest` (locked as `locked`) made a reflink
+    /// clone of `dest`, so it starts as the old file at no cost in space or
+    /// writes, and only what differs is written into it ([`changes`]).
+    /// `Ok(None)` when the filesystem cannot clone (EOPNOTSUPP, EXDEV,
+    /// EINVAL, ENOTTY, ETXTBSY): the partial file is then left empty.
+    /// Permissions and owner as for [`Output::partial`].
+    pub fn cloned(
+        dest: &Path,
+        locked: &File,
+        keep: bool,
+        existing: &std::fs::Metadata,
+        size: u64,
+    ) -> Result<Option<Output>> {
+        let path = partial_path(dest);
+        let file = locked.try_clone().context("duplicate a file handle")?;
+        file.set_len(0)
+            .with_context(|| format!("cannot empty {}", path.display()))
+            .exit_with(Exit::Io)?;
+        let src = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(dest)
+            .with_context(|| format!("cannot open {}", dest.display()))
+            .exit_with(Exit::Io)?;
+        if let Err(e) = rustix::fs::ioctl_ficlone(&file, &src) {
+            let e = std::io::Error::from(e);
+            if cannot_clone(&e) {
+                crate::vlog!(2, "receiver: no reflink clone of {} ({e})", dest.display());
+                return Ok(None);
+            }
+            return Err(e)
+                .with_context(|| format!("cannot clone {} to {}", dest.display(), path.display()))
+                .exit_with(Exit::Io);
+        }
+        let guard = (!keep).then(|| TempGuard::new(&path));
+        take_over_mode(&file, &path, Some(existing), 0, 0)?;
+        Ok(Some(Output::new(
+            Mode::Partial {
+                path,
+                fresh: false,
+                cloned: true,
+                keep,
+                _guard: guard,
+            },
+            file,
+            dest,
+            size,
+        )))
     }
 
     /// The existing destination, opened for writing in place. A symlink is
@@ -213,15 +287,7 @@ impl Output {
                 }
             })
             .exit_with(Exit::Io)?;
-        Ok(Output {
-            mode: Mode::InPlace,
-            file,
-            dest: dest.to_path_buf(),
-            size,
-            dirty: RangeSet::default(),
-            writeback: Mutex::default(),
-            committed: false,
-        })
+        Ok(Output::new(Mode::InPlace, file, dest, size))
     }
 
     /// The block device `dest`, locked by [`crate::dest::lock::Lock::device`] as
@@ -282,15 +348,12 @@ impl Output {
                 ),
             ));
         }
-        Ok(Output {
-            mode: Mode::Device { size: dev_size },
+        Ok(Output::new(
+            Mode::Device { size: dev_size },
             file,
-            dest: dest.to_path_buf(),
+            dest,
             size,
-            dirty: RangeSet::default(),
-            writeback: Mutex::default(),
-            committed: false,
-        })
+        ))
     }
 
     pub fn file(&self) -> &File {
@@ -319,25 +382,58 @@ impl Output {
 
     /// Writes a verified chunk at `offset`. Safe to call from several
     /// threads at once (positioned writes, no shared cursor); the caller
-    /// marks the range dirty where that matters.
+    /// marks the range dirty where that matters. Into a fresh partial file
+    /// (all holes) the chunk is written whole but for its zero blocks;
+    /// anywhere else only the blocks that differ from what the output holds
+    /// there now are written ([`changes`]).
     pub fn write(&self, offset: u64, data: Verified<'_>) -> Result<()> {
-        let data = data.bytes();
-        let zeros = match self.mode {
-            // A fresh partial file is all holes: skip zero blocks to keep them holes.
-            Mode::Partial { fresh: true, .. } => ZeroBlocks::Skip,
-            Mode::Device { .. } => ZeroBlocks::IfNonZero,
-            // Elsewhere old data may lie under zero blocks: punch them.
-            _ => ZeroBlocks::Punch,
-        };
-        write_sparse(&self.file, offset, data, zeros, &|at, n| self.wrote(at, n))
-            .with_context(|| {
-                format!(
-                    "cannot write {} bytes at offset {offset} of {}",
-                    data.len(),
-                    self.dest.display()
+        let bytes = data.bytes();
+        let wrote = |at, n| self.wrote(at, n);
+        let r = match self.mode {
+            Mode::Partial { fresh: true, .. } => write_sparse(&self.file, offset, bytes, &wrote),
+            _ => changes(&self.file, offset, bytes).and_then(|pieces| {
+                write_pieces(
+                    &self.file,
+                    &pieces,
+                    matches!(self.mode, Mode::Device { .. }),
+                    &wrote,
                 )
-            })
-            .exit_with(Exit::Io)
+            }),
+        };
+        r.with_context(|| {
+            format!(
+                "cannot write {} bytes at offset {offset} of {}",
+                bytes.len(),
+                self.dest.display()
+            )
+        })
+        .exit_with(Exit::Io)
+    }
+
+    /// Bytes written to storage for this output so far: data written into
+    /// the destination, its partial file or journal, and a journal's
+    /// replay; not holes punched nor metadata. Counted here rather than
+    /// read from `/proc/self/io`, whose `write_bytes` charges a whole large
+    /// page-cache folio (up to megabytes after a read) for a 4 KiB write
+    /// into it, which is not what reaches the disk.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
+    /// Writes land in the destination itself as they come (no journal,
+    /// no partial file): the old contents are overwritten as the run goes.
+    pub fn overwrites_old(&self) -> bool {
+        matches!(self.mode, Mode::InPlace | Mode::Device { .. })
+    }
+
+    /// The write mode this output is, as reported (`write_mode`): a fresh
+    /// or resumed partial file is `copy` unless this run cloned it.
+    pub fn write_mode(&self) -> WriteMode {
+        match self.mode {
+            Mode::Partial { cloned: true, .. } => WriteMode::Clone,
+            Mode::Partial { .. } => WriteMode::Copy,
+            Mode::InPlace | Mode::Device { .. } => WriteMode::UnsafeInplace,
+        }
     }
 
     /// Marks `[start, end)` overwritten.
@@ -371,6 +467,7 @@ impl Output {
     /// Notes `len` bytes written at `offset`, and starts writeback of what
     /// was written since the last start once that is [`WRITEBACK_EVERY`].
     fn wrote(&self, offset: u64, len: u64) {
+        self.written.fetch_add(len, Ordering::Relaxed);
         // The note is plain arithmetic that cannot panic halfway, so a lock
         // poisoned by a panic elsewhere still guards consistent numbers.
         let kick = self
@@ -454,6 +551,48 @@ impl Drop for Output {
             }
         }
     }
+}
+
+/// Gives the partial file `path` the permissions (and, as root, the owner)
+/// of the file it replaces, or the source's `mode` less `umask` for a new
+/// file.
+fn take_over_mode(
+    file: &File,
+    path: &Path,
+    existing: Option<&std::fs::Metadata>,
+    mode: u32,
+    umask: u32,
+) -> Result<()> {
+    let perm = match existing {
+        Some(m) => m.mode() & 0o7777,
+        None => mode & 0o777 & !umask,
+    };
+    file.set_permissions(std::fs::Permissions::from_mode(perm))
+        .with_context(|| format!("set permissions on {}", path.display()))
+        .exit_with(Exit::Io)?;
+    if let Some(m) = existing {
+        // Only root can give a file away; for others this is a no-op
+        // when the owner is already us, and a harmless EPERM otherwise.
+        let _ = std::os::unix::fs::fchown(file, Some(m.uid()), Some(m.gid()));
+    }
+    Ok(())
+}
+
+/// The filesystem (or the pair of files) cannot share blocks: the signal to
+/// write another way, not a failure. EXDEV: different filesystems;
+/// EOPNOTSUPP/ENOTTY: no reflinks (ext4, tmpfs); EINVAL: a filesystem that
+/// has them but not for these files (block sizes, flags); ETXTBSY: the
+/// source is a swap file; EPERM: an immutable or append-only file.
+fn cannot_clone(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP)
+            | Some(libc::EXDEV)
+            | Some(libc::EINVAL)
+            | Some(libc::ENOTTY)
+            | Some(libc::ETXTBSY)
+            | Some(libc::EPERM)
+    )
 }
 
 /// Fsyncs the directory holding `dest`, so a rename into it is durable.

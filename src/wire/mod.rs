@@ -26,5 +26,5 @@ pub use messages::{
     MAX_OPS, MAX_OP_MESSAGE, MAX_PATH, MAX_PATTERN, MAX_PIECE_REFS, MAX_RANGES, MAX_REQUEST,
     MAX_RULES, MAX_SAMPLE, MAX_SEEDS, MAX_TIMEOUT,
 };
-pub use options::{flags, Options};
+pub use options::{flags, Options, WriteMode};
 pub use pipe::{keepalive_interval, Counted, Silence, Watched};

@@ -10,13 +10,14 @@
 //! | bits | option                    | server behaviour                                   |
 //! |------|---------------------------|----------------------------------------------------|
 //! | 0    | `--check`                 | compare and report, write nothing                  |
-//! | 1    | `--inplace`               | write into the destination, no temporary file      |
+//! | 1    | (retired: `--inplace` of protocol v2)   | refused                              |
 //! | 2    | `--checksum`              | no quick check: always compare content             |
 //! | 3    | `--verify`                | re-read what was written before committing it      |
 //! | 4    | `--no-partial`            | drop an interrupted temporary file                 |
 //! | 5–6  | `-v` (level 0–3)          | the server's log level                             |
 //! | 7    | `-n`, `--dry-run`         | count what would change, write nothing             |
 //! | 8    | `--allow-changing-source` | commit a source that changed while it was read     |
+//! | 9–11 | `--write-mode` ([`WriteMode`]) | how the destination is written: 0 auto, 1 clone, 2 journal, 3 copy, 4 unsafe-inplace; 5–7 refused |
 //!
 //! A bit outside the table is refused: a newer client asking for something
 //! this server cannot do must not be half-served.
@@ -26,7 +27,7 @@ use std::fmt;
 /// The bits, by name. Their values are the protocol: never renumber one.
 pub mod flags {
     pub const CHECK: u32 = 1;
-    pub const INPLACE: u32 = 2;
+    // Bit 1 was `--inplace` in protocol v2; `WRITE_MODE` replaced it.
     pub const CHECKSUM: u32 = 4;
     pub const VERIFY: u32 = 8;
     pub const NO_PARTIAL: u32 = 16;
@@ -37,6 +38,8 @@ pub mod flags {
     pub const DRY_RUN: u32 = 1 << 7;
     /// `--allow-changing-source`: commit a source that changed while read.
     pub const ALLOW_CHANGING: u32 = 1 << 8;
+    /// Three bits: the [`super::WriteMode`].
+    pub const WRITE_MODE: u32 = 7 << 9;
     /// Every bit the table defines.
     pub const ALL: u32 = super::all_bits();
 }
@@ -45,7 +48,7 @@ pub mod flags {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Options {
     pub check: bool,
-    pub inplace: bool,
+    pub write_mode: WriteMode,
     pub checksum: bool,
     pub verify: bool,
     pub no_partial: bool,
@@ -72,12 +75,6 @@ const FIELDS: &[Field] = &[
         option: "--check",
         get: |o| o.check.into(),
         set: |o, v| o.check = v != 0,
-    },
-    Field {
-        mask: flags::INPLACE,
-        option: "--inplace",
-        get: |o| o.inplace.into(),
-        set: |o, v| o.inplace = v != 0,
     },
     Field {
         mask: flags::CHECKSUM,
@@ -115,7 +112,76 @@ const FIELDS: &[Field] = &[
         get: |o| o.allow_changing.into(),
         set: |o, v| o.allow_changing = v != 0,
     },
+    Field {
+        mask: flags::WRITE_MODE,
+        option: "--write-mode",
+        get: |o| o.write_mode as u32,
+        set: |o, v| o.write_mode = WriteMode::from_code(v).unwrap_or(WriteMode::Auto),
+    },
 ];
+
+/// How the receiver writes a destination that already exists (a new one
+/// is always written as a partial file and renamed). Each mode's guarantee,
+/// in the words `--help` and the README use, is [`WriteMode::guarantee`].
+///
+/// The discriminants are the protocol's values (bits 9–11 of `OPEN`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WriteMode {
+    /// `clone` where the destination's filesystem makes reflinks, else
+    /// `journal`.
+    #[default]
+    Auto = 0,
+    /// A reflink clone of the destination, changed where the source differs,
+    /// renamed over it. Refused where the filesystem cannot clone.
+    Clone = 1,
+    /// Changes go to a redo journal first, then into the destination.
+    Journal = 2,
+    /// A complete new copy beside the destination, renamed over it.
+    Copy = 3,
+    /// Straight into the destination, like `rsync --inplace`.
+    UnsafeInplace = 4,
+}
+
+impl WriteMode {
+    /// Every mode, in the order `--help` lists them.
+    pub const ALL: [WriteMode; 5] = [
+        WriteMode::Auto,
+        WriteMode::Clone,
+        WriteMode::Journal,
+        WriteMode::Copy,
+        WriteMode::UnsafeInplace,
+    ];
+
+    /// Its name on the command line and in `--json` (`write_mode`).
+    pub fn name(self) -> &'static str {
+        match self {
+            WriteMode::Auto => "auto",
+            WriteMode::Clone => "clone",
+            WriteMode::Journal => "journal",
+            WriteMode::Copy => "copy",
+            WriteMode::UnsafeInplace => "unsafe-inplace",
+        }
+    }
+
+    /// What a reader of the destination, and a crash, can see: one sentence.
+    pub fn guarantee(self) -> &'static str {
+        match self {
+            WriteMode::Auto => "clone where the destination's filesystem supports reflinks (XFS, btrfs), else journal",
+            WriteMode::Clone => "readers and a crash see the old or the new file, never a mix; writes and extra space cost about the changed bytes",
+            WriteMode::Journal => "a crash leaves the old file, or a journal that the next run (or --recover) completes; readers may see a partly applied file while the journal is applied; writes cost about twice the changed bytes",
+            WriteMode::Copy => "readers and a crash see the old or the new file, never a mix; writes and extra space cost a whole copy",
+            WriteMode::UnsafeInplace => "written straight into the destination: a crash or kill leaves a file that is neither version (rsync --inplace)",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<WriteMode> {
+        WriteMode::ALL.into_iter().find(|m| m.name() == s)
+    }
+
+    pub fn from_code(v: u32) -> Option<WriteMode> {
+        WriteMode::ALL.into_iter().find(|m| *m as u32 == v)
+    }
+}
 
 const fn all_bits() -> u32 {
     let mut all = 0;
@@ -137,6 +203,10 @@ impl Options {
 
     /// Reads a flags word; `Err` holds the bits no option owns.
     pub fn from_bits(bits: u32) -> Result<Options, u32> {
+        let mode = (bits & flags::WRITE_MODE) >> flags::WRITE_MODE.trailing_zeros();
+        if WriteMode::from_code(mode).is_none() {
+            return Err(bits & flags::WRITE_MODE);
+        }
         match bits & !flags::ALL {
             0 => Ok(Options::from_known_bits(bits)),
             unknown => Err(unknown),
@@ -161,6 +231,9 @@ impl fmt::Display for Options {
             match (f.get)(self) {
                 0 => continue,
                 n if f.option == "-v" => write!(out, "{sep}-{}", "v".repeat(n as usize))?,
+                _ if f.option == "--write-mode" => {
+                    write!(out, "{sep}--write-mode {}", self.write_mode.name())?
+                }
                 _ => write!(out, "{sep}{}", f.option)?,
             }
             sep = " ";
@@ -183,15 +256,15 @@ mod tests {
             seen |= f.mask;
         }
         assert_eq!(seen, flags::ALL);
-        // The wire values of the protocol's version 2.
-        assert_eq!(flags::ALL, 0x1ff);
+        // The wire values of the protocol's version 3.
+        assert_eq!(flags::ALL, 0xffd);
     }
 
     #[test]
     fn every_option_round_trips_through_its_bits() {
         let all = Options {
             check: true,
-            inplace: true,
+            write_mode: WriteMode::Auto,
             checksum: true,
             verify: true,
             no_partial: true,
@@ -199,8 +272,18 @@ mod tests {
             allow_changing: true,
             verbose: 3,
         };
-        assert_eq!(all.to_bits(), flags::ALL);
-        assert_eq!(Options::from_bits(flags::ALL), Ok(all));
+        assert_eq!(all.to_bits(), flags::ALL & !flags::WRITE_MODE);
+        assert_eq!(Options::from_bits(all.to_bits()), Ok(all));
+        for mode in WriteMode::ALL {
+            let o = Options {
+                write_mode: mode,
+                ..all
+            };
+            assert_eq!(Options::from_bits(o.to_bits()), Ok(o));
+            assert_eq!(WriteMode::from_name(mode.name()), Some(mode));
+        }
+        // Codes 5-7 name no mode: refused, not read as auto.
+        assert_eq!(Options::from_bits(5 << 9), Err(5 << 9));
         for f in FIELDS {
             let mut o = Options::default();
             (f.set)(&mut o, 1);
@@ -222,7 +305,8 @@ mod tests {
 
     #[test]
     fn unknown_bits_are_refused() {
-        assert_eq!(Options::from_bits(1 << 9), Err(1 << 9));
+        assert_eq!(Options::from_bits(1 << 1), Err(1 << 1));
+        assert_eq!(Options::from_bits(1 << 12), Err(1 << 12));
         assert_eq!(
             Options::from_bits(flags::CHECK | 0x8000_0000),
             Err(0x8000_0000)

@@ -14,7 +14,7 @@ use vmsync::content::refine::MAX_BLOCKS;
 use vmsync::error::{exit_code_of, Exit};
 use vmsync::wire::{
     flags, ChunkMsg, FileInfo, FrameReader, FrameWriter, Msg, Open, Role, StartMode, Summary,
-    MAX_PATH,
+    WriteMode, MAX_PATH,
 };
 
 // ---------------------------------------------------------------------------
@@ -54,7 +54,11 @@ fn arb_open() -> impl Strategy<Value = Open> {
                 }
                 Open {
                     role: if send { Role::Send } else { Role::Receive },
-                    flags: f & flags::ALL,
+                    // A write mode code past the last mode is refused.
+                    flags: match (f & flags::WRITE_MODE) >> 9 {
+                        0..=4 => f & flags::ALL,
+                        _ => f & flags::ALL & !flags::WRITE_MODE,
+                    },
                     compress_level: level,
                     chunking,
                     path,
@@ -75,8 +79,9 @@ fn arb_summary() -> impl Strategy<Value = Summary> {
         any::<[u64; 6]>(),
         vec(any::<(u64, u64)>(), 0..16),
         0u64..1000,
+        (0usize..=WriteMode::ALL.len(), any::<u64>()),
     )
-        .prop_map(|(b, n, ranges, extra)| Summary {
+        .prop_map(|(b, n, ranges, extra, (mode, written))| Summary {
             up_to_date: b[0],
             identical: b[1],
             verified: b[2],
@@ -91,6 +96,13 @@ fn arb_summary() -> impl Strategy<Value = Summary> {
             checked_bytes: n[5],
             range_count: ranges.len() as u64 + extra,
             ranges,
+            // Auto is what a client asks for, never what ran: index 0 and
+            // past the end both stand for "nothing written".
+            write_mode: WriteMode::ALL
+                .get(mode)
+                .copied()
+                .filter(|m| *m != WriteMode::Auto),
+            dest_written_bytes: written,
         })
 }
 

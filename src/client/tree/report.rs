@@ -108,6 +108,13 @@ impl TreeReport {
             reused_bytes: sum(|r| r.summary.reused_bytes),
             literal_bytes: sum(|r| r.summary.literal_bytes),
             zero_bytes: sum(|r| r.summary.zero_bytes),
+            dest_written_bytes: sum(|r| r.summary.dest_written_bytes),
+            // One mode when every file written was written one way.
+            write_mode: {
+                let mut modes = ok.iter().filter_map(|r| r.summary.write_mode);
+                let first = modes.next();
+                first.filter(|m| modes.all(|n| n == *m))
+            },
             differing_bytes: sum(|r| r.summary.differing_bytes),
             checked_bytes: sum(|r| r.summary.checked_bytes),
             range_count: self.differing.len() as u64,

@@ -26,7 +26,7 @@ use crate::dest::lock::Lock;
 use crate::dest::writer::Output;
 use crate::error::{fail, Exit, WithExit};
 use crate::roles::receive::options::{RecvOptions, Seed};
-use crate::wire::FileInfo;
+use crate::wire::{FileInfo, WriteMode};
 
 /// The destination as found, and locked, before anything is written.
 pub(super) struct Target {
@@ -188,6 +188,10 @@ pub(super) struct Basis {
     pub at: HashMap<u64, ChunkHash>,
     /// The chunk list came from the manifest cache, not from reading the file.
     pub from_cache: bool,
+    /// The output starts out holding this file's contents at the same
+    /// offsets (it is the output, a clone of it, or the file a journal
+    /// changes): a chunk found at its own offset needs no writing.
+    pub placed: bool,
     /// This file is also the output: ranges written this run no longer
     /// hold what the index says.
     pub alias: bool,
@@ -260,6 +264,7 @@ impl Basis {
             index,
             at,
             from_cache,
+            placed: false,
             alias: false,
         })
     }
@@ -328,14 +333,16 @@ pub(super) fn index_all(
     if resume {
         partial = Basis::index(target.sync_lock().path(), opts, false)?;
         if let Some(p) = &mut partial {
-            p.alias = true;
+            (p.placed, p.alias) = (true, true);
         }
     }
-    // A device, or the destination with --inplace, is also the output.
-    if device_out.is_some() || opts.inplace {
-        if let Some(b) = &mut basis {
-            b.alias = true;
-        }
+    // The output starts as the destination's contents (it is the
+    // destination, or its clone, or a journal will change it), unless it
+    // is a new copy or the partial file resumed. (Whether it is also the
+    // output, `alias`, is known once the output is: `Run::new`.)
+    if let Some(b) = &mut basis {
+        b.placed =
+            partial.is_none() && (device_out.is_some() || opts.write_mode != WriteMode::Copy);
     }
     Ok(Bases {
         basis,

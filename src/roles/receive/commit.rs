@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 
 use crate::content::verify::Comparer;
 use crate::dest::cache;
-use crate::dest::writer;
+use crate::dest::writer::{self, Output};
 use crate::error::{fail, Exit, WithExit};
 use crate::progress::Progress;
 use crate::roles::receive::basis::Target;
@@ -40,6 +40,9 @@ pub(super) fn commit<W: Write>(
         ..
     } = run;
     summary.basis_cached = basis.as_ref().is_some_and(|b| b.from_cache);
+    summary.write_mode = out.as_ref().map(Output::write_mode);
+    summary.dest_written_bytes = out.as_ref().map_or(0, Output::written);
+    let in_place = out.as_ref().is_some_and(Output::overwrites_old);
     let size = info.size;
     let verify = |file: &File| -> Result<()> {
         if !opts.verify {
@@ -52,7 +55,7 @@ pub(super) fn commit<W: Write>(
         }
         let diffs = cmp.finish(size);
         if let Some((s, e)) = diffs.iter().next() {
-            let outcome = if device || opts.inplace {
+            let outcome = if in_place {
                 "it was written in place, so it holds neither version: run again to repair it"
             } else {
                 "the destination was not replaced"

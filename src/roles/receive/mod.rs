@@ -54,7 +54,7 @@ use anyhow::Result;
 pub use self::options::{RecvOptions, Seed};
 use crate::error::{fail, Exit};
 use crate::progress::Progress;
-use crate::wire::{FileInfo, FrameReader, FrameWriter, Msg, Summary};
+use crate::wire::{FileInfo, FrameReader, FrameWriter, Msg, Summary, WriteMode};
 
 /// Runs the receiving end into `dest` until done; returns the summary that
 /// was also sent to the peer.
@@ -89,12 +89,17 @@ where
     if basis::quick_check(target.regular(), &info, opts) {
         return commit::up_to_date(&info, writer, false);
     }
-    if opts.inplace && target.is_symlink() {
+    let in_place = matches!(
+        opts.write_mode,
+        WriteMode::Journal | WriteMode::UnsafeInplace
+    );
+    if in_place && target.is_symlink() {
         return Err(fail(
             Exit::Io,
             format!(
-                "{} is a symlink; --inplace will not write through it",
-                target.dest.display()
+                "{} is a symlink; --write-mode {} will not write through it",
+                target.dest.display(),
+                opts.write_mode.name()
             ),
         ));
     }

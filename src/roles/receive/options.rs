@@ -10,13 +10,15 @@ use anyhow::{Context, Result};
 
 use crate::content::chunk::ChunkParams;
 use crate::error::{Exit, WithExit};
+use crate::wire::{Options, WriteMode};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RecvOptions {
     pub params: ChunkParams,
     /// Compare only; write nothing.
     pub check: bool,
-    pub inplace: bool,
+    /// How an existing destination is written.
+    pub write_mode: WriteMode,
     /// Skip the quick check (size + mtime).
     pub checksum: bool,
     /// Re-read the written file before committing it.
@@ -32,6 +34,25 @@ pub struct RecvOptions {
     pub allow_changing: bool,
     /// `--check --sample K/N`.
     pub sample: Option<(u32, u32)>,
+}
+
+impl RecvOptions {
+    /// The receiver's options from what travels in `OPEN` (the server) or
+    /// the same [`Options`] built locally (a pull).
+    pub fn new(o: &Options, params: ChunkParams, umask: u32, sample: Option<(u32, u32)>) -> Self {
+        RecvOptions {
+            params,
+            check: o.check,
+            write_mode: o.write_mode,
+            checksum: o.checksum,
+            verify: o.verify,
+            no_partial: o.no_partial,
+            umask,
+            dry_run: o.dry_run,
+            allow_changing: o.allow_changing,
+            sample,
+        }
+    }
 }
 
 /// A `--seed` file: more chunks to take from, only ever read.

@@ -22,7 +22,7 @@ use crate::error::{fail, Exit};
 use crate::roles::receive::basis::{Basis, Target};
 use crate::roles::receive::options::RecvOptions;
 use crate::roles::receive::run::{Run, State, WINDOW};
-use crate::wire::{FrameWriter, Msg, StartMode, MAX_REQUEST};
+use crate::wire::{FrameWriter, Msg, StartMode, WriteMode, MAX_REQUEST};
 
 /// How the transfer was started.
 pub(super) struct Start {
@@ -45,7 +45,7 @@ fn start_mode(
     have_seeds: bool,
     opts: &RecvOptions,
 ) -> (bool, bool) {
-    let resume = !opts.no_partial && !opts.inplace && partial_len > 0;
+    let resume = !opts.no_partial && opts.write_mode != WriteMode::UnsafeInplace && partial_len > 0;
     let inline = !device && old_len.is_none_or(|l| l == 0) && !resume && !have_seeds;
     (inline, resume)
 }
@@ -198,7 +198,7 @@ impl Run<'_> {
     fn zero_in_place(&self, e: &Entry) -> bool {
         self.basis
             .as_ref()
-            .is_some_and(|b| b.alias && e.end() <= b.size)
+            .is_some_and(|b| b.placed && e.end() <= b.size)
             && !self.old_data_overlaps(e)
             && !self
                 .out
@@ -414,13 +414,16 @@ mod tests {
         assert_eq!(start_mode(true, None, 0, false, &o), (false, false));
         // A partial file is resumed, so not inline...
         assert_eq!(start_mode(false, None, 5, false, &o), (false, true));
-        // ...unless --no-partial or --inplace say to ignore it.
+        // ...unless --no-partial or --write-mode unsafe-inplace say to ignore it.
         let np = RecvOptions {
             no_partial: true,
             ..o
         };
         assert_eq!(start_mode(false, None, 5, false, &np), (true, false));
-        let ip = RecvOptions { inplace: true, ..o };
+        let ip = RecvOptions {
+            write_mode: WriteMode::UnsafeInplace,
+            ..o
+        };
         assert_eq!(start_mode(false, None, 5, false, &ip), (true, false));
     }
 

@@ -21,7 +21,7 @@ use crate::error::{fail, Exit};
 use crate::progress::Progress;
 use crate::roles::receive::basis::{Bases, Basis, Target};
 use crate::roles::receive::options::RecvOptions;
-use crate::wire::{FileInfo, Msg, Summary};
+use crate::wire::{FileInfo, Msg, Summary, WriteMode};
 
 /// Most bytes of requested chunks in flight at once.
 pub const WINDOW: u64 = 64 << 20;
@@ -50,6 +50,8 @@ pub(super) struct OutSpec {
     pub mode: u32,
     pub umask: u32,
     pub keep: bool,
+    /// How to write the destination once it turns out to differ.
+    pub write_mode: WriteMode,
 }
 
 impl OutSpec {
@@ -160,15 +162,21 @@ impl<'a> Run<'a> {
             mode: info.mode,
             umask: opts.umask,
             keep: !opts.no_partial,
+            write_mode: opts.write_mode,
         };
         let Bases {
-            basis,
+            mut basis,
             seeds,
             partial,
         } = bases;
         let out = if device_out.is_some() {
             device_out
-        } else if opts.inplace {
+        } else if matches!(
+            opts.write_mode,
+            WriteMode::UnsafeInplace | WriteMode::Journal
+        ) {
+            // TEMP: journal mode lands with dest::journal; until then
+            // --inplace keeps its old (unjournaled) meaning.
             Some(Output::in_place(dest, info.size, info.mode, opts.umask)?)
         } else if partial.is_some() {
             Some(spec.partial(true)?)
@@ -177,6 +185,11 @@ impl<'a> Run<'a> {
         } else {
             None
         };
+        // Written in place without a journal, the output is the basis:
+        // what is written overwrites what the index says is there.
+        if let Some(b) = &mut basis {
+            b.alias = b.placed && out.as_ref().is_some_and(Output::overwrites_old);
+        }
         Ok(Run {
             validator: Validator::new(info.size, opts.params),
             entries: Vec::new(),
@@ -284,6 +297,7 @@ impl<'a> Run<'a> {
             mode: 0o644,
             umask: 0o022,
             keep: false,
+            write_mode: WriteMode::Copy,
         };
         let out = make_out.then(|| spec.partial(false).unwrap());
         let opts = RecvOptions {

@@ -16,17 +16,48 @@ use crate::content::manifest::{Entry, Kind};
 use crate::content::refine::{self, BlockSource};
 use crate::content::scan::read_full;
 use crate::dest::writer;
+use crate::dest::writer::Output;
 use crate::error::{fail, Exit};
 use crate::roles::receive::basis::Basis;
 use crate::roles::receive::run::{Run, State};
-use crate::wire::ChunkMsg;
+use crate::wire::{ChunkMsg, WriteMode};
 
 impl Run<'_> {
-    /// Makes the atomic temp file and writes into it what was found unchanged
-    /// so far.
+    /// Makes the output once the new file turns out to differ from the old
+    /// one, as the write mode says: a reflink clone of the destination (with
+    /// `auto`, a journal where the filesystem cannot clone), or a journal,
+    /// both of which already hold what was found unchanged so far; or a new
+    /// copy, into which that is written now.
     pub fn materialize(&mut self) -> Result<()> {
-        self.out = Some(self.spec.partial(false)?);
         let copies = std::mem::take(&mut self.lazy_copies);
+        let spec = &self.spec;
+        let mode = spec.write_mode;
+        if matches!(mode, WriteMode::Auto | WriteMode::Clone) {
+            let existing = spec.existing.as_ref().expect("a basis is an existing file");
+            match Output::cloned(&spec.dest, &spec.locked, spec.keep, existing, spec.size)? {
+                Some(out) => {
+                    crate::vlog!(1, "receiver: writing into a reflink clone of {}", spec.dest.display());
+                    self.out = Some(out);
+                    return Ok(());
+                }
+                None if mode == WriteMode::Clone => {
+                    return Err(fail(
+                        Exit::Io,
+                        format!(
+                            "--write-mode clone: the filesystem of {} cannot make reflink clones \
+                             (XFS with reflink=1, btrfs, bcachefs and OCFS2 can); nothing was written",
+                            spec.dest.display()
+                        ),
+                    ))
+                }
+                None => {}
+            }
+        }
+        // TEMP: journal mode lands with dest::journal; until then a copy.
+        self.out = Some(self.spec.partial(false)?);
+        if let Some(b) = &mut self.basis {
+            b.placed = false;
+        }
         self.copy_parallel(copies, true)
     }
 
@@ -105,7 +136,7 @@ impl Run<'_> {
         let bases = [(false, &self.basis), (true, &self.partial)];
         for (is_partial, b) in bases {
             if let Some(b) = b {
-                if b.alias && b.at.get(&offset) == Some(hash) {
+                if b.placed && b.at.get(&offset) == Some(hash) {
                     cands.push((is_partial, offset));
                 }
             }
@@ -117,7 +148,7 @@ impl Run<'_> {
                         continue;
                     }
                     if let Some(&(src, _)) = b.index.get(hash) {
-                        if !(b.alias && src == offset) {
+                        if !(b.placed && src == offset) {
                             cands.push((is_partial, src));
                         }
                     }
@@ -136,7 +167,7 @@ impl Run<'_> {
             if b.alias && out.is_dirty(src, src + u64::from(len)) {
                 continue;
             }
-            if b.alias && src == offset {
+            if b.placed && src == offset {
                 // Already where it belongs and not copied anywhere: nothing
                 // to read or write. Its hash is this run's scan of the file,
                 // or a cache entry checked against the file's ctime.

@@ -8,7 +8,7 @@
 use anyhow::Result;
 
 use crate::wire::codec::{malformed, put_bytes, Rd};
-use crate::wire::options::Options;
+use crate::wire::options::{Options, WriteMode};
 
 /// Most indices in one `REQUEST` or `BLOCK_REQUEST`.
 pub const MAX_REQUEST: usize = 65536;
@@ -207,12 +207,17 @@ pub enum StartMode {
     Inline,
 }
 
+/// `DONE`'s write mode byte when nothing was written.
+const NOT_WRITTEN: u8 = 255;
+
 /// What the receiver reports at the end (`DONE`).
 ///
 /// | size   | field                                                          |
 /// |--------|----------------------------------------------------------------|
 /// | 1      | flags: 1 up to date, 2 identical, 4 verified, 8 basis chunk list taken from the manifest cache, 16 the source changed while read and was committed anyway, 32 dry run: nothing written |
 /// | 7 × 8  | source size, reused, literal, zero, differing bytes, checked bytes (what `--check` compared: the file, or its sample), total range count |
+/// | 1      | write mode that ran: a [`WriteMode`] code (never 0, auto), 255 when nothing was written |
+/// | 8      | bytes the receiver wrote to storage for this file: data into the destination, its partial file or journal, and the journal's replay |
 /// | 4      | listed count (≤ [`MAX_RANGES`], ≤ the total)                   |
 /// | listed × 16 | (offset u64, length u64)                                  |
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -234,6 +239,11 @@ pub struct Summary {
     pub checked_bytes: u64,
     pub range_count: u64,
     pub ranges: Vec<(u64, u64)>,
+    /// How the destination was written; `None` when nothing was.
+    pub write_mode: Option<WriteMode>,
+    /// Bytes the receiver wrote to storage for this file: the destination,
+    /// its partial file or journal (not the manifest cache).
+    pub dest_written_bytes: u64,
 }
 
 impl Summary {
@@ -256,6 +266,8 @@ impl Summary {
         ] {
             out.extend_from_slice(&v.to_le_bytes());
         }
+        out.push(self.write_mode.map_or(NOT_WRITTEN, |m| m as u8));
+        out.extend_from_slice(&self.dest_written_bytes.to_le_bytes());
         let listed = &self.ranges[..self.ranges.len().min(MAX_RANGES)];
         out.extend_from_slice(&(listed.len() as u32).to_le_bytes());
         for (o, l) in listed {
@@ -284,6 +296,16 @@ impl Summary {
             checked_bytes: r.u64()?,
             range_count: r.u64()?,
             ranges: Vec::new(),
+            write_mode: match r.u8()? {
+                NOT_WRITTEN => None,
+                m => match WriteMode::from_code(m.into()) {
+                    Some(WriteMode::Auto) | None => {
+                        return Err(malformed(format!("DONE with write mode {m}")))
+                    }
+                    known => known,
+                },
+            },
+            dest_written_bytes: r.u64()?,
         };
         let n = r.u32()? as usize;
         if n > MAX_RANGES || n as u64 > s.range_count {

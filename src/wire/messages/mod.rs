@@ -472,7 +472,7 @@ impl Msg {
 mod tests {
     use super::*;
     use crate::error::exit_code_of;
-    use crate::wire::options::flags;
+    use crate::wire::options::{flags, WriteMode};
     use rustix::fs::FileType;
 
     const S_IFREG: u32 = FileType::RegularFile.as_raw_mode();
@@ -571,7 +571,10 @@ mod tests {
             checked_bytes: 5,
             range_count: 9,
             ranges: vec![(1, 2), (3, 4)],
+            write_mode: Some(WriteMode::Clone),
+            dest_written_bytes: 77,
         }));
+        round_trip(Msg::Done(Summary::default()));
     }
 
     fn entry(kind: EntryKind, path: &str, mode: u32, target: &str) -> ListEntry {

@@ -71,6 +71,8 @@ pub const JSON_KEYS: &[&str] = &[
     "differences",
     "differing_bytes",
     "checked_bytes",
+    "write_mode",
+    "dest_written_bytes",
     "source_changed",
     "dry_run",
     "error",
@@ -462,9 +464,16 @@ pub fn assert_json_contract(run: &Run, v: &Value) {
         "wire_bytes",
         "zero_bytes",
         "differing_bytes",
+        "dest_written_bytes",
     ] {
         json_u64(v, key);
     }
+    assert!(
+        v["write_mode"].is_null()
+            || ["clone", "journal", "copy", "unsafe-inplace"]
+                .contains(&v["write_mode"].as_str().unwrap_or("?")),
+        "write_mode: {v}"
+    );
     assert!(v["duration_s"].is_number(), "duration_s: {v}");
     assert!(v["duration_s"].as_f64().unwrap() >= 0.0, "duration_s: {v}");
     assert!(v["up_to_date"].is_boolean(), "up_to_date: {v}");
