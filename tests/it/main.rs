@@ -29,6 +29,7 @@ mod chunk_bounds;
 mod cli_errors;
 mod confined;
 mod examples_scripts;
+mod filesystems;
 mod golden;
 mod harness;
 mod interrupt;

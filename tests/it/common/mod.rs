@@ -20,9 +20,11 @@
 //! longer than `VMSYNC_TEST_TIMEOUT` seconds (default 120) is killed with its
 //! process group and fails with a list of the processes that were left.
 
+pub mod fs;
+
 use std::ffi::{OsStr, OsString};
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
@@ -346,8 +348,8 @@ pub fn cache_dir() -> &'static Path {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join("vmsync-cache")
             .join(name);
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
         dir
     })
 }
@@ -684,7 +686,7 @@ pub fn count_nonzero(data: &[u8]) -> u64 {
 // ---------------------------------------------------------------------------
 
 pub fn write_file(path: &Path, data: &[u8]) {
-    fs::write(path, data).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    std::fs::write(path, data).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
 }
 
 /// Creates a sparse file of `len` bytes with data only at the given extents.
@@ -700,27 +702,27 @@ pub fn sparse_file(path: &Path, len: u64, extents: &[(u64, &[u8])]) {
 
 /// Bytes actually allocated on disk.
 pub fn allocated_bytes(path: &Path) -> u64 {
-    fs::metadata(path)
+    std::fs::metadata(path)
         .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
         .blocks()
         * 512
 }
 
 pub fn file_len(path: &Path) -> u64 {
-    fs::metadata(path)
+    std::fs::metadata(path)
         .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
         .len()
 }
 
 pub fn inode(path: &Path) -> u64 {
-    fs::metadata(path)
+    std::fs::metadata(path)
         .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
         .ino()
 }
 
 /// Modification time in nanoseconds since the epoch.
 pub fn mtime_ns(path: &Path) -> i128 {
-    let m = fs::metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
+    let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
     m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
 }
 
@@ -781,7 +783,7 @@ pub fn assert_same_content(a: &Path, b: &Path) {
 /// Compares a file with expected bytes.
 #[track_caller]
 pub fn assert_content(path: &Path, expected: &[u8]) {
-    let actual = fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let actual = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     if let Some(off) = first_diff_in(&actual, expected) {
         panic!(
             "{} ({} bytes) differs from the expected {} bytes at offset {off}",
@@ -848,7 +850,7 @@ fn first_diff_in(a: &[u8], b: &[u8]) -> Option<u64> {
 
 /// Names in a directory, sorted.
 pub fn dir_entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
+    let mut v: Vec<String> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("read dir {}: {e}", dir.display()))
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
@@ -895,7 +897,7 @@ pub fn unprivileged_user() -> Option<(u32, u32)> {
 pub fn wait_pid_gone(pid: i32, timeout: Duration) -> bool {
     let start = Instant::now();
     loop {
-        match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
             Err(_) => return true,
             Ok(stat) => {
                 let state = stat
@@ -954,7 +956,7 @@ impl Relay {
     /// whatever it does on the way out (cleanup, a late rename) has happened.
     #[track_caller]
     pub fn wait_server_gone(&self) {
-        let Ok(text) = fs::read_to_string(&self.pid_file) else {
+        let Ok(text) = std::fs::read_to_string(&self.pid_file) else {
             return; // the relay never started its child
         };
         let pid: i32 = text.trim().parse().expect("pid file");
@@ -966,7 +968,7 @@ impl Relay {
 
     /// Bytes relayed in both directions, once the relay has exited.
     pub fn relayed_bytes(&self) -> Option<u64> {
-        fs::read_to_string(&self.count_file)
+        std::fs::read_to_string(&self.count_file)
             .ok()
             .and_then(|s| s.trim().parse().ok())
     }
@@ -1028,7 +1030,7 @@ impl Sshd {
         // SAFETY: plain syscall.
         if unsafe { libc::geteuid() } == 0 {
             // Privilege separation directory, required when sshd runs as root.
-            let _ = fs::create_dir_all("/run/sshd");
+            let _ = std::fs::create_dir_all("/run/sshd");
         }
         let dir = tempfile::Builder::new()
             .prefix("vmsync-sshd-")
@@ -1038,7 +1040,7 @@ impl Sshd {
         let client_key = dir.path().join("client_ed25519");
         keygen(&host_key);
         keygen(&client_key);
-        let pubkey = fs::read_to_string(client_key.with_extension("pub")).unwrap();
+        let pubkey = std::fs::read_to_string(client_key.with_extension("pub")).unwrap();
         write_file(&dir.path().join("authorized_keys"), pubkey.as_bytes());
 
         let mut last_log = Vec::new();
@@ -1165,7 +1167,7 @@ impl Sshd {
     /// `restrict`, as an admin would in authorized_keys); sshd reads the
     /// file afresh on every connection.
     pub fn force_command(&self, command: &str) {
-        let pubkey = fs::read_to_string(self.client_key.with_extension("pub")).unwrap();
+        let pubkey = std::fs::read_to_string(self.client_key.with_extension("pub")).unwrap();
         write_file(
             &self.dir.path().join("authorized_keys"),
             format!("command=\"{command}\",restrict {pubkey}").as_bytes(),
@@ -1232,8 +1234,8 @@ pub struct Pair {
 impl Pair {
     pub fn new() -> Pair {
         let tmp = tempdir();
-        fs::create_dir(tmp.path().join("src")).unwrap();
-        fs::create_dir(tmp.path().join("dst")).unwrap();
+        std::fs::create_dir(tmp.path().join("src")).unwrap();
+        std::fs::create_dir(tmp.path().join("dst")).unwrap();
         let src = tmp.path().join("src/disk.img");
         let dst = tmp.path().join("dst/disk.img");
         Pair { tmp, src, dst }
