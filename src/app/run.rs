@@ -37,6 +37,9 @@ enum Outcome {
 /// code. [`start`] must have run first.
 pub fn main(cli: &Cli) -> ExitCode {
     let umask = UMASK.load(Ordering::Relaxed);
+    if let Some(dir) = &cli.state_dir {
+        crate::dest::recover::set_state_dir(dir.clone());
+    }
     if cli.server {
         signals::set_quiet(true);
         let limits = server::Limits {
@@ -51,6 +54,10 @@ pub fn main(cli: &Cli) -> ExitCode {
         let mut cmd = <crate::app::cli::Cli as clap::CommandFactory>::command();
         clap_complete::generate(shell, &mut cmd, "vmsync", &mut std::io::stdout());
         return ExitCode::SUCCESS;
+    }
+    if let Some(path) = &cli.recover {
+        crate::log::init(if cli.quiet { 0 } else { cli.verbose });
+        return recover(std::path::Path::new(path), cli.json, cli.quiet);
     }
     let (json, recursive) = (cli.json, cli.recursive);
     signals::set_fallback(Box::new(move |sig| {
@@ -122,4 +129,81 @@ pub fn main(cli: &Cli) -> ExitCode {
         );
     }
     ExitCode::from(exit.code())
+}
+
+/// `--recover PATH`: finishes (or reports) the interrupted journaled write
+/// of PATH, as every sync and check would before touching it.
+fn recover(path: &std::path::Path, json: bool, quiet: bool) -> ExitCode {
+    use serde_json::json;
+    let device = std::fs::metadata(path).is_ok_and(|m| crate::content::scan::is_block_device(&m));
+    match crate::dest::recover::finish_pending(path, device) {
+        Ok(done) => {
+            let (state, journal, records, bytes, text) = match (&done.applied, &done.uncommitted) {
+                (Some((j, n, b)), _) => (
+                    "applied",
+                    Some(j),
+                    *n,
+                    *b,
+                    format!(
+                        "{}: applied the committed journal {} ({n} records, {}): it holds the new version",
+                        path.display(),
+                        j.display(),
+                        crate::units::bytes(*b)
+                    ),
+                ),
+                (None, Some((j, n))) => (
+                    "uncommitted",
+                    Some(j),
+                    *n,
+                    0,
+                    format!(
+                        "{}: holds the old version; the uncommitted journal {} ({n} records) of an \
+                         interrupted sync is kept for the next sync to reuse",
+                        path.display(),
+                        j.display()
+                    ),
+                ),
+                (None, None) => (
+                    "none",
+                    None,
+                    0,
+                    0,
+                    format!("{}: no interrupted write to finish", path.display()),
+                ),
+            };
+            if json {
+                let v = json!({
+                    "path": path.to_string_lossy(),
+                    "state": state,
+                    "journal": journal.map(|j| j.to_string_lossy().into_owned()),
+                    "records": records,
+                    "data_bytes": bytes,
+                    "exit_code": 0,
+                    "error": serde_json::Value::Null,
+                });
+                println!("{v}");
+            } else if !quiet {
+                println!("{text}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let exit = crate::error::exit_code_of(&e);
+            let msg = crate::error::message_of(&e);
+            if json {
+                let v = json!({
+                    "path": path.to_string_lossy(),
+                    "state": "error",
+                    "journal": serde_json::Value::Null,
+                    "records": 0,
+                    "data_bytes": 0,
+                    "exit_code": exit.code(),
+                    "error": msg,
+                });
+                println!("{v}");
+            }
+            eprintln!("vmsync: error: {msg}");
+            ExitCode::from(exit.code())
+        }
+    }
 }

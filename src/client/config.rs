@@ -18,7 +18,6 @@ pub struct Config {
     /// How an existing destination is written (`--write-mode`, `--inplace`).
     pub write_mode: crate::wire::WriteMode,
     /// `--state-dir`, passed on to a remote receiver.
-    #[allow(dead_code)] // TEMP: passed on once device journals land.
     pub state_dir: Option<std::path::PathBuf>,
     pub checksum: bool,
     pub no_partial: bool,

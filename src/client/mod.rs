@@ -97,6 +97,7 @@ pub(crate) fn launch(cfg: &Config) -> Launch<'_> {
         remote_path: &cfg.remote_path,
         silence,
         bwlimit: cfg.bwlimit,
+        state_dir: cfg.state_dir.as_deref(),
     }
 }
 

@@ -135,6 +135,9 @@ pub struct Launch<'a> {
     pub silence: Silence,
     /// `--bwlimit` for what we send, bytes/s; 0 = none.
     pub bwlimit: u64,
+    /// `--state-dir`, passed on to the server (where it receives, its
+    /// devices' journals go there).
+    pub state_dir: Option<&'a std::path::Path>,
 }
 
 /// Starts the other end: ssh to `remote`, or this binary when `None`.
@@ -146,6 +149,17 @@ pub fn spawn(remote: Option<&Remote>, launch: &Launch) -> Result<(Peer, PeerRead
                 .arg(&r.login)
                 .arg(launch.remote_path)
                 .arg("--server");
+            if let Some(dir) = launch.state_dir {
+                // ssh hands the words to the remote shell: quote the path.
+                let dir = dir.to_string_lossy();
+                let quoted = shlex::try_quote(&dir).map_err(|_| {
+                    fail(
+                        Exit::Usage,
+                        format!("--state-dir {dir}: cannot be passed to ssh"),
+                    )
+                })?;
+                cmd.arg("--state-dir").arg(quoted.as_ref());
+            }
             (cmd, r.host.clone(), launch.rsh[0].clone())
         }
         None => {
@@ -157,6 +171,9 @@ pub fn spawn(remote: Option<&Remote>, launch: &Launch) -> Result<(Peer, PeerRead
             })?;
             let mut cmd = Command::new(&exe);
             cmd.arg("--server");
+            if let Some(dir) = launch.state_dir {
+                cmd.arg("--state-dir").arg(dir);
+            }
             (cmd, LOCAL_PEER.to_string(), exe.display().to_string())
         }
     };

@@ -2,9 +2,8 @@
 
 pub mod cache;
 pub mod confine;
-// TEMP: used once roles/receive writes through the journal.
-#[allow(dead_code, unused_imports)]
 pub mod journal;
 pub mod lock;
+pub mod recover;
 pub mod sparse;
 pub mod writer;

@@ -241,13 +241,12 @@ pub fn zero_device_range(
 
 /// A run of 4 KiB blocks (or the part of one at a chunk's edge) that must
 /// change: new data, or bytes that must read as zeros. Offsets are absolute.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Piece<'a> {
     Data { at: u64, bytes: &'a [u8] },
     Zero { at: u64, len: u64 },
 }
 
-#[allow(dead_code)] // TEMP: used by dest::journal, which lands next.
 impl Piece<'_> {
     pub fn at(&self) -> u64 {
         match self {

@@ -52,6 +52,7 @@ use anyhow::{Context, Result};
 
 use crate::content::hash::ChunkHash;
 use crate::content::ranges::RangeSet;
+use crate::dest::journal::{self, Header, Identity};
 use crate::dest::sparse::{
     changes, punch_or_write_zeros, start_writeback, write_pieces, write_sparse, zero_where_nonzero,
     Writeback,
@@ -106,6 +107,17 @@ enum Mode {
     Device {
         /// The whole device, at least the source's size.
         size: u64,
+    },
+    /// Every change goes to a redo journal; the destination (`Output::file`)
+    /// is only read until the commit applies the journal to it.
+    Journal {
+        /// `None` once committed.
+        writer: Mutex<Option<journal::Writer>>,
+        path: PathBuf,
+        /// The device's size, for a device.
+        device: Option<u64>,
+        /// Keep an uncommitted journal for the next run (not `--no-partial`).
+        keep: bool,
     },
 }
 
@@ -356,6 +368,111 @@ impl Output {
         ))
     }
 
+    /// Turns an in-place output (a file opened by [`Output::in_place`], or
+    /// a device by [`Output::device`]) into a journaled one: from here on
+    /// every change goes to a new journal at `path` (the caller made sure
+    /// no journal is there to keep), and the destination is untouched
+    /// until [`Output::commit`]. `version` identifies the new version for
+    /// the journal's header (the sender's announcement of it).
+    pub fn journaled(
+        self,
+        path: PathBuf,
+        info: &FileInfo,
+        version: [u8; 32],
+        keep: bool,
+    ) -> Result<Output> {
+        let device = match self.mode {
+            Mode::InPlace => None,
+            Mode::Device { size } => Some(size),
+            _ => unreachable!("only an in-place output is journaled"),
+        };
+        let identity = Identity::of(&self.file)
+            .with_context(|| format!("cannot identify {}", self.dest.display()))
+            .exit_with(Exit::Io)?;
+        let old_size = match device {
+            Some(size) => size,
+            None => self
+                .file
+                .metadata()
+                .with_context(|| format!("cannot stat {}", self.dest.display()))
+                .exit_with(Exit::Io)?
+                .len(),
+        };
+        let header = Header {
+            identity,
+            old_size,
+            new_size: self.size,
+            mtime_sec: info.mtime_sec,
+            mtime_nsec: info.mtime_nsec,
+            digest: version,
+            run_id: run_id(&path),
+        };
+        let writer = journal::Writer::create(&path, &header)?;
+        let mut out = self;
+        out.written.fetch_add(writer.bytes(), Ordering::Relaxed);
+        out.mode = Mode::Journal {
+            writer: Mutex::new(Some(writer)),
+            path,
+            device,
+            keep,
+        };
+        Ok(out)
+    }
+
+    /// Turns this journaled output of a regular file into `partial`, the
+    /// fresh partial file beside it, once the change turns out to be most
+    /// of the file: the journal would need about as much room as a copy,
+    /// and be written twice. The destination's data is copied into the
+    /// partial file (`copy_file_range`, holes kept), the journal's records
+    /// so far are replayed onto it, and the journal is removed; the
+    /// destination is untouched. From then on the partial file holds the
+    /// old file's bytes at their offsets, like a clone.
+    pub fn into_copy(mut self, mut partial: Output) -> Result<Output> {
+        let Mode::Journal { writer, path, .. } = &self.mode else {
+            unreachable!("a journaled output")
+        };
+        let path = path.clone();
+        let mut w = lock(writer).take().expect("not committed");
+        w.flush()?;
+        drop(w);
+        let old_size = self
+            .file
+            .metadata()
+            .with_context(|| format!("cannot stat {}", self.dest.display()))
+            .exit_with(Exit::Io)?
+            .len();
+        let copied = copy_data(&self.file, &partial.file, old_size.min(partial.size))
+            .with_context(|| format!("cannot copy {} to its partial file", self.dest.display()))
+            .exit_with(Exit::Io)?;
+        let replayed = match journal::Journal::open(&path)? {
+            Some(j) => j.replay_onto_copy(&partial.file)?,
+            None => 0,
+        };
+        std::fs::remove_file(&path)
+            .with_context(|| format!("cannot remove journal {}", path.display()))
+            .exit_with(Exit::Io)?;
+        self.committed = true;
+        if let Mode::Partial { fresh, .. } = &mut partial.mode {
+            *fresh = false;
+        }
+        partial
+            .written
+            .fetch_add(self.written() + copied + replayed, Ordering::Relaxed);
+        Ok(partial)
+    }
+
+    /// The journal being written, if this output is journaled: its path
+    /// and size so far.
+    pub fn journal(&self) -> Option<(&Path, u64)> {
+        match &self.mode {
+            Mode::Journal { writer, path, .. } => Some((
+                path,
+                lock(writer).as_ref().map_or(0, journal::Writer::bytes),
+            )),
+            _ => None,
+        }
+    }
+
     pub fn file(&self) -> &File {
         &self.file
     }
@@ -364,6 +481,7 @@ impl Output {
     pub fn device_size(&self) -> Option<u64> {
         match self.mode {
             Mode::Device { size } => Some(size),
+            Mode::Journal { device, .. } => device,
             _ => None,
         }
     }
@@ -391,6 +509,16 @@ impl Output {
         let wrote = |at, n| self.wrote(at, n);
         let r = match self.mode {
             Mode::Partial { fresh: true, .. } => write_sparse(&self.file, offset, bytes, &wrote),
+            Mode::Journal { ref writer, .. } => {
+                let pieces = changes(&self.file, offset, bytes).with_context(|| {
+                    format!("cannot read offset {offset} of {}", self.dest.display())
+                });
+                return pieces.and_then(|pieces| {
+                    self.journal_append(writer, |w| {
+                        w.data(offset, bytes.len() as u32, data.hash(), &pieces)
+                    })
+                });
+            }
             _ => changes(&self.file, offset, bytes).and_then(|pieces| {
                 write_pieces(
                     &self.file,
@@ -432,6 +560,7 @@ impl Output {
         match self.mode {
             Mode::Partial { cloned: true, .. } => WriteMode::Clone,
             Mode::Partial { .. } => WriteMode::Copy,
+            Mode::Journal { .. } => WriteMode::Journal,
             Mode::InPlace | Mode::Device { .. } => WriteMode::UnsafeInplace,
         }
     }
@@ -449,6 +578,9 @@ impl Output {
         if let Mode::Partial { fresh: true, .. } = self.mode {
             return Ok(());
         }
+        if let Mode::Journal { writer, .. } = &self.mode {
+            return self.journal_append(writer, |w| w.zero(offset, len));
+        }
         self.dirty.insert(offset, offset + len);
         let wrote = |at, n| self.wrote(at, n);
         let r = match self.mode {
@@ -462,6 +594,21 @@ impl Output {
             )
         })
         .exit_with(Exit::Io)
+    }
+
+    /// Appends to the journal with `f`, counting what it wrote.
+    fn journal_append(
+        &self,
+        writer: &Mutex<Option<journal::Writer>>,
+        f: impl FnOnce(&mut journal::Writer) -> Result<()>,
+    ) -> Result<()> {
+        let mut w = lock(writer);
+        let w = w.as_mut().expect("no writes after the commit");
+        let before = w.bytes();
+        let r = f(w);
+        self.written
+            .fetch_add(w.bytes() - before, Ordering::Relaxed);
+        r.exit_with(Exit::Io)
     }
 
     /// Notes `len` bytes written at `offset`, and starts writeback of what
@@ -486,12 +633,16 @@ impl Output {
     /// `check` (e.g. `--verify`) and, for a partial file, the rename over the
     /// destination and the directory fsync. Until the rename the destination
     /// keeps its old contents. A device is only fsync'd and checked. Returns
-    /// the committed file, still open.
+    /// the committed file, still open, and the bytes written in all
+    /// ([`Output::written`]).
     pub fn commit(
         mut self,
         info: &FileInfo,
         check: impl FnOnce(&File) -> Result<()>,
-    ) -> Result<File> {
+    ) -> Result<(File, u64)> {
+        if let Mode::Journal { .. } = self.mode {
+            return self.commit_journal(check);
+        }
         let dest = self.dest.clone();
         let file = &self.file;
         let device = matches!(self.mode, Mode::Device { .. });
@@ -513,7 +664,7 @@ impl Output {
         if device {
             check(file)?;
             self.committed = true;
-            return file.try_clone().context("duplicate a file handle");
+            return self.committed_file();
         }
         file.set_modified(mtime(info))
             .with_context(|| format!("cannot set the modification time of {}", dest.display()))
@@ -535,22 +686,131 @@ impl Output {
                 .exit_with(Exit::Io)?;
         }
         self.committed = true;
-        file.try_clone().context("duplicate a file handle")
+        self.committed_file()
+    }
+
+    fn committed_file(&self) -> Result<(File, u64)> {
+        let file = self.file.try_clone().context("duplicate a file handle")?;
+        Ok((file, self.written()))
+    }
+}
+
+impl Output {
+    /// The journal's commit: make it durable and committed (from here on it
+    /// *is* the new version), apply it to the destination (fsync'd, with
+    /// its size and mtime), remove it, then `check`. A signal during the
+    /// apply waits for its end ([`crate::signals::critical`]); a crash
+    /// during it is finished by the next run ([`crate::dest::recover`]).
+    fn commit_journal(mut self, check: impl FnOnce(&File) -> Result<()>) -> Result<(File, u64)> {
+        let Mode::Journal { writer, path, .. } = &self.mode else {
+            unreachable!("a journaled output")
+        };
+        let w = lock(writer).take().expect("committed once");
+        w.commit()?;
+        self.committed = true;
+        let _critical = crate::signals::critical();
+        let j = match journal::Journal::open(path)? {
+            Some(j) if j.state == journal::State::Committed => j,
+            _ => {
+                return Err(fail(
+                    Exit::Journal,
+                    format!(
+                        "journal {} is not committed after its commit",
+                        path.display()
+                    ),
+                ))
+            }
+        };
+        crate::vlog!(
+            1,
+            "receiver: journal committed ({} records, {} bytes); applying it to {}",
+            j.records,
+            j.payload,
+            self.dest.display()
+        );
+        j.apply(&self.file)?;
+        self.written.fetch_add(j.payload, Ordering::Relaxed);
+        crash::point(crash::APPLIED);
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove journal {}", path.display()))
+            .exit_with(Exit::Io)?;
+        sync_dir(path)?;
+        check(&self.file)?;
+        self.committed_file()
     }
 }
 
 impl Drop for Output {
-    /// A failed run removes its partial file unless it is kept for resuming.
+    /// A failed run removes its partial file, or its journal, unless it is
+    /// kept for resuming. (A committed journal is never removed here: it is
+    /// the new version until applied.)
     fn drop(&mut self) {
-        if let Mode::Partial {
-            path, keep: false, ..
-        } = &self.mode
-        {
-            if !self.committed {
+        if self.committed {
+            return;
+        }
+        match &self.mode {
+            Mode::Partial {
+                path, keep: false, ..
+            }
+            | Mode::Journal {
+                path, keep: false, ..
+            } => {
                 let _ = std::fs::remove_file(path);
             }
+            _ => {}
         }
     }
+}
+
+/// Copies the data of `[0, len)` of `from` into `to` at the same offsets,
+/// leaving holes as holes; returns the bytes copied.
+fn copy_data(from: &File, to: &File, len: u64) -> std::io::Result<u64> {
+    use rustix::fs::{copy_file_range, seek, SeekFrom};
+    let mut copied = 0;
+    let mut pos = 0u64;
+    while pos < len {
+        let start = match seek(from, SeekFrom::Data(pos)) {
+            Ok(s) => s.min(len),
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let end = seek(from, SeekFrom::Hole(start))
+            .map_err(std::io::Error::from)?
+            .min(len);
+        let (mut at_in, mut at_out) = (start, start);
+        while at_in < end {
+            let want = (end - at_in) as usize;
+            let n = copy_file_range(from, Some(&mut at_in), to, Some(&mut at_out), want)
+                .map_err(std::io::Error::from)?;
+            if n == 0 {
+                break;
+            }
+            copied += n as u64;
+        }
+        pos = end;
+    }
+    Ok(copied)
+}
+
+/// A journal writer's lock: a panic elsewhere cannot leave it inconsistent
+/// (a failed write makes the writer refuse further ones by itself).
+fn lock(w: &Mutex<Option<journal::Writer>>) -> std::sync::MutexGuard<'_, Option<journal::Writer>> {
+    w.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A run id for a journal's header: unique per run, so a record of another
+/// journal never validates in this one.
+fn run_id(path: &Path) -> [u8; 16] {
+    let mut h = blake3::Hasher::new_derive_key("vmsync journal run id");
+    h.update(path.as_os_str().as_encoded_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    h.update(&now.to_le_bytes());
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    id
 }
 
 /// Gives the partial file `path` the permissions (and, as root, the owner)

@@ -34,17 +34,6 @@ pub const BEFORE_RENAME: &str = "before-rename";
 /// Partial (copy or clone) mode: renamed, the directory not yet fsync'd.
 pub const AFTER_RENAME: &str = "after-rename";
 
-/// Every point, for tests that draw one at random.
-pub const ALL: &[&str] = &[
-    JOURNAL_RECORD,
-    JOURNAL_SYNCED,
-    JOURNAL_COMMITTED,
-    APPLY_RECORD,
-    APPLIED,
-    BEFORE_RENAME,
-    AFTER_RENAME,
-];
-
 /// The environment variable that names the point.
 pub const ENV: &str = "VMSYNC_CRASH_AT";
 

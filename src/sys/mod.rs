@@ -5,7 +5,5 @@
 //! retrying `EINTR`, never following a symlink unless asked, and errors as
 //! `std::io::Error` so callers keep testing `raw_os_error()`.
 
-// TEMP: the journal points are used once dest::journal lands.
-#[allow(dead_code)]
 pub mod crash;
 pub mod dirfd;

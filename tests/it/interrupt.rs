@@ -187,17 +187,28 @@ fn sigint_during_pull_exits_130_keeps_old_destination_and_resumes() {
 }
 
 #[test]
-fn sigterm_during_inplace_push_leaves_no_temp_file() {
-    // --inplace writes into the destination, so only the exit code and the
-    // absence of leftovers are promised.
+fn sigterm_during_unjournaled_inplace_push_leaves_no_temp_file() {
+    // unsafe-inplace writes into the destination, so only the exit code
+    // and the absence of leftovers are promised.
     let after = full_run_wire_bytes(Direction::Push) * 30 / 100;
     let (pair, _) = setup();
     let opts = format!("--signal-parent-after {after} --signal TERM");
 
-    let (run, _, _) = sync_via_relay(&pair, Direction::Push, &opts, &["--inplace"]);
+    let (run, _, _) = sync_via_relay(
+        &pair,
+        Direction::Push,
+        &opts,
+        &["--write-mode", "unsafe-inplace"],
+    );
 
     run.assert_code(exit::SIGTERM);
     assert_eq!(dir_entries(&pair.dst_dir()), ["disk.img"]);
+}
+
+#[test]
+fn sigterm_during_journaled_inplace_push_keeps_old_destination_and_resumes() {
+    // --inplace journals: until the commit the destination is untouched.
+    interrupt(Direction::Push, "TERM", 30, &["--inplace"]);
 }
 
 /// `-r --json` interrupted mid-transfer ends like any failed `-r` run: one

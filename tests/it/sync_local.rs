@@ -330,14 +330,15 @@ fn identical_content_with_other_mtime_gets_the_source_mtime() {
 }
 
 #[test]
-fn default_mode_replaces_the_destination_file() {
+fn copy_mode_replaces_the_destination_file() {
     let pair = Pair::new();
     let old = mixed_bytes(14, (8 * MIB) as usize);
     pair.write_src(&with_edit(&old, (4 * MIB) as usize, 4096, 141));
     pair.write_dst(&old);
     let ino = inode(&pair.dst);
 
-    sync(&pair, &[]);
+    let (_, v) = sync(&pair, &["--write-mode", "copy"]);
+    assert_eq!(v["write_mode"], "copy", "{v}");
 
     pair.assert_synced();
     assert_ne!(
@@ -363,7 +364,7 @@ fn inplace_edit_keeps_the_inode_and_matches_the_source() {
 }
 
 #[test]
-fn inplace_insertion_moves_data_forward_correctly() {
+fn unjournaled_inplace_insertion_moves_data_forward_correctly() {
     let pair = Pair::new();
     let old = mixed_bytes(16, (32 * MIB) as usize);
     let new = with_insertion(&old, (MIB + 5) as usize, &random_bytes(161, 3000));
@@ -374,14 +375,14 @@ fn inplace_insertion_moves_data_forward_correctly() {
     // Data moving forward overlaps the old place of the data after it, so
     // --inplace may fetch such chunks from the source instead of copying
     // them (documented in --help); only the result is asserted.
-    sync(&pair, &["--inplace"]);
+    sync(&pair, &["--write-mode", "unsafe-inplace"]);
 
     pair.assert_synced();
     assert_eq!(inode(&pair.dst), ino);
 }
 
 #[test]
-fn inplace_deletion_moves_data_backward_correctly() {
+fn unjournaled_inplace_deletion_moves_data_backward_correctly() {
     let pair = Pair::new();
     let old = mixed_bytes(17, (32 * MIB) as usize);
     let new = with_deletion(&old, (MIB + 5) as usize, 3000);
@@ -389,7 +390,7 @@ fn inplace_deletion_moves_data_backward_correctly() {
     pair.write_dst(&old);
     let ino = inode(&pair.dst);
 
-    let (_, v) = sync(&pair, &["--inplace"]);
+    let (_, v) = sync(&pair, &["--write-mode", "unsafe-inplace"]);
 
     pair.assert_synced();
     assert_eq!(inode(&pair.dst), ino);
@@ -397,7 +398,7 @@ fn inplace_deletion_moves_data_backward_correctly() {
 }
 
 #[test]
-fn inplace_swapped_halves_are_reassembled_correctly() {
+fn unjournaled_inplace_swapped_halves_are_reassembled_correctly() {
     // Every chunk moves, and each half's new place overlaps the other's old
     // place: naive in-place copying would read already-overwritten data.
     let pair = Pair::new();
@@ -407,7 +408,7 @@ fn inplace_swapped_halves_are_reassembled_correctly() {
     pair.write_dst(&[a.as_slice(), b.as_slice()].concat());
     let ino = inode(&pair.dst);
 
-    sync(&pair, &["--inplace"]);
+    sync(&pair, &["--write-mode", "unsafe-inplace"]);
 
     pair.assert_synced();
     assert_eq!(inode(&pair.dst), ino);
@@ -656,4 +657,24 @@ fn verbose_logs_each_phase_of_both_ends() {
         "-q must silence -v:\n{}",
         quiet.stderr
     );
+}
+
+#[test]
+fn journal_turns_into_a_copy_when_most_of_the_file_changes() {
+    // Every chunk moves: the journal would be as large as a copy and be
+    // written twice, so the run writes a copy instead (a new inode), and
+    // says so.
+    let pair = Pair::new();
+    let a = random_bytes(21, (4 * MIB) as usize);
+    let b = random_bytes(22, (4 * MIB) as usize);
+    pair.write_src(&[b.as_slice(), a.as_slice()].concat());
+    pair.write_dst(&[a.as_slice(), b.as_slice()].concat());
+    let ino = inode(&pair.dst);
+
+    let (_, v) = sync(&pair, &["--inplace"]);
+
+    pair.assert_synced();
+    assert_eq!(v["write_mode"], "copy", "{v}");
+    assert_ne!(inode(&pair.dst), ino);
+    assert_eq!(dir_entries(pair.dst.parent().unwrap()), ["disk.img"]);
 }

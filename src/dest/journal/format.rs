@@ -107,21 +107,14 @@ const CHAIN_CONTEXT: &str = "vmsync 2027 journal chain v1";
 /// How much of the journal one read brings in while walking it.
 pub(super) const READAHEAD: usize = 1 << 20;
 
-/// A part of a chunk that differs from the destination's old bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Piece<'a> {
-    /// These bytes at absolute offset `at`.
-    Data { at: u64, bytes: &'a [u8] },
-    /// `[at, at + len)` reads as zeros (a hole in a file, zeros on a device).
-    Zero { at: u64, len: u64 },
-}
+/// A part of a chunk that differs from the destination's old bytes: the
+/// writer's own [`crate::dest::sparse::Piece`] (made by
+/// [`crate::dest::sparse::changes`]).
+pub use crate::dest::sparse::Piece;
 
 impl Piece<'_> {
     pub(super) fn range(&self) -> (u64, u64) {
-        match *self {
-            Piece::Data { at, bytes } => (at, bytes.len() as u64),
-            Piece::Zero { at, len } => (at, len),
-        }
+        (self.at(), self.len())
     }
 }
 

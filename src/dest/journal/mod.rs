@@ -80,7 +80,7 @@ mod identity;
 
 use format::COMMIT_SIZE;
 use format::{chain_next, parse, pieces, read_header, Bad, Rec, Window, READAHEAD};
-pub use format::{Header, Piece, VERSION};
+pub use format::{Header, Piece};
 pub use identity::Identity;
 
 /// Appends records to a new journal. Buffered: nothing is durable before
@@ -208,19 +208,16 @@ impl Writer {
         Ok(())
     }
 
+    /// Writes out what is buffered (not durable: no fsync), so that the
+    /// journal can be read back while it is still being written.
+    pub fn flush(&mut self) -> anyhow::Result<()> {
+        let what = || format!("write journal {}", self.path.display());
+        self.out.flush().with_context(what).exit_with(Exit::Io)
+    }
+
     /// The journal file's size so far (header and records, buffered or not).
     pub fn bytes(&self) -> u64 {
         self.bytes
-    }
-
-    /// Data piece bytes appended so far.
-    pub fn payload(&self) -> u64 {
-        self.payload
-    }
-
-    /// Records (DATA and ZERO) appended so far.
-    pub fn records(&self) -> u64 {
-        self.records
     }
 
     /// Makes the journal durable and committed: flush and fsync the
@@ -410,11 +407,6 @@ impl Journal {
         Ok(Some(j))
     }
 
-    /// The journal's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     fn damaged(&self, why: impl std::fmt::Display) -> anyhow::Error {
         fail(
             Exit::Journal,
@@ -501,6 +493,19 @@ impl Journal {
         target.sync_all().with_context(what).exit_with(Exit::Io)
     }
 
+    /// Writes the valid records of an *uncommitted* journal into `copy`, a
+    /// new file that holds the destination's bytes: for a run that turns
+    /// from journaling its changes to writing a whole copy (the change is
+    /// most of the file). The destination itself is never written this
+    /// way. Returns the data bytes written.
+    pub fn replay_onto_copy(&self, copy: &File) -> anyhow::Result<u64> {
+        if self.state != State::Uncommitted {
+            return Err(self.damaged("committed: it must be applied, not copied"));
+        }
+        self.write_records(copy, self.records, false)?;
+        Ok(self.payload)
+    }
+
     /// Writes the first `limit` records into `target` (all of them with
     /// `u64::MAX`, which also checks they end at the COMMIT record).
     fn apply_records(&self, target: &File, limit: u64) -> anyhow::Result<()> {
@@ -513,6 +518,12 @@ impl Journal {
         if let Some(why) = self.header.identity.mismatch(&now) {
             return Err(self.damaged(format!("not for this destination: {why}")));
         }
+        self.write_records(target, limit, true)
+    }
+
+    /// Writes the first `limit` valid records into `target`; `committed`:
+    /// the journal ends in a COMMIT record, checked again at the end.
+    fn write_records(&self, target: &File, limit: u64, committed: bool) -> anyhow::Result<()> {
         match read_header(&self.file, self.len) {
             Ok(Some((h, _))) if h == self.header => {}
             _ => return Err(self.damaged("its header changed since it was verified")),
@@ -526,7 +537,7 @@ impl Journal {
             }
         };
         // All of them: walk on to the COMMIT record, to check it again.
-        let all = limit >= self.records;
+        let all = committed && limit >= self.records;
         let walked = self.walk(if all { u64::MAX } else { limit }, |_, rec| {
             let wrote = match rec {
                 Rec::Data { table, data, .. } => pieces(table, data).try_for_each(|p| match p {
@@ -539,7 +550,9 @@ impl Journal {
             wrote
                 .with_context(|| format!("apply journal {}", self.path.display()))
                 .exit_with(Exit::Io)?;
-            crash::point(crash::APPLY_RECORD);
+            if committed {
+                crash::point(crash::APPLY_RECORD);
+            }
             Ok(())
         })?;
         if walked.records != limit.min(self.records)
@@ -1072,7 +1085,7 @@ mod tests {
         assert!(w.zero(new.len() as u64, 1).is_err());
         w.data(100, 50, &hash, &outside[..0]).unwrap();
         w.zero(0, 100).unwrap();
-        assert_eq!((w.records(), w.payload()), (2, 0));
+        assert_eq!((w.records, w.payload), (2, 0));
         let at = w.bytes();
         w.data(
             200,
@@ -1085,7 +1098,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(w.bytes(), at + (DATA_FIXED + ENTRY + 10 + SUM) as u64);
-        assert_eq!(w.payload(), 10);
+        assert_eq!(w.payload, 10);
         w.commit().unwrap();
         assert_eq!(
             std::fs::metadata(&j).unwrap().len(),

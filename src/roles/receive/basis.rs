@@ -22,7 +22,9 @@ use crate::content::hash::{ChunkHash, ChunkHashMap};
 use crate::content::manifest::{Entry, Kind};
 use crate::content::scan::{self, Content, Extents};
 use crate::dest::cache;
+use crate::dest::journal::Journal;
 use crate::dest::lock::Lock;
+use crate::dest::recover;
 use crate::dest::writer::Output;
 use crate::error::{fail, Exit, WithExit};
 use crate::roles::receive::options::{RecvOptions, Seed};
@@ -39,6 +41,8 @@ pub(super) struct Target {
     /// Exclusive for a sync; shared (or none, when there is no file) for a
     /// check or a dry run; on the device node for a device.
     pub lock: Option<Lock>,
+    /// The uncommitted journal an interrupted run left, to reuse.
+    pub uncommitted: Option<PathBuf>,
 }
 
 impl Target {
@@ -46,20 +50,32 @@ impl Target {
     /// device, a directory or other special file) and takes the lock.
     pub fn open(dest: &Path, source_name: &[u8], opts: &RecvOptions) -> Result<Target> {
         let dest = resolve_dest(dest, source_name)?;
-        let existing = match std::fs::symlink_metadata(&dest) {
-            Ok(m) => Some(m),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("cannot stat destination {}", dest.display()))
-                    .exit_with(Exit::Io)
-            }
+        let stat = || match std::fs::symlink_metadata(&dest) {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e)
+                .with_context(|| format!("cannot stat destination {}", dest.display()))
+                .exit_with(Exit::Io),
         };
+        let mut existing = stat()?;
         if let Some(m) = &existing {
             refuse_type(&dest, m)?;
         }
         // A block device is written in place (see `writer`), never replaced.
         let device = existing.as_ref().is_some_and(scan::is_block_device);
+        // A crash may have left a committed journal: finish it before
+        // anything reads the destination (a check too), and look again.
+        let mut uncommitted = None;
+        if existing
+            .as_ref()
+            .is_none_or(|m| !m.file_type().is_symlink())
+        {
+            let found = recover::finish_pending(&dest, device)?;
+            if found.applied.is_some() {
+                existing = stat()?;
+            }
+            uncommitted = found.uncommitted.map(|(p, _)| p);
+        }
 
         check_parent(&dest)?;
         // A check or a dry run only reads: a shared lock, and no partial file
@@ -77,6 +93,7 @@ impl Target {
             existing,
             device,
             lock,
+            uncommitted,
         })
     }
 
@@ -278,6 +295,52 @@ impl Basis {
     }
 }
 
+/// The records of the uncommitted journal an interrupted run left: chunks
+/// it had received, rebuilt from the destination's old bytes and the
+/// journal's pieces (and checked against their hash) instead of fetched.
+pub(super) struct JournalBasis {
+    pub journal: Journal,
+    /// Chunk hash → the offset of the record that rebuilds it.
+    pub index: ChunkHashMap<u64>,
+    /// The destination, as the records' pieces apply to it.
+    pub old: File,
+    /// Where the journal was moved to free its name for this run's; removed
+    /// once this run committed.
+    pub moved_to: PathBuf,
+}
+
+impl JournalBasis {
+    /// Takes over the uncommitted journal at `path` (found by
+    /// [`recover::finish_pending`] for this very destination, `old`).
+    fn load(path: &Path, old: File) -> Result<Option<JournalBasis>> {
+        let Some(journal) = Journal::open(path)? else {
+            return Ok(None);
+        };
+        let mut index = ChunkHashMap::default();
+        for (offset, _, hash) in journal.chunks()? {
+            index.insert(hash, offset);
+        }
+        let mut moved_to = path.as_os_str().to_owned();
+        moved_to.push(".prev");
+        let moved_to = PathBuf::from(moved_to);
+        std::fs::rename(path, &moved_to)
+            .with_context(|| format!("cannot move journal {} aside", path.display()))
+            .exit_with(Exit::Io)?;
+        crate::vlog!(
+            1,
+            "receiver: reusing {} chunks of the uncommitted journal {}",
+            index.len(),
+            path.display()
+        );
+        Ok(Some(JournalBasis {
+            journal,
+            index,
+            old,
+            moved_to,
+        }))
+    }
+}
+
 /// The old data a sync takes chunks from.
 pub(super) struct Bases {
     /// The destination's old contents.
@@ -286,6 +349,8 @@ pub(super) struct Bases {
     pub seeds: Vec<Basis>,
     /// What an interrupted run left in the partial file, which is the output.
     pub partial: Option<Basis>,
+    /// What an interrupted journaled run left in its journal.
+    pub journal: Option<JournalBasis>,
 }
 
 /// Indexes the old data of a sync: the destination (`device_out`, only up to
@@ -344,10 +409,23 @@ pub(super) fn index_all(
         b.placed =
             partial.is_none() && (device_out.is_some() || opts.write_mode != WriteMode::Copy);
     }
+    // What an interrupted journaled run left: reused, unless --no-partial
+    // says to start over or this run does not journal.
+    let mut journal = None;
+    if let Some(path) = &target.uncommitted {
+        let journaled = matches!(opts.write_mode, WriteMode::Auto | WriteMode::Journal);
+        if opts.no_partial || !journaled || partial.is_some() {
+            recover::remove(path)?;
+        } else if let Some(b) = &basis {
+            journal =
+                JournalBasis::load(path, b.file.try_clone().context("duplicate a file handle")?)?;
+        }
+    }
     Ok(Bases {
         basis,
         seeds,
         partial,
+        journal,
     })
 }
 

@@ -37,11 +37,11 @@ pub(super) fn commit<W: Write>(
         entries,
         mut summary,
         basis,
+        journal,
         ..
     } = run;
     summary.basis_cached = basis.as_ref().is_some_and(|b| b.from_cache);
     summary.write_mode = out.as_ref().map(Output::write_mode);
-    summary.dest_written_bytes = out.as_ref().map_or(0, Output::written);
     let in_place = out.as_ref().is_some_and(Output::overwrites_old);
     let size = info.size;
     let verify = |file: &File| -> Result<()> {
@@ -73,7 +73,11 @@ pub(super) fn commit<W: Write>(
     };
     crate::vlog!(1, "receiver: all data written; committing");
     let written = match out {
-        Some(out) => out.commit(info, verify)?,
+        Some(out) => {
+            let (file, written) = out.commit(info, verify)?;
+            summary.dest_written_bytes = written;
+            file
+        }
         None => {
             // The old file already holds exactly the new contents.
             let file = basis.expect("no output only with a basis").file;
@@ -84,6 +88,10 @@ pub(super) fn commit<W: Write>(
             file
         }
     };
+    // The interrupted run's journal served its purpose.
+    if let Some(j) = journal {
+        crate::dest::recover::remove(&j.moved_to)?;
+    }
     // Best effort: without a cache entry the next run reads the file instead.
     // Never for a device (see `Basis::scan`).
     if !device {

@@ -130,6 +130,7 @@ pub(super) fn exchange<W: Write>(
     let result = (|| -> Result<()> {
         let mut manifest_done = false;
         loop {
+            run.keep_journal_small()?;
             match inbox.next()? {
                 Msg::Manifest(_) | Msg::ManifestRef(_) if manifest_done => {
                     return Err(fail(

@@ -85,7 +85,7 @@ where
     if opts.dry_run {
         return check::dry_run(&target, seeds, &info, reader, writer, opts);
     }
-    let device_out = run::device_output(&target, &info)?;
+    let device_out = run::device_output(&target, &info, opts)?;
     if basis::quick_check(target.regular(), &info, opts) {
         return commit::up_to_date(&info, writer, false);
     }

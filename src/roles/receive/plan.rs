@@ -164,7 +164,9 @@ impl Run<'_> {
             return Ok(());
         }
         if self.output().is_in_place() {
-            if self.copy_in_place(i, e.offset, len, hash)? {
+            if self.copy_in_place(i, e.offset, len, hash)?
+                || self.copy_from_journal(i, e.offset, len, hash)?
+            {
                 return Ok(());
             }
             if let Some((k, src)) = self.in_seeds(hash) {

@@ -19,7 +19,7 @@ use crate::content::refine::{BlockIndex, BlockSource};
 use crate::dest::writer::Output;
 use crate::error::{fail, Exit};
 use crate::progress::Progress;
-use crate::roles::receive::basis::{Bases, Basis, Target};
+use crate::roles::receive::basis::{Bases, Basis, JournalBasis, Target};
 use crate::roles::receive::options::RecvOptions;
 use crate::wire::{FileInfo, Msg, Summary, WriteMode};
 
@@ -52,9 +52,23 @@ pub(super) struct OutSpec {
     pub keep: bool,
     /// How to write the destination once it turns out to differ.
     pub write_mode: WriteMode,
+    /// What the sender announced: the journal's header names it.
+    pub info: FileInfo,
 }
 
 impl OutSpec {
+    /// The destination, opened in place and journaled: the journal beside
+    /// it, the destination untouched until the commit.
+    pub fn journal(&self) -> Result<Output> {
+        let path = crate::dest::recover::journal_path(&self.dest, false);
+        Output::in_place(&self.dest, self.size, self.mode, self.umask)?.journaled(
+            path,
+            &self.info,
+            version(&self.info),
+            self.keep,
+        )
+    }
+
     pub fn partial(&self, resume: bool) -> Result<Output> {
         Output::partial(
             &self.dest,
@@ -104,6 +118,8 @@ pub(super) struct Run<'a> {
     pub seeds: Vec<Basis>,
     /// What an interrupted run left in the partial file, which is the output.
     pub partial: Option<Basis>,
+    /// What an interrupted journaled run left in its journal.
+    pub journal: Option<JournalBasis>,
     pub decoder: Option<StreamDecoder>,
     pub summary: Summary,
     pub progress: &'a Progress,
@@ -111,14 +127,40 @@ pub(super) struct Run<'a> {
     pub buf: Vec<u8>,
 }
 
+/// What a journal's header records as the version it writes: a digest of
+/// the sender's announcement of it (size, mtime, mode).
+fn version(info: &FileInfo) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key("vmsync journal version v1");
+    h.update(&info.size.to_le_bytes());
+    h.update(&info.mtime_sec.to_le_bytes());
+    h.update(&info.mtime_nsec.to_le_bytes());
+    h.update(&info.mode.to_le_bytes());
+    *h.finalize().as_bytes()
+}
+
 /// The device output, opened (and refused when in use or too small) before
 /// anything is said to the sender or written; `None` unless the destination
 /// is a block device.
-pub(super) fn device_output(target: &Target, info: &FileInfo) -> Result<Option<Output>> {
+pub(super) fn device_output(
+    target: &Target,
+    info: &FileInfo,
+    opts: &RecvOptions,
+) -> Result<Option<Output>> {
     if !target.device {
         return Ok(None);
     }
     let dest = &target.dest;
+    if matches!(opts.write_mode, WriteMode::Clone | WriteMode::Copy) {
+        return Err(fail(
+            Exit::Usage,
+            format!(
+                "--write-mode {} cannot write {}: a block device is written in place \
+                 (use journal, the default, or unsafe-inplace)",
+                opts.write_mode.name(),
+                dest.display()
+            ),
+        ));
+    }
     let out = Output::device(dest, target.sync_lock().file(), info.size)?;
     let dev_size = out.device_size().unwrap_or(info.size);
     if dev_size > info.size {
@@ -163,20 +205,26 @@ impl<'a> Run<'a> {
             umask: opts.umask,
             keep: !opts.no_partial,
             write_mode: opts.write_mode,
+            info: *info,
         };
         let Bases {
             mut basis,
             seeds,
             partial,
+            journal,
         } = bases;
-        let out = if device_out.is_some() {
-            device_out
-        } else if matches!(
-            opts.write_mode,
-            WriteMode::UnsafeInplace | WriteMode::Journal
-        ) {
-            // TEMP: journal mode lands with dest::journal; until then
-            // --inplace keeps its old (unjournaled) meaning.
+        let journaled = matches!(opts.write_mode, WriteMode::Auto | WriteMode::Journal);
+        let out = if let Some(dev) = device_out {
+            if journaled {
+                // A device has no room beside it: its journal goes to the
+                // state directory.
+                let path = crate::dest::recover::journal_path(dest, true);
+                crate::dest::recover::make_journal_dir(&path)?;
+                Some(dev.journaled(path, info, version(info), !opts.no_partial)?)
+            } else {
+                Some(dev)
+            }
+        } else if opts.write_mode == WriteMode::UnsafeInplace {
             Some(Output::in_place(dest, info.size, info.mode, opts.umask)?)
         } else if partial.is_some() {
             Some(spec.partial(true)?)
@@ -211,6 +259,7 @@ impl<'a> Run<'a> {
             basis,
             seeds,
             partial,
+            journal,
             decoder: None,
             summary: Summary::default(),
             progress,
@@ -298,6 +347,12 @@ impl<'a> Run<'a> {
             umask: 0o022,
             keep: false,
             write_mode: WriteMode::Copy,
+            info: FileInfo {
+                size,
+                mtime_sec: 0,
+                mtime_nsec: 0,
+                mode: 0o644,
+            },
         };
         let out = make_out.then(|| spec.partial(false).unwrap());
         let opts = RecvOptions {
@@ -325,6 +380,7 @@ impl<'a> Run<'a> {
             basis,
             seeds: Vec::new(),
             partial: None,
+            journal: None,
             decoder: None,
             summary: Summary::default(),
             progress,

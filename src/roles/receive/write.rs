@@ -53,12 +53,17 @@ impl Run<'_> {
                 None => {}
             }
         }
-        // TEMP: journal mode lands with dest::journal; until then a copy.
-        self.out = Some(self.spec.partial(false)?);
-        if let Some(b) = &mut self.basis {
-            b.placed = false;
+        if mode == WriteMode::Copy {
+            self.out = Some(self.spec.partial(false)?);
+            return self.copy_parallel(copies, true);
         }
-        self.copy_parallel(copies, true)
+        crate::vlog!(
+            1,
+            "receiver: journaling the changes to {}",
+            spec.dest.display()
+        );
+        self.out = Some(spec.journal()?);
+        Ok(())
     }
 
     /// Atomic mode: copies from the basis in parallel (read, hash, write).
@@ -103,9 +108,7 @@ impl Run<'_> {
             match (r?, counted) {
                 (true, true) => {}
                 (true, false) => {
-                    self.state[i] = State::Done;
-                    self.summary.reused_bytes += len;
-                    self.progress.advance(len);
+                    self.reused(i, len);
                 }
                 (false, _) => {
                     // The basis changed since it was indexed: fetch instead.
@@ -117,6 +120,13 @@ impl Run<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Entry `i` (`len` bytes) is done, taken from old data.
+    fn reused(&mut self, i: usize, len: u64) {
+        self.state[i] = State::Done;
+        self.summary.reused_bytes += len;
+        self.progress.advance(len);
     }
 
     /// In place (`--inplace`, or a resumed partial file): leaves a chunk that
@@ -171,9 +181,7 @@ impl Run<'_> {
                 // Already where it belongs and not copied anywhere: nothing
                 // to read or write. Its hash is this run's scan of the file,
                 // or a cache entry checked against the file's ctime.
-                self.state[i] = State::Done;
-                self.summary.reused_bytes += u64::from(len);
-                self.progress.advance(u64::from(len));
+                self.reused(i, u64::from(len));
                 return Ok(true);
             }
             self.buf.resize(len as usize, 0);
@@ -188,12 +196,66 @@ impl Run<'_> {
                 .as_mut()
                 .expect("in place has an output")
                 .mark_dirty(offset, end);
-            self.state[i] = State::Done;
-            self.summary.reused_bytes += u64::from(len);
-            self.progress.advance(u64::from(len));
+            self.reused(i, u64::from(len));
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// Turns a journaled run into a copy once its journal outgrows half the
+    /// new file: the change is then most of the file, and a journal that
+    /// would need the room of a whole copy, and be written twice, is worse
+    /// than the copy ([`Output::into_copy`]). A device has nowhere to put a
+    /// copy and goes on journaling.
+    pub fn keep_journal_small(&mut self) -> Result<()> {
+        let over = match &self.out {
+            Some(out) if out.device_size().is_none() => out
+                .journal()
+                .is_some_and(|(_, bytes)| bytes > self.spec.size / 2),
+            _ => false,
+        };
+        if !over {
+            return Ok(());
+        }
+        crate::vlog!(
+            1,
+            "receiver: the change is most of {}: writing a copy instead of a journal",
+            self.spec.dest.display()
+        );
+        let journaled = self.out.take().expect("checked above");
+        let partial = self.spec.partial(false)?;
+        self.out = Some(journaled.into_copy(partial)?);
+        Ok(())
+    }
+
+    /// A chunk that an interrupted journaled run had received: rebuilt
+    /// from its record of the uncommitted journal and the destination's
+    /// old bytes, checked against its hash, written. False when there is
+    /// none (or it no longer rebuilds: the destination changed since).
+    pub fn copy_from_journal(
+        &mut self,
+        i: usize,
+        offset: u64,
+        len: u32,
+        hash: &ChunkHash,
+    ) -> Result<bool> {
+        let Some(j) = &self.journal else {
+            return Ok(false);
+        };
+        let Some(&at) = j.index.get(hash) else {
+            return Ok(false);
+        };
+        let Some(bytes) = j.journal.rebuild(at, &j.old)? else {
+            return Ok(false);
+        };
+        let Some(v) = writer::verify(&bytes, hash) else {
+            return Ok(false);
+        };
+        let out = self.out.as_mut().expect("in place has an output");
+        out.write(offset, v)?;
+        out.mark_dirty(offset, offset + u64::from(len));
+        self.reused(i, u64::from(len));
+        Ok(true)
     }
 
     /// Chunks from the sender: checked against what was asked for and

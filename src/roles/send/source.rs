@@ -54,7 +54,12 @@ impl Stamp {
 }
 
 impl Source {
+    /// Opens the source `path`, after finishing any committed journal of
+    /// it (a file that was the destination of an interrupted journaled
+    /// write must not be read half applied).
     pub fn open(path: &Path) -> Result<Source> {
+        let device = std::fs::metadata(path).is_ok_and(|m| scan::is_block_device(&m));
+        crate::dest::recover::finish_pending(path, device)?;
         let file = File::open(path)
             .with_context(|| format!("cannot open source {}", path.display()))
             .exit_with(Exit::Io)?;

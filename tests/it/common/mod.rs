@@ -859,14 +859,17 @@ pub fn dir_entries(dir: &Path) -> Vec<String> {
 }
 
 /// The directory holds `expected` and nothing else, apart from a hidden
-/// `.NAME.vmsync-partial*` left for resuming.
+/// `.NAME.vmsync-partial*` or an uncommitted `.NAME.vmsync-journal*` left
+/// for resuming.
 #[track_caller]
 pub fn assert_no_stray_files(dir: &Path, expected: &[&str]) {
     let entries = dir_entries(dir);
     let stray: Vec<&String> = entries
         .iter()
         .filter(|n| !expected.contains(&n.as_str()))
-        .filter(|n| !(n.starts_with('.') && n.contains("vmsync-partial")))
+        .filter(|n| {
+            !(n.starts_with('.') && (n.contains("vmsync-partial") || n.contains("vmsync-journal")))
+        })
         .collect();
     assert!(
         stray.is_empty(),
