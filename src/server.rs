@@ -106,6 +106,7 @@ fn serve_on(
         Role::Send => {
             let src = match &root {
                 Some(r) => {
+                    finish_pending_beneath(r, &path, limits.read_only)?;
                     let file = r.open_source(&path)?;
                     if file.metadata().is_ok_and(|m| m.is_dir()) {
                         return Err(crate::client::is_a_directory(&path));
@@ -113,7 +114,7 @@ fn serve_on(
                     Source::from_file(file, &path)?
                 }
                 None if path.is_dir() => return Err(crate::client::is_a_directory(&path)),
-                None => Source::open(&path)?,
+                None => Source::open(&path, limits.read_only)?,
             };
             let opts = SendOptions {
                 params,
@@ -178,4 +179,16 @@ fn serve_on(
         }
     }
     Ok(())
+}
+
+/// Before a confined server sends `path`: from inside its directory beneath
+/// the root, as a receive would, what [`crate::dest::recover::before_reading`]
+/// does.
+fn finish_pending_beneath(root: &Root, path: &Path, read_only: bool) -> Result<()> {
+    // Only a file has a journal beside it; anything else is refused by
+    // `open_source` or by the sender itself.
+    let Ok(name) = root.enter_destination(path, b"") else {
+        return Ok(());
+    };
+    crate::dest::recover::before_reading(&name, read_only)
 }

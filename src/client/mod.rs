@@ -124,7 +124,7 @@ pub(crate) fn transfer(
     let (summary, source_bytes, wire_bytes) = match (src, dst) {
         (Operand::Local(src), dst) => {
             // Fail on a missing source before dialing anyone.
-            let source = Source::open(src)?;
+            let source = Source::open(src, false)?;
             let (remote, path) = match dst {
                 Operand::Local(p) => (None, path_bytes(p.as_os_str())),
                 Operand::Remote(r) => (Some(r), r.path.clone()),

@@ -124,6 +124,22 @@ pub fn has_journal(dest: &Path, device: bool) -> bool {
     })
 }
 
+/// Whether `dest` (a regular file) has a committed journal, or one too
+/// damaged to tell: a write that must be finished before it is read. An
+/// uncommitted journal leaves the old version, which may be read.
+pub fn has_unfinished_write(dest: &Path) -> bool {
+    candidates(dest, false).iter().any(|p| {
+        !matches!(
+            Journal::open(p),
+            Ok(None)
+                | Ok(Some(Journal {
+                    state: State::Uncommitted,
+                    ..
+                }))
+        )
+    })
+}
+
 /// What [`recover`] did.
 #[derive(Debug, Default)]
 pub struct Recovered {
@@ -256,6 +272,32 @@ pub fn finish_pending(dest: &Path, device: bool) -> Result<Recovered> {
         );
     }
     Ok(done)
+}
+
+/// Before `path` is read as a source: finishes a committed journal of it;
+/// `read_only` (a `--read-only` server) writes nothing and refuses a file
+/// whose write is unfinished instead (an uncommitted journal leaves the old
+/// version, which is fine to read).
+pub fn before_reading(path: &Path, read_only: bool) -> Result<()> {
+    let device =
+        std::fs::symlink_metadata(path).is_ok_and(|m| crate::content::scan::is_block_device(&m));
+    if !has_journal(path, device) {
+        return Ok(());
+    }
+    if !read_only {
+        return finish_pending(path, device).map(|_| ());
+    }
+    if device || has_unfinished_write(path) {
+        return Err(fail(
+            Exit::Journal,
+            format!(
+                "{} has the journal of an unfinished write, and this server is read-only \
+                 (--read-only): finish it with vmsync --recover on the server",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Removes a journal and makes that durable.

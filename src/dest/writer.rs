@@ -1,27 +1,48 @@
-//! Writing the destination: atomically (temp file + rename) or in place.
+//! Writing the destination: a new copy, a reflink clone, a journal, or in
+//! place; each renamed over the destination or applied to it at the commit.
 //!
 //! Only [`Verified`] data reaches the disk, and a `Verified` can only be made
 //! by hashing the bytes and comparing with the manifest ([`verify`]); so the
-//! writer cannot be handed an unchecked chunk by mistake.
+//! writer cannot be handed an unchecked chunk by mistake. Over old contents
+//! (every mode but a fresh copy) only the 4 KiB blocks of a chunk that differ
+//! from what the output holds at its offset are written
+//! ([`crate::dest::sparse::changes`]): a rewritten page costs a page, not
+//! the chunk around it.
 //!
-//! **Atomic** (default): a hidden partial file in the destination's
+//! **Copy** ([`Output::partial`]): a hidden partial file in the destination's
 //! directory (`.NAME.vmsync-partial`), sized up front so untouched ranges stay
 //! holes, written with all-zero 4 KiB blocks skipped, fsync'd, given the
 //! source's mtime, renamed over the destination, and the directory fsync'd.
 //! Until the rename the old destination is untouched. A run that fails or is
 //! interrupted leaves the partial file for the next run to resume from
 //! (removed instead with `--no-partial`); a resumed partial is written in
-//! place, like `--inplace` but on the partial file.
+//! place, on the partial file.
 //!
-//! **In place**: writes into the existing file. Zero ranges are punched
-//! (hole) rather than written. The receiver asks [`Output::is_dirty`] before
-//! copying from the old contents, since a range already overwritten no longer
-//! holds what the basis index says. An interrupted in-place run leaves a mix
-//! of old and new data; the next run repairs it.
+//! **Clone** ([`Output::cloned`]): the same partial file, but made a reflink
+//! clone of the destination first (`FICLONE`: it shares every block until
+//! one is written), so only the changed blocks are written and take space;
+//! then fsync, rename, directory fsync as for a copy. Readers, and a crash,
+//! see the old or the new file. Where the filesystem refuses to clone
+//! (EOPNOTSUPP, EXDEV, EINVAL, ...) the caller falls back to a journal.
 //!
-//! **Block device** ([`Output::device`]): always in place, since there is
-//! nothing to rename and no room beside it; nothing is created, truncated or
-//! sized. It is opened with `O_EXCL`, which the kernel refuses (EBUSY) for a
+//! **Journal** ([`Output::journaled`]): every change goes to a redo journal
+//! ([`crate::dest::journal`]) and the destination is only read; the commit
+//! makes the journal durable, commits it, applies it in place (inside
+//! [`crate::signals::critical`]), and removes it. A crash before the commit
+//! record leaves the old file; one after it is finished by the next run
+//! ([`crate::dest::recover`]). A journal that outgrows half the file is
+//! turned into a copy ([`Output::into_copy`]).
+//!
+//! **In place, unjournaled** (`--write-mode unsafe-inplace`,
+//! [`Output::in_place`]): writes into the existing file as they come. Zero
+//! ranges are punched (hole) rather than written. The receiver asks
+//! [`Output::is_dirty`] before copying from the old contents, since a range
+//! already overwritten no longer holds what the basis index says. An
+//! interrupted run leaves a mix of old and new data; the next run repairs it.
+//!
+//! **Block device** ([`Output::device`]): always in place (journaled unless
+//! `unsafe-inplace`), since there is nothing to rename and no room beside
+//! it; nothing is created, truncated or sized. It is opened with `O_EXCL`, which the kernel refuses (EBUSY) for a
 //! device that is mounted or held by LVM, RAID or another exclusive user, so
 //! a live filesystem is never written under. A device smaller than the
 //! source is refused before anything is written; of a larger one only the

@@ -284,7 +284,7 @@ mod tests {
     fn source(dir: &std::path::Path, data: &[u8]) -> (Source, Vec<Entry>) {
         let path = dir.join("src");
         File::create(&path).unwrap().write_all(data).unwrap();
-        let src = Source::open(&path).unwrap();
+        let src = Source::open(&path, false).unwrap();
         let e = Entry {
             offset: 0,
             kind: Kind::Data {

@@ -56,10 +56,10 @@ impl Stamp {
 impl Source {
     /// Opens the source `path`, after finishing any committed journal of
     /// it (a file that was the destination of an interrupted journaled
-    /// write must not be read half applied).
-    pub fn open(path: &Path) -> Result<Source> {
-        let device = std::fs::metadata(path).is_ok_and(|m| scan::is_block_device(&m));
-        crate::dest::recover::finish_pending(path, device)?;
+    /// write must not be read half applied), unless `read_only`: then such
+    /// a file is refused ([`crate::dest::recover::before_reading`]).
+    pub fn open(path: &Path, read_only: bool) -> Result<Source> {
+        crate::dest::recover::before_reading(path, read_only)?;
         let file = File::open(path)
             .with_context(|| format!("cannot open source {}", path.display()))
             .exit_with(Exit::Io)?;
@@ -231,7 +231,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("src");
         std::fs::write(&path, b"hello world").unwrap();
-        let src = Source::open(&path).unwrap();
+        let src = Source::open(&path, false).unwrap();
         assert_eq!(src.info.size, 11);
         src.check_unchanged().unwrap();
         let entries = [
@@ -276,7 +276,7 @@ mod tests {
     #[test]
     fn a_directory_is_not_a_source() {
         let dir = tempfile::tempdir().unwrap();
-        let e = Source::open(dir.path()).err().expect("refused");
+        let e = Source::open(dir.path(), false).err().expect("refused");
         assert_eq!(exit_code_of(&e), Exit::Io);
         assert!(format!("{e:#}").contains("is a directory"));
     }
