@@ -496,7 +496,7 @@ fn write_atomically(path: &Path, text: &str) -> Result<()> {
     tmp.persist(path)
         .map_err(|e| e.error)
         .with_context(context)?;
-    crate::dest::writer::sync_dir(path)
+    crate::dest::paths::sync_dir(path)
 }
 
 #[cfg(test)]

@@ -38,7 +38,7 @@ enum Outcome {
 pub fn main(cli: &Cli) -> ExitCode {
     let umask = UMASK.load(Ordering::Relaxed);
     if let Some(dir) = &cli.state_dir {
-        crate::dest::recover::set_state_dir(dir.clone());
+        crate::dest::paths::set_state_dir(dir.clone());
     }
     if cli.server {
         signals::set_quiet(true);

@@ -1,7 +1,7 @@
 //! One writer per destination: an exclusive `flock` on its partial file.
 //!
 //! A sync creates (or reopens) the hidden partial file beside the
-//! destination, `.NAME.vmsync-partial` ([`crate::dest::writer::partial_path`]),
+//! destination, `.NAME.vmsync-partial` ([`crate::dest::paths::partial_path`]),
 //! and holds an exclusive lock on it for its whole run; `--check` holds a
 //! shared lock on it when it exists. A second sync of the same destination
 //! fails at once (exit 8) naming the holder's pid and host, which the holder
@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::dest::writer::partial_path;
+use crate::dest::paths::partial_path;
 use rustix::fs::FlockOperation;
 
 use crate::error::{fail, Exit, WithExit};

@@ -4,6 +4,7 @@ pub mod cache;
 pub mod confine;
 pub mod journal;
 pub mod lock;
+pub mod paths;
 pub mod recover;
 pub mod sparse;
 pub mod writer;

@@ -25,63 +25,15 @@
 //!   ([`Exit::Journal`]) and nothing is written.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
 
 use crate::dest::journal::{Identity, Journal, State};
-use crate::dest::writer::{hidden_path, sync_dir};
+use crate::dest::paths::{journal_path, state_dir, sync_dir};
 use crate::error::{fail, Exit, WithExit};
 use crate::sys::crash;
-
-/// Where journals of block devices go unless `--state-dir` says otherwise.
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/vmsync";
-
-static STATE_DIR: OnceLock<PathBuf> = OnceLock::new();
-
-/// Sets the state directory (`--state-dir`), once, before any run.
-pub fn set_state_dir(dir: PathBuf) {
-    let _ = STATE_DIR.set(dir);
-}
-
-/// The receiving host's state directory.
-pub fn state_dir() -> &'static Path {
-    STATE_DIR.get_or_init(|| PathBuf::from(DEFAULT_STATE_DIR))
-}
-
-/// The journal of a write of `dest`: beside a regular file; for a device,
-/// in the state directory's `journal/`, named after the device's path (the
-/// name only helps a reader: the identity inside decides, see the module
-/// doc).
-pub fn journal_path(dest: &Path, device: bool) -> PathBuf {
-    if !device {
-        return hidden_path(dest, "vmsync-journal");
-    }
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let h = blake3::hash(dest.as_os_str().as_encoded_bytes());
-    state_dir()
-        .join("journal")
-        .join(format!("{name}-{}.vmsync-journal", &h.to_hex()[..16]))
-}
-
-/// Makes the directory a device's journal goes into (mode 0700: a journal
-/// holds the device's data).
-pub fn make_journal_dir(journal: &Path) -> Result<()> {
-    let Some(dir) = journal.parent() else {
-        return Ok(());
-    };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("cannot create the journal directory {}", dir.display()))
-        .exit_with(Exit::Io)
-}
 
 /// The journal files that may be `dest`'s.
 fn candidates(dest: &Path, device: bool) -> Vec<PathBuf> {

@@ -351,6 +351,36 @@ pub fn write_pieces(
     Ok(())
 }
 
+/// Copies the data of `[0, len)` of `from` into `to` at the same offsets,
+/// leaving holes as holes; returns the bytes copied.
+pub fn copy_data(from: &File, to: &File, len: u64) -> std::io::Result<u64> {
+    use rustix::fs::{copy_file_range, seek, SeekFrom};
+    let mut copied = 0;
+    let mut pos = 0u64;
+    while pos < len {
+        let start = match seek(from, SeekFrom::Data(pos)) {
+            Ok(s) => s.min(len),
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let end = seek(from, SeekFrom::Hole(start))
+            .map_err(std::io::Error::from)?
+            .min(len);
+        let (mut at_in, mut at_out) = (start, start);
+        while at_in < end {
+            let want = (end - at_in) as usize;
+            let n = copy_file_range(from, Some(&mut at_in), to, Some(&mut at_out), want)
+                .map_err(std::io::Error::from)?;
+            if n == 0 {
+                break;
+            }
+            copied += n as u64;
+        }
+        pos = end;
+    }
+    Ok(copied)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -61,11 +61,10 @@
 //! [`Output::commit`], after everything else is done. It is only a head
 //! start: durability still comes from that fsync, which is unchanged.
 
-use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -74,9 +73,10 @@ use anyhow::{Context, Result};
 use crate::content::hash::ChunkHash;
 use crate::content::ranges::RangeSet;
 use crate::dest::journal::{self, Header, Identity};
+use crate::dest::paths::{partial_path, sync_dir};
 use crate::dest::sparse::{
-    changes, punch_or_write_zeros, start_writeback, write_pieces, write_sparse, zero_where_nonzero,
-    Writeback,
+    changes, copy_data, punch_or_write_zeros, start_writeback, write_pieces, write_sparse,
+    zero_where_nonzero, Writeback,
 };
 use crate::error::{fail, Exit, WithExit};
 use crate::signals::TempGuard;
@@ -139,6 +139,9 @@ enum Mode {
         device: Option<u64>,
         /// Keep an uncommitted journal for the next run (not `--no-partial`).
         keep: bool,
+        /// Bytes the journal may grow to: the room its filesystem had when
+        /// it was made ([`crate::dest::paths::journal_room`]).
+        room: u64,
     },
 }
 
@@ -155,29 +158,9 @@ pub struct Output {
     writeback: Mutex<Writeback>,
     /// Every byte written to storage for this output (`dest_written_bytes`).
     written: AtomicU64,
+    /// The journal ran out of room: removed at the end, never kept.
+    full: AtomicBool,
     committed: bool,
-}
-
-/// The hidden partial file for `dest`: `.NAME.vmsync-partial` beside it, or
-/// `.vmsync-partial-HASH` when NAME is too long for that to be a file name.
-pub fn partial_path(dest: &Path) -> PathBuf {
-    hidden_path(dest, "vmsync-partial")
-}
-
-/// `.NAME.KIND` beside `dest`, or `.KIND-HASH` when NAME is too long for
-/// that to be a file name.
-pub fn hidden_path(dest: &Path, kind: &str) -> PathBuf {
-    let name = dest.file_name().unwrap_or(OsStr::new("vmsync"));
-    let mut p = std::ffi::OsString::from(".");
-    if name.len() + 2 + kind.len() <= 255 {
-        p.push(name);
-        p.push(".");
-        p.push(kind);
-    } else {
-        let h = blake3::hash(name.as_encoded_bytes());
-        p.push(format!("{kind}-{}", &h.to_hex()[..32]));
-    }
-    dest.with_file_name(p)
 }
 
 fn open_rw_nofollow(path: &Path, create: bool, mode: u32) -> std::io::Result<File> {
@@ -201,6 +184,7 @@ impl Output {
             dirty: RangeSet::default(),
             writeback: Mutex::default(),
             written: AtomicU64::new(0),
+            full: AtomicBool::new(false),
             committed: false,
         }
     }
@@ -428,6 +412,7 @@ impl Output {
             digest: version,
             run_id: run_id(&path),
         };
+        let room = crate::dest::paths::journal_room(&path);
         let writer = journal::Writer::create(&path, &header)?;
         let mut out = self;
         out.written.fetch_add(writer.bytes(), Ordering::Relaxed);
@@ -436,6 +421,7 @@ impl Output {
             path,
             device,
             keep,
+            room,
         };
         Ok(out)
     }
@@ -617,18 +603,46 @@ impl Output {
         .exit_with(Exit::Io)
     }
 
-    /// Appends to the journal with `f`, counting what it wrote.
+    /// Appends to the journal with `f`, counting what it wrote. A journal
+    /// that outgrows the room its filesystem had (or meets a full disk)
+    /// ends the run with the disk-full exit code, before the destination
+    /// is touched, and is removed when the run ends: it could never be
+    /// finished there, and must not go on taking the room it ran out of.
     fn journal_append(
         &self,
         writer: &Mutex<Option<journal::Writer>>,
         f: impl FnOnce(&mut journal::Writer) -> Result<()>,
     ) -> Result<()> {
+        let Mode::Journal { path, room, .. } = &self.mode else {
+            unreachable!("a journaled output")
+        };
         let mut w = lock(writer);
         let w = w.as_mut().expect("no writes after the commit");
         let before = w.bytes();
         let r = f(w);
         self.written
             .fetch_add(w.bytes() - before, Ordering::Relaxed);
+        let full = match &r {
+            Err(e) => e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.raw_os_error() == Some(libc::ENOSPC))
+            }),
+            Ok(()) => w.bytes() > *room,
+        };
+        if full {
+            self.full.store(true, Ordering::Relaxed);
+            return Err(fail(
+                Exit::Io,
+                format!(
+                    "disk full: no room for the journal {} ({} written, {} was free for it); \
+                     {} was not changed and holds the old version",
+                    path.display(),
+                    crate::units::bytes(w.bytes()),
+                    crate::units::bytes(*room),
+                    self.dest.display()
+                ),
+            ));
+        }
         r.exit_with(Exit::Io)
     }
 
@@ -769,6 +783,12 @@ impl Drop for Output {
         if self.committed {
             return;
         }
+        if *self.full.get_mut() {
+            if let Mode::Journal { path, .. } = &self.mode {
+                let _ = std::fs::remove_file(path);
+            }
+            return;
+        }
         match &self.mode {
             Mode::Partial {
                 path, keep: false, ..
@@ -781,36 +801,6 @@ impl Drop for Output {
             _ => {}
         }
     }
-}
-
-/// Copies the data of `[0, len)` of `from` into `to` at the same offsets,
-/// leaving holes as holes; returns the bytes copied.
-fn copy_data(from: &File, to: &File, len: u64) -> std::io::Result<u64> {
-    use rustix::fs::{copy_file_range, seek, SeekFrom};
-    let mut copied = 0;
-    let mut pos = 0u64;
-    while pos < len {
-        let start = match seek(from, SeekFrom::Data(pos)) {
-            Ok(s) => s.min(len),
-            Err(rustix::io::Errno::NXIO) => break,
-            Err(e) => return Err(e.into()),
-        };
-        let end = seek(from, SeekFrom::Hole(start))
-            .map_err(std::io::Error::from)?
-            .min(len);
-        let (mut at_in, mut at_out) = (start, start);
-        while at_in < end {
-            let want = (end - at_in) as usize;
-            let n = copy_file_range(from, Some(&mut at_in), to, Some(&mut at_out), want)
-                .map_err(std::io::Error::from)?;
-            if n == 0 {
-                break;
-            }
-            copied += n as u64;
-        }
-        pos = end;
-    }
-    Ok(copied)
 }
 
 /// A journal writer's lock: a panic elsewhere cannot leave it inconsistent
@@ -874,18 +864,6 @@ fn cannot_clone(e: &std::io::Error) -> bool {
             | Some(libc::ETXTBSY)
             | Some(libc::EPERM)
     )
-}
-
-/// Fsyncs the directory holding `dest`, so a rename into it is durable.
-pub fn sync_dir(dest: &Path) -> Result<()> {
-    let dir = match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("fsync of directory {} failed", dir.display()))
-        .exit_with(Exit::Io)
 }
 
 /// The source's mtime as a `SystemTime` (negative seconds are before 1970).

@@ -301,3 +301,42 @@ fn server_mode_without_a_peer_ends_without_panicking() {
     assert_no_panic(&r);
     assert!(r.stdout.len() < 4096, "{r}");
 }
+
+/// A journaled sync whose journal cannot fit: a 40 MiB destination on a
+/// 64 MiB tmpfs with under 7 MiB free, and about 9 MiB of scattered change
+/// (below half the file, so it stays a journal). It ends with the disk-full
+/// code before the destination is touched, and removes the journal that
+/// could never be finished there.
+#[test]
+fn journal_that_does_not_fit_exits_3_and_leaves_the_old_destination_and_no_journal() {
+    let Some(fs) = Tmpfs::mount(64 * MIB) else {
+        eprintln!("skipping: cannot mount a tmpfs (not root?)");
+        return;
+    };
+    let tmp = tempdir();
+    let old = random_bytes(8, (40 * MIB) as usize);
+    let mut new = old.clone();
+    let mut rng = Rng::new(9);
+    for _ in 0..600 {
+        let at = rng.below(40 * MIB - 16384) as usize;
+        rng.fill(&mut new[at..at + 16384]);
+    }
+    let src = tmp.path().join("disk.img");
+    write_file(&src, &new);
+    let dst = fs.path().join("disk.img");
+    write_file(&dst, &old);
+    write_file(&fs.path().join("filler"), &vec![1u8; (17 * MIB) as usize]);
+
+    let (r, v) = run_json(&[&"--inplace", &src, &dst]);
+
+    r.assert_code(exit::IO);
+    assert_json_contract(&r, &v);
+    assert!(r.stderr.contains("disk full"), "{r}");
+    assert_content(&dst, &old);
+    assert_no_stray_files(fs.path(), &["disk.img", "filler"]);
+    assert!(
+        !dir_entries(fs.path()).iter().any(|n| n.contains("journal")),
+        "the journal that cannot fit is removed: {:?}",
+        dir_entries(fs.path())
+    );
+}

@@ -60,7 +60,7 @@ impl OutSpec {
     /// The destination, opened in place and journaled: the journal beside
     /// it, the destination untouched until the commit.
     pub fn journal(&self) -> Result<Output> {
-        let path = crate::dest::recover::journal_path(&self.dest, false);
+        let path = crate::dest::paths::journal_path(&self.dest, false);
         Output::in_place(&self.dest, self.size, self.mode, self.umask)?.journaled(
             path,
             &self.info,
@@ -218,8 +218,8 @@ impl<'a> Run<'a> {
             if journaled {
                 // A device has no room beside it: its journal goes to the
                 // state directory.
-                let path = crate::dest::recover::journal_path(dest, true);
-                crate::dest::recover::make_journal_dir(&path)?;
+                let path = crate::dest::paths::journal_path(dest, true);
+                crate::dest::paths::make_journal_dir(&path)?;
                 Some(dev.journaled(path, info, version(info), !opts.no_partial)?)
             } else {
                 Some(dev)
@@ -336,7 +336,7 @@ impl<'a> Run<'a> {
             .write(true)
             .create(true)
             .truncate(false)
-            .open(crate::dest::writer::partial_path(&dest))
+            .open(crate::dest::paths::partial_path(&dest))
             .unwrap();
         let spec = OutSpec {
             locked,

@@ -208,13 +208,11 @@ impl Run<'_> {
     /// than the copy ([`Output::into_copy`]). A device has nowhere to put a
     /// copy and goes on journaling.
     pub fn keep_journal_small(&mut self) -> Result<()> {
-        let over = match &self.out {
-            Some(out) if out.device_size().is_none() => out
-                .journal()
-                .is_some_and(|(_, bytes)| bytes > self.spec.size / 2),
-            _ => false,
+        let Some((_, bytes)) = self.out.as_ref().and_then(|o| o.journal()) else {
+            return Ok(());
         };
-        if !over {
+        let device = self.out.as_ref().is_some_and(|o| o.device_size().is_some());
+        if device || bytes <= self.spec.size / 2 {
             return Ok(());
         }
         crate::vlog!(
