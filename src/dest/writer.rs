@@ -76,7 +76,7 @@ use crate::dest::journal::{self, Header, Identity};
 use crate::dest::paths::{partial_path, sync_dir};
 use crate::dest::sparse::{
     changes, copy_data, punch_or_write_zeros, start_writeback, write_pieces, write_sparse,
-    zero_where_nonzero, Writeback,
+    zero_where_nonzero, Writeback, BLOCK,
 };
 use crate::error::{fail, Exit, WithExit};
 use crate::signals::TempGuard;
@@ -259,6 +259,10 @@ impl Output {
             .open(dest)
             .with_context(|| format!("cannot open {}", dest.display()))
             .exit_with(Exit::Io)?;
+        // Copy-on-write in block-sized extents, so the clone takes exactly
+        // the blocks rewritten (see `sys::fsxattr`). A hint: ignored where
+        // the filesystem has none.
+        let _ = crate::sys::fsxattr::set_cow_extent_size(&file, BLOCK as u32);
         if let Err(e) = rustix::fs::ioctl_ficlone(&file, &src) {
             let e = std::io::Error::from(e);
             if cannot_clone(&e) {
