@@ -46,3 +46,4 @@ mod sparse;
 mod sync_local;
 mod sync_ssh;
 mod tree;
+mod write_modes;
