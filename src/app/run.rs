@@ -136,7 +136,24 @@ pub fn main(cli: &Cli) -> ExitCode {
 fn recover(path: &std::path::Path, json: bool, quiet: bool) -> ExitCode {
     use serde_json::json;
     let device = std::fs::metadata(path).is_ok_and(|m| crate::content::scan::is_block_device(&m));
-    match crate::dest::recover::finish_pending(path, device) {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    let done = if parent.is_dir() {
+        crate::dest::recover::finish_pending(path, device)
+    } else {
+        // A typo more likely than a file with nothing to finish.
+        Err(crate::error::fail(
+            crate::error::Exit::Io,
+            format!(
+                "--recover {}: no such directory {}",
+                path.display(),
+                parent.display()
+            ),
+        ))
+    };
+    match done {
         Ok(done) => {
             let (state, journal, records, bytes, text) = match (&done.applied, &done.uncommitted) {
                 (Some((j, n, b)), _) => (

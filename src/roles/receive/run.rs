@@ -220,6 +220,12 @@ impl<'a> Run<'a> {
                 // state directory.
                 let path = crate::dest::paths::journal_path(dest, true);
                 crate::dest::paths::make_journal_dir(&path)?;
+                crate::vlog!(
+                    1,
+                    "receiver: journaling the changes to {} in {}",
+                    dest.display(),
+                    path.display()
+                );
                 Some(dev.journaled(path, info, version(info), !opts.no_partial)?)
             } else {
                 Some(dev)

@@ -202,17 +202,27 @@ impl Run<'_> {
         Ok(false)
     }
 
-    /// Turns a journaled run into a copy once its journal outgrows half the
-    /// new file: the change is then most of the file, and a journal that
-    /// would need the room of a whole copy, and be written twice, is worse
-    /// than the copy ([`Output::into_copy`]). A device has nowhere to put a
-    /// copy and goes on journaling.
+    /// Turns a journaled run into a copy once the change is seen to be most
+    /// of the file (a journal written twice is then worse than one copy):
+    /// when more than half of what was handled so far went to the journal,
+    /// or the journal outgrows half the new file ([`Output::into_copy`]).
+    /// A device has nowhere to put a copy and goes on journaling.
     pub fn keep_journal_small(&mut self) -> Result<()> {
         let Some((_, bytes)) = self.out.as_ref().and_then(|o| o.journal()) else {
             return Ok(());
         };
         let device = self.out.as_ref().is_some_and(|o| o.device_size().is_some());
-        if device || bytes <= self.spec.size / 2 {
+        // Entries are handled in file order: once an eighth of the file is
+        // behind us and more than half of it went to the journal, most of
+        // the file is changing. Switching then costs little (the journal so
+        // far, twice); switching late, at half the file, costs more than
+        // journaling to the end would have.
+        let reached = self
+            .next
+            .checked_sub(1)
+            .map_or(0, |i| self.entries[i].end());
+        let early = reached >= self.spec.size / 8 && bytes > reached / 2;
+        if device || !(early || bytes > self.spec.size / 2) {
             return Ok(());
         }
         crate::vlog!(
