@@ -28,6 +28,7 @@ mod check;
 mod chunk_bounds;
 mod cli_errors;
 mod confined;
+mod crash;
 mod examples_scripts;
 mod filesystems;
 mod golden;
