@@ -1462,8 +1462,8 @@ struct Measured {
     written_client: u64,
     written_server: u64,
     /// vmsync's own count of the bytes its receiving end wrote to the
-    /// destination's disk (`dest_written_bytes` in `--json`: the server's
-    /// `/proc/self/io` write_bytes) and the write mode it used
+    /// destination's disk (`dest_written_bytes` in `--json`, counted by the
+    /// writer itself) and the write mode it used
     /// (`write_mode`). `None`: this vmsync does not report them.
     dest_written: Option<u64>,
     write_mode: Option<String>,
@@ -3071,8 +3071,8 @@ fn render(
         "\n**changed**: the 4 KiB blocks that differ between the old and the new version (holes \
          read as zeros; scenario 1 has no old version), × 4096: what a sync must write at least. \
          **dest written**: bytes the receiving end wrote to the destination's disk in the timed \
-         run (median): for vmsync its own `dest_written_bytes` from `--json` (the server's \
-         `/proc/self/io` write_bytes) and the `write_mode` it used, \"n/a\" where this vmsync does \
+         run (median): for vmsync its own `dest_written_bytes` from `--json` (the bytes its \
+         receiver wrote for the file, counted by vmsync) and the `write_mode` it used, \"n/a\" where this vmsync does \
          not report them (the details have GNU time's count as a cross-check); for rsync GNU time \
          `%O` of the receiving rsync. **written ÷ changed**: 1.00× writes exactly what changed; \
          issue 12's targets are ≤ {:.1}× in clone mode and ≤ {:.1}× in journal mode (✓ met, ✗ \

@@ -174,8 +174,9 @@ fn recover(path: &std::path::Path, json: bool, quiet: bool) -> ExitCode {
                     *n,
                     0,
                     format!(
-                        "{}: holds the old version; the uncommitted journal {} ({n} records) of an \
-                         interrupted sync is kept for the next sync to reuse",
+                        "{}: the journal {} ({n} records) of an interrupted sync was never \
+                         committed, so nothing of it was applied; it is kept for the next sync to \
+                         reuse (--check tells whether the file is as it was)",
                         path.display(),
                         j.display()
                     ),
