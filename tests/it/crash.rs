@@ -21,8 +21,6 @@
 
 use std::cell::Cell;
 use std::ffi::OsStr;
-use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -575,48 +573,6 @@ fn pull_crash_of_the_receiving_client_is_recovered_by_the_next_pull() {
 // 5. A block device: the journal lives in --state-dir
 // ---------------------------------------------------------------------------
 
-/// A loop device over a file; detached on drop.
-struct LoopDev(PathBuf);
-
-impl LoopDev {
-    fn attach(backing: &Path, test: &str) -> Option<LoopDev> {
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(backing)
-            .output();
-        let why = match out {
-            Ok(o) if o.status.success() => {
-                let dev = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
-                assert!(dev.starts_with("/dev/"), "losetup attached {dev:?}");
-                return Some(LoopDev(dev));
-            }
-            Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
-            Err(e) => e.to_string(),
-        };
-        if std::env::var("VMSYNC_REQUIRE_LOOP").as_deref() == Ok("1") {
-            panic!("{test}: loop devices are required (VMSYNC_REQUIRE_LOOP=1): {why}");
-        }
-        eprintln!("SKIPPED {test}: no loop device ({why})");
-        None
-    }
-
-    fn read(&self) -> Vec<u8> {
-        std::fs::read(&self.0).unwrap_or_else(|e| panic!("read {}: {e}", self.0.display()))
-    }
-
-    fn write(&self, data: &[u8]) {
-        let f = OpenOptions::new().write(true).open(&self.0).unwrap();
-        f.write_all_at(data, 0).unwrap();
-        f.sync_all().unwrap();
-    }
-}
-
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn device_crash_after_the_commit_keeps_the_journal_in_the_state_dir() {
     let test = "device_crash_after_the_commit";
@@ -629,7 +585,7 @@ fn device_crash_after_the_commit_keeps_the_journal_in_the_state_dir() {
     write_file(&backing, &old);
     let src = var.path().join("src.img");
     write_file(&src, &new);
-    let Some(dev) = LoopDev::attach(&backing, test) else {
+    let Some(dev) = crate::common::fs::LoopDev::attach(&backing, test) else {
         return;
     };
     let state = tempdir();

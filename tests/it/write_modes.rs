@@ -811,42 +811,6 @@ fn ext4_features_work_in_every_mode() {
 // 7: a block device
 // ---------------------------------------------------------------------------
 
-/// A loop device; detached on drop.
-struct LoopDev(PathBuf);
-
-impl LoopDev {
-    fn attach(backing: &Path, test: &str) -> Option<LoopDev> {
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(backing)
-            .stdin(Stdio::null())
-            .output();
-        let why = match out {
-            Ok(o) if o.status.success() => {
-                let dev = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
-                assert!(dev.starts_with("/dev/"), "losetup attached {dev:?}");
-                return Some(LoopDev(dev));
-            }
-            Ok(o) => format!(
-                "losetup failed: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            ),
-            Err(e) => format!("losetup cannot be run ({e})"),
-        };
-        if std::env::var("VMSYNC_REQUIRE_LOOP").as_deref() == Ok("1") {
-            panic!("{test}: loop devices are required (VMSYNC_REQUIRE_LOOP=1), but {why}");
-        }
-        eprintln!("SKIPPED {test}: no loop devices here ({why})");
-        None
-    }
-}
-
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
-
 fn read_device(dev: &Path, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
     File::open(dev)
@@ -877,7 +841,7 @@ fn block_device_is_journaled_in_the_state_dir() {
     File::create(&backing)
         .and_then(|f| f.set_len(LEN as u64))
         .unwrap();
-    let Some(dev) = LoopDev::attach(&backing, test) else {
+    let Some(dev) = crate::common::fs::LoopDev::attach(&backing, test) else {
         return;
     };
     let state = tmp.path().join("state");

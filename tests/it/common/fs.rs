@@ -490,3 +490,58 @@ pub fn wait_write_bytes(child: &mut Child) -> (ExitStatus, u64) {
     let written = proc_write_bytes(child.id());
     (child.wait().expect("reap child"), written)
 }
+
+/// A loop device over a backing file; detached on drop. (The crash and
+/// write-mode tests use it for block-device destinations.)
+pub struct LoopDev(pub PathBuf);
+
+impl LoopDev {
+    /// Attaches `backing`; `None` (after saying why) where loop devices
+    /// cannot be used, a panic there under `VMSYNC_REQUIRE_LOOP=1`.
+    pub fn attach(backing: &Path, test: &str) -> Option<LoopDev> {
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(backing)
+            .stdin(Stdio::null())
+            .output();
+        let why = match out {
+            Ok(o) if o.status.success() => {
+                let dev = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+                assert!(dev.starts_with("/dev/"), "losetup attached {dev:?}");
+                return Some(LoopDev(dev));
+            }
+            Ok(o) => format!(
+                "losetup failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => format!("losetup cannot be run ({e})"),
+        };
+        if std::env::var("VMSYNC_REQUIRE_LOOP").as_deref() == Ok("1") {
+            panic!("{test}: loop devices are required (VMSYNC_REQUIRE_LOOP=1), but {why}");
+        }
+        eprintln!("SKIPPED {test}: no loop devices here ({why})");
+        None
+    }
+
+    /// The whole device.
+    pub fn read(&self) -> Vec<u8> {
+        std::fs::read(&self.0).unwrap_or_else(|e| panic!("read {}: {e}", self.0.display()))
+    }
+
+    /// Writes `data` at the device's start, durably.
+    pub fn write(&self, data: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.0)
+            .unwrap();
+        f.write_all_at(data, 0).unwrap();
+        f.sync_all().unwrap();
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
