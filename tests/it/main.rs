@@ -43,6 +43,7 @@ mod proptest_decoders;
 mod reliability;
 mod sample;
 mod seed_dry_run;
+mod snapshot;
 mod sparse;
 mod sync_local;
 mod sync_ssh;

@@ -21,6 +21,7 @@
 //! process group and fails with a list of the processes that were left.
 
 pub mod fs;
+pub mod live;
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
