@@ -1130,7 +1130,7 @@ fn sigterm_during_freeze(s: &Scratch, test: &str) {
         sh_quote(&fifo)
     );
     let thaw = format!("touch {}", sh_quote(&marker));
-    let bg = c.runner.spawn(&[
+    let mut bg = c.runner.spawn(&[
         &"--json",
         &"--snapshot",
         &"--freeze",
@@ -1149,7 +1149,14 @@ fn sigterm_during_freeze(s: &Scratch, test: &str) {
             .is_ok();
         let _ = tx.send(ok && line.trim() == "frozen");
     });
-    let frozen = rx.recv_timeout(Duration::from_secs(60));
+    // Until the freeze command speaks, or vmsync exits without running it.
+    let mut frozen = Err(mpsc::RecvTimeoutError::Timeout);
+    for _ in 0..600 {
+        frozen = rx.recv_timeout(Duration::from_millis(100));
+        if frozen.is_ok() || bg.has_exited() {
+            break;
+        }
+    }
     if frozen != Ok(true) {
         // Unblock the reader thread (if it is still opening the fifo).
         let _ = OpenOptions::new().write(true).open(&fifo);

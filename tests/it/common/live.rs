@@ -115,6 +115,21 @@ pub struct Background {
 }
 
 impl Background {
+    /// Whether vmsync has exited already (without reaping it).
+    pub fn has_exited(&mut self) -> bool {
+        let child = self.child.as_mut().unwrap();
+        // Rust's try_wait reaps; waitid with WNOWAIT leaves the zombie, so
+        // `wait` still gets the status.
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+        let flags = rustix::process::WaitIdOptions::EXITED
+            | rustix::process::WaitIdOptions::NOHANG
+            | rustix::process::WaitIdOptions::NOWAIT;
+        matches!(
+            rustix::process::waitid(rustix::process::WaitId::Pid(pid), flags),
+            Ok(Some(_))
+        )
+    }
+
     /// Sends `signal` to vmsync alone (not its group, as `kill PID` from a
     /// service manager would).
     pub fn signal(&self, signal: i32) {
