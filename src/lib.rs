@@ -43,6 +43,9 @@
 //! - **frame**: a length-prefixed unit on the wire; a **message** is what a
 //!   frame holds.
 //! - **sample**: the slice K of N that `--check --sample K/N` compares.
+//! - **snapshot**: the reflink clone of the source a `--snapshot` run
+//!   reads; the **kept** snapshot is the previous run's, the base that says
+//!   which ranges changed.
 //! - **entry** and **op**: a `-r` listing's file, directory or link, and an
 //!   operation applied to one.
 
@@ -57,6 +60,7 @@ pub(crate) mod progress;
 pub(crate) mod roles;
 pub(crate) mod server;
 pub(crate) mod signals;
+pub mod source;
 pub(crate) mod sys;
 pub mod units;
 pub mod wire;

@@ -386,7 +386,7 @@ fn rank(m: &Module) -> Option<usize> {
         "app" => 1,
         "client" | "server" => 2,
         "roles" => 3,
-        "dest" => 4,
+        "dest" | "source" => 4,
         "wire" => 5,
         "content" => 6,
         "sys" => 7,
