@@ -57,6 +57,7 @@ pub(crate) mod progress;
 pub(crate) mod roles;
 pub(crate) mod server;
 pub(crate) mod signals;
+pub mod source;
 pub(crate) mod sys;
 pub mod units;
 pub mod wire;
