@@ -190,11 +190,13 @@ fn usable<T>(map: io::Result<T>, what: &str) -> Result<Option<T>> {
 /// `list` as sorted, disjoint stretches of `0..size` (holes left out),
 /// each mapped one way; where several extents claim an offset, `Opaque`.
 fn segments(list: &[Extent], size: u64) -> Vec<Seg> {
-    let mut ext: Vec<(u64, u64, Map)> = list
+    // (start, end, index in `list`): a third the size of a whole extent.
+    let mut ext: Vec<(u64, u64, usize)> = list
         .iter()
-        .filter_map(|e| {
+        .enumerate()
+        .filter_map(|(i, e)| {
             let end = e.logical.saturating_add(e.len).min(size);
-            (e.logical < end).then(|| (e.logical, end, Map::of(e)))
+            (e.logical < end).then_some((e.logical, end, i))
         })
         .collect();
     ext.sort_unstable_by_key(|&(start, _, _)| start);
@@ -221,7 +223,7 @@ fn segments(list: &[Extent], size: u64) -> Vec<Seg> {
             }
             (Some(&Reverse((end, k))), _) => {
                 let map = if open.len() == 1 {
-                    ext[k].2
+                    Map::of(&list[ext[k].2])
                 } else {
                     Map::Opaque
                 };

@@ -55,9 +55,11 @@ pub const FIEMAP_EXTENT_SHARED: u32 = 0x2000;
 
 /// Extents asked for per ioctl: 256 × 56 bytes of buffer.
 pub const BATCH: usize = 256;
-/// The most extents [`extents`] returns (2 GiB of [`Extent`]s): 64 Mi is
-/// a 256 GiB file cut into 4 KiB pieces.
-pub const MAX_EXTENTS: usize = 64 << 20;
+/// The most extents [`extents`] returns: 16 Mi is 512 MiB of [`Extent`]s
+/// (some times that while two maps are compared), a 64 GiB
+/// file cut into 4 KiB pieces. A file more broken up than that is read
+/// whole instead.
+pub const MAX_EXTENTS: usize = 16 << 20;
 
 /// One extent: bytes `logical..logical + len` of the file are at disk (for
 /// btrfs: filesystem) address `physical`; `flags` are FIEMAP_EXTENT_*.
