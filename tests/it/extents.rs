@@ -10,7 +10,8 @@
 //!
 //! * XFS and btrfs: exactly the 4 KiB blocks written (a partial write
 //!   counts its whole blocks), holes in both unchanged, a punched hole
-//!   changed, identical clones nothing;
+//!   changed, identical clones nothing; a map longer than one FIEMAP call
+//!   returns comes whole;
 //! * btrfs mounted with `compress-force=zstd` (by remount, since `Scratch`
 //!   mounts with default options): a compressed extent cannot be compared
 //!   block by block, so a write in one makes the whole extent (up to
@@ -218,6 +219,51 @@ fn xfs_changed_is_exactly_the_rewritten_blocks() {
 #[test]
 fn btrfs_changed_is_exactly_the_rewritten_blocks() {
     exactly_the_rewritten_blocks(Fs::Btrfs);
+}
+
+/// A map of more extents than one FIEMAP call returns (every other block
+/// a hole): fetched whole, in the kernel's order, and compared right.
+fn many_extents(fs: Fs) {
+    let test = format!("many_extents ({fs})");
+    let Some(s) = Scratch::new(fs, SCRATCH_SIZE, &test) else {
+        return;
+    };
+    let (src, prev, new) = (s.path("sparse.img"), s.path("prev"), s.path("new"));
+    let n = 3 * fiemap::BATCH as u64 + 17;
+    let data: Vec<(u64, Vec<u8>)> = (0..n)
+        .map(|i| (2 * i * BLOCK, random_bytes(i, BLOCK as usize)))
+        .collect();
+    let refs: Vec<(u64, &[u8])> = data.iter().map(|(at, d)| (*at, &d[..])).collect();
+    sparse_file(&src, 2 * n * BLOCK, &refs);
+    clone_of(&src, &prev);
+    let map = fiemap::extents(&open(&prev)).unwrap();
+    let plain: Vec<(u64, u64, u64)> = map.iter().map(|e| (e.logical, e.physical, e.len)).collect();
+    assert_eq!(
+        plain,
+        extents(&prev),
+        "{fs}: the map, against the test's own FIEMAP"
+    );
+    assert_eq!(map.len() as u64, n, "{fs}: one extent per data block");
+    assert!(map.windows(2).all(|w| w[0].logical < w[1].logical));
+    assert!(map[map.len() - 1].flags & fiemap::FIEMAP_EXTENT_LAST != 0);
+
+    let touched = rewrite(&src, &[(2 * 300 * BLOCK, random_bytes(9, BLOCK as usize))]);
+    clone_of(&src, &new);
+    assert_eq!(
+        changed_between(&prev, &new),
+        Some(block_ranges(&touched)),
+        "{fs}"
+    );
+}
+
+#[test]
+fn xfs_many_extents() {
+    many_extents(Fs::Xfs);
+}
+
+#[test]
+fn btrfs_many_extents() {
+    many_extents(Fs::Btrfs);
 }
 
 /// Compressible bytes, different in every block: 8 copies of 512 bytes.
