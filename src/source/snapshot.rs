@@ -37,7 +37,7 @@ use anyhow::{Context, Result};
 use crate::content::ranges::RangeSet;
 use crate::error::{fail, Exit, WithExit};
 use crate::source::quiesce::{self, Hooks};
-use crate::source::state::{self, Identity, State};
+use crate::source::state::{self, Found, Identity, State};
 use crate::wire::messages::snapshot::MAX_DELTA_RANGES;
 use crate::wire::messages::{DeltaRange, Reason, SnapshotId, SnapshotMsg};
 use crate::wire::FileInfo;
@@ -214,9 +214,9 @@ impl Snapshot {
     /// or the reason there is none.
     fn compare(&mut self) -> Result<()> {
         let state = match state::read(&self.paths.state) {
-            Ok(Some(s)) => s,
-            Ok(None) => return self.no_base(Reason::NoBase),
-            Err(()) => return self.no_base(Reason::StateDamaged),
+            Found::Intact(s) => s,
+            Found::Missing => return self.no_base(Reason::NoBase),
+            Found::Damaged => return self.no_base(Reason::StateDamaged),
         };
         self.runs = state.runs;
         let kept = match OpenOptions::new()

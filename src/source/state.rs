@@ -106,13 +106,21 @@ impl State {
     }
 }
 
-/// What the state file at `path` holds: `Ok(None)` when there is none,
-/// `Err(())` when it is damaged.
-pub fn read(path: &Path) -> std::result::Result<Option<State>, ()> {
+/// What a state file was found to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    Missing,
+    /// Unreadable, or not an intact state file.
+    Damaged,
+    Intact(State),
+}
+
+/// What the state file at `path` holds.
+pub fn read(path: &Path) -> Found {
     match std::fs::read(path) {
-        Ok(b) => State::decode(&b).map(Some).ok_or(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(_) => Err(()),
+        Ok(b) => State::decode(&b).map_or(Found::Damaged, Found::Intact),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Found::Missing,
+        Err(_) => Found::Damaged,
     }
 }
 
@@ -180,10 +188,10 @@ mod tests {
     fn reads_missing_damaged_and_written_files() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s");
-        assert_eq!(read(&p), Ok(None));
+        assert_eq!(read(&p), Found::Missing);
         std::fs::write(&p, b"junk").unwrap();
-        assert_eq!(read(&p), Err(()));
+        assert_eq!(read(&p), Found::Damaged);
         write(&p, &state()).unwrap();
-        assert_eq!(read(&p), Ok(Some(state())));
+        assert_eq!(read(&p), Found::Intact(state()));
     }
 }

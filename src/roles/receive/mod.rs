@@ -92,7 +92,7 @@ where
             commit::remember_origin(&target, opts, s.next);
         }
         let mut summary = commit::up_to_date(&info, writer, false)?;
-        summary.snapshot = snap.map(|m| Box::new(SnapshotStats::of(&m, info.size, None, m.reason)));
+        summary.snapshot = snap.map(|m| Box::new(SnapshotStats::up_to_date(&m, info.size)));
         return Ok(summary);
     }
     let in_place = matches!(

@@ -213,7 +213,7 @@ impl Run<'_> {
                 copies.push((i, Some(k), src));
                 return Ok(());
             }
-            if self.basis.as_ref().is_some_and(|b| b.size > 0) && !self.allow_changing {
+            if self.basis.as_ref().is_some_and(|b| b.size > 0) && self.worth_refining(len) {
                 self.state[i] = State::Deferred;
                 self.deferred.push(i);
             } else {
@@ -225,7 +225,7 @@ impl Run<'_> {
             Some(Some(&(src, _))) => copies.push((i, None, src)),
             found => match self.in_seeds(hash) {
                 Some((k, src)) => copies.push((i, Some(k), src)),
-                None if found.is_some() && !self.allow_changing => {
+                None if found.is_some() && self.worth_refining(len) => {
                     self.state[i] = State::Deferred;
                     self.deferred.push(i);
                 }
@@ -233,6 +233,15 @@ impl Run<'_> {
             },
         }
         Ok(())
+    }
+
+    /// Whether a chunk of `len` bytes found nowhere whole may be rebuilt
+    /// from old 4 KiB blocks. Not when chunks may have changed since the
+    /// manifest (`--allow-changing-source`), nor for a delta run's piece of
+    /// one block: its old data is only the ranges' own, already compared.
+    fn worth_refining(&self, len: u32) -> bool {
+        let one_block = self.verify.is_some() && u64::from(len) <= refine::BLOCK;
+        !(self.allow_changing || one_block)
     }
 
     /// Zero entry `e` lies where the output's own old contents (an aliased

@@ -64,7 +64,7 @@ where
     };
     let (inline, known, delta) = match greet(src, &mut reader, writer, snap.map(|s| &s.msg))? {
         Greeting::UpToDate(mut s) => {
-            s.snapshot = stats(None).map(Box::new);
+            s.snapshot = snap.map(|m| Box::new(SnapshotStats::up_to_date(&m.msg, src.info.size)));
             return Ok(s);
         }
         Greeting::Start {

@@ -258,6 +258,22 @@ impl SnapshotStats {
     }
 }
 
+impl SnapshotStats {
+    /// A run the quick check found up to date: nothing of the clone read.
+    pub fn up_to_date(msg: &SnapshotMsg, size: u64) -> Self {
+        SnapshotStats {
+            delta: true,
+            reason: None,
+            read_bytes: 0,
+            skipped_bytes: size,
+            verify_bytes: 0,
+            verify_mismatch_bytes: 0,
+            snapshot_us: msg.snapshot_us,
+            frozen_us: msg.frozen_us,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
