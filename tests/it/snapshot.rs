@@ -892,18 +892,15 @@ fn snapshot_dir(s: &Scratch, test: &str) {
 // 4. The verify slice
 // ---------------------------------------------------------------------------
 
-/// Overwrites the 4 KiB at `offset` of `path` with `garbage` on `device`
-/// (the block device of `path`'s file system, a loop device over `image`)
-/// behind the file system's back: its stat stays the same, and after dropping the page cache a read
-/// of `path` returns the garbage.
-fn corrupt_behind_fs(path: &Path, device: &Path, image: &Path, offset: u64, garbage: &[u8]) {
+/// Overwrites the 4 KiB at each of `offsets` of `path` with new random
+/// bytes on `device` (the block device of `path`'s file system, a loop
+/// device over `image`), behind the file system's back: the stat of `path`
+/// stays the same (so the receiver's cache still calls it the copy), and
+/// after dropping the page cache a read of `path` returns the garbage.
+fn corrupt_behind_fs(path: &Path, device: &Path, image: &Path, offsets: &[u64]) {
     // SAFETY: plain syscall.
     unsafe { libc::sync() };
-    let (logical, physical, _) = extents(path)
-        .into_iter()
-        .find(|&(l, _, len)| l <= offset && offset + BLOCK <= l + len)
-        .unwrap_or_else(|| panic!("no extent of {} holds offset {offset}", path.display()));
-    let at = physical + offset - logical;
+    let map = extents(path);
     // Where the kernel refuses writes to a mounted device
     // (CONFIG_BLK_DEV_WRITE_MOUNTED=n), the loop device's backing file
     // does the same: the loop driver reads through it.
@@ -911,23 +908,73 @@ fn corrupt_behind_fs(path: &Path, device: &Path, image: &Path, offset: u64, garb
         Ok(dev) => dev,
         Err(_) => OpenOptions::new().write(true).open(image).unwrap(),
     };
-    target.write_all_at(garbage, at).unwrap();
+    let garbage: Vec<Vec<u8>> = (0..offsets.len())
+        .map(|i| random_bytes(7000 + i as u64, BLOCK as usize))
+        .collect();
+    for (&offset, bytes) in offsets.iter().zip(&garbage) {
+        let &(logical, physical, _) = map
+            .iter()
+            .find(|&&(l, _, len)| l <= offset && offset + BLOCK <= l + len)
+            .unwrap_or_else(|| panic!("no extent of {} holds offset {offset}", path.display()));
+        target
+            .write_all_at(bytes, physical + offset - logical)
+            .unwrap();
+    }
     target.sync_all().unwrap();
     drop(target);
-    // SAFETY: plain syscall.
-    unsafe { libc::sync() };
     std::fs::write("/proc/sys/vm/drop_caches", "3\n").expect("drop the page cache");
-    let mut now = vec![0u8; garbage.len()];
-    File::open(path)
-        .unwrap()
-        .read_exact_at(&mut now, offset)
-        .unwrap();
+    let f = File::open(path).unwrap();
+    let mut now = vec![0u8; BLOCK as usize];
+    for (&offset, bytes) in offsets.iter().zip(&garbage) {
+        f.read_exact_at(&mut now, offset).unwrap();
+        assert!(
+            &now == bytes,
+            "the write to {} did not change {} at {offset}",
+            device.display(),
+            path.display()
+        );
+    }
+}
+
+/// A delta-capable `--snapshot` copy of a `size`-byte image on its own ext4
+/// (`d`), whose bytes at `offsets` were then changed behind the file
+/// system's back, and a few rewritten source blocks (so the next run is
+/// no quick-check no-op).
+fn diverged(s: &Scratch, d: &Scratch, size: u64, offsets: &[u64]) -> Case {
+    let mut c = Case::new(s, "verify", size, 70);
+    std::fs::create_dir(d.path("dst")).unwrap();
+    c.dst = d.path("dst/disk.img");
+    c.snap(&[], "first run");
+    corrupt_behind_fs(&c.dst, d.device(), d.image(), offsets);
+    rewrite_blocks(&c.src, 4, 72, 0..size / BLOCK / 8);
+    c
+}
+
+/// The run after a verify slice mismatch: the warning, the mismatch in
+/// the JSON, and (checked first, as what matters most) a destination that
+/// equals the source again.
+#[track_caller]
+fn assert_resynced(c: &Case, run: &Run, v: &Value, what: &str) {
+    run.assert_ok();
+    if let Some(off) = first_difference(&c.src, &c.dst) {
+        panic!(
+            "{what}: after the run the destination still differs from the source at {off}\n\
+             snapshot: {}\n{run}",
+            v["snapshot"]
+        );
+    }
+    assert_same_meta(&c.src, &c.dst);
+    assert_kept(&c.src, what);
     assert!(
-        now == garbage,
-        "the write to {} did not change {}",
-        device.display(),
-        path.display()
+        run.stderr.contains("verify slice mismatch"),
+        "{what}: no warning\n{run}"
     );
+    let snap = snapshot_report(v, c.size, what);
+    assert!(
+        json_u64(&snap, "verify_mismatch_bytes") > 0,
+        "{what}: {snap}"
+    );
+    assert_read(&snap, "full", Some("verify slice mismatch"), what);
 }
 
 #[test]
@@ -943,50 +990,43 @@ fn verify_slice(s: &Scratch, test: &str) {
     let Some(d) = Scratch::new(Fs::Ext4, 64 * MIB, test) else {
         return;
     };
-    let mut c = Case::new(s, "verify", SMALL_IMAGE, 70);
-    std::fs::create_dir(d.path("dst")).unwrap();
-    c.dst = d.path("dst/disk.img");
-    c.snap(&[], "first run");
-
-    let at = 3 * SMALL_IMAGE / 4;
-    corrupt_behind_fs(
-        &c.dst,
-        d.device(),
-        d.image(),
-        at,
-        &random_bytes(71, BLOCK as usize),
-    );
-    rewrite_blocks(&c.src, 4, 72, 0..SMALL_IMAGE / BLOCK / 2);
-
+    let c = diverged(s, &d, SMALL_IMAGE, &[3 * SMALL_IMAGE / 4]);
     let what = format!("{test}: --snapshot-verify 1");
     let (run, v) = c.sync(&["--snapshot", "--snapshot-verify", "1"]);
-    run.assert_ok();
-    assert!(
-        run.stderr.contains("verify slice mismatch"),
-        "{what}: no warning\n{run}"
-    );
-    let snap = snapshot_report(&v, SMALL_IMAGE, &what);
-    assert!(
-        json_u64(&snap, "verify_mismatch_bytes") > 0,
-        "{what}: {snap}"
-    );
-    assert_read(&snap, "full", Some("verify slice mismatch"), &what);
-    assert_same_content(&c.src, &c.dst);
-    assert_same_meta(&c.src, &c.dst);
-    assert_kept(&c.src, &what);
+    assert_resynced(&c, &run, &v, &what);
 
     // The repaired copy is a sound base again.
     rewrite_blocks(&c.src, 4, 73, 0..SMALL_IMAGE / BLOCK);
-    let (run, v) = c.sync(&["--snapshot", "--snapshot-verify", "1"]);
-    run.assert_ok();
-    let snap = snapshot_report(&v, SMALL_IMAGE, &what);
+    let snap = c.snap(&["--snapshot-verify", "1"], "the run after");
     assert_read(&snap, "delta", None, &format!("{what}, the run after"));
     assert_eq!(
         json_u64(&snap, "verify_mismatch_bytes"),
         0,
         "{what}: {snap}"
     );
-    assert_same_content(&c.src, &c.dst);
+}
+
+/// With the default slice (a thirtieth), a mismatch in it must repair what
+/// lies outside it too: "syncing again with a full read". The destination
+/// differs every 16 KiB, so whichever 1 MiB stripes this run's slice
+/// holds find a mismatch, and most of the damage lies outside the slice.
+#[test]
+fn verify_slice_mismatch_resyncs_the_whole_destination() {
+    on_reflink_fs(
+        "verify_slice_mismatch_resyncs_the_whole_destination",
+        SCRATCH_SIZE,
+        |s, test| {
+            let Some(d) = Scratch::new(Fs::Ext4, 256 * MIB, test) else {
+                return;
+            };
+            let size = 64 * MIB;
+            let offsets: Vec<u64> = (0..size / (16 * KIB)).map(|i| i * 16 * KIB).collect();
+            let c = diverged(s, &d, size, &offsets);
+            let what = format!("{test}: default --snapshot-verify");
+            let (run, v) = c.sync(&["--snapshot"]);
+            assert_resynced(&c, &run, &v, &what);
+        },
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -1059,13 +1099,15 @@ fn freeze_and_thaw_bracket_the_clone() {
         |s, test| {
             let c = Case::new(s, "freeze", 4 * MIB, 90);
             let log = c.aux.path().join("freeze.log");
+            // The clone is made into `.new`, which may exist (empty) before the
+            // freeze, so the frozen window holds the FICLONE alone: `test -s`.
             let new = sh_quote(&kept(&c.src, ".new"));
             let freeze = format!(
-            "test -e {new} && echo clone-before-freeze >> {log}; echo \"freeze $VMSYNC_SOURCE\" >> {log}",
+            "test -s {new} && echo clone-before-freeze >> {log}; echo \"freeze $VMSYNC_SOURCE\" >> {log}",
             log = sh_quote(&log)
         );
             let thaw = format!(
-                "test -e {new} && echo clone-made >> {log}; echo \"thaw $VMSYNC_SOURCE\" >> {log}",
+                "test -s {new} && echo clone-made >> {log}; echo \"thaw $VMSYNC_SOURCE\" >> {log}",
                 log = sh_quote(&log)
             );
             let snap = c.snap(&["--freeze", &freeze, "--thaw", &thaw], "frozen run");
