@@ -179,6 +179,9 @@ impl Snapshot {
             verify: opts.verify,
             committed: false,
         };
+        // Written but unflushed data of the source is flushed by the clone:
+        // flush it first, outside the window the guest is frozen in.
+        let _ = rustix::fs::fdatasync(src);
         let ((info, took), frozen) = quiesce::around(&opts.hooks, path, || {
             let m = src
                 .metadata()
