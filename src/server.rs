@@ -37,6 +37,10 @@ pub struct Limits {
     pub root: Option<PathBuf>,
     /// Refuse to write: only sending and `--check` are served.
     pub read_only: bool,
+    /// `--freeze`/`--thaw` around the clone of a `--snapshot` this server
+    /// sends from: the server's own options (its forced command), never
+    /// the client's, which must not run commands here.
+    pub hooks: crate::source::quiesce::Hooks,
 }
 
 /// Serves one run on stdin/stdout; returns the exit code.
@@ -146,7 +150,8 @@ fn serve_on(
             };
             let so = SnapshotOptions {
                 verify: options.snapshot_verify.min(MAX_VERIFY),
-                ..SnapshotOptions::default()
+                hooks: limits.hooks.clone(),
+                dir: None,
             };
             let snap = Snapshot::take(&src.file, &here, &so, full)?;
             let clone = snap

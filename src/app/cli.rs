@@ -206,13 +206,14 @@ pub struct Cli {
 
     /// With --snapshot: run CMD (with /bin/sh, VMSYNC_SOURCE set to the source path) just
     /// before the clone, e.g. 'virsh domfsfreeze DOMAIN', for a filesystem-consistent copy.
-    /// The --thaw command runs right after the clone, whatever happened. Local sources only.
-    #[arg(long, value_name = "CMD", requires = "snapshot")]
+    /// The --thaw command runs right after the clone, whatever happened. For a remote source,
+    /// give them to the remote's --server (in its authorized_keys command).
+    #[arg(long, value_name = "CMD")]
     pub freeze: Option<String>,
 
     /// With --snapshot: run CMD right after the clone (and after a failed --freeze), e.g.
     /// 'virsh domfsthaw DOMAIN'.
-    #[arg(long, value_name = "CMD", requires = "snapshot")]
+    #[arg(long, value_name = "CMD")]
     pub thaw: Option<String>,
 
     /// How an existing destination is written (a new one is always written beside it, then

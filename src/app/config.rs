@@ -36,6 +36,14 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
 /// apply.
 fn snapshot_options(cli: &Cli, src: &Operand) -> Result<Option<SnapshotOptions>> {
     if !cli.snapshot {
+        if let Some(flag) = [(&cli.freeze, "--freeze"), (&cli.thaw, "--thaw")]
+            .iter()
+            .find_map(|(v, f)| v.as_ref().map(|_| f))
+        {
+            return Err(usage(format!(
+                "{flag} runs around the clone of --snapshot: add --snapshot"
+            )));
+        }
         return Ok(None);
     }
     if cli.recursive {
@@ -59,8 +67,9 @@ fn snapshot_options(cli: &Cli, src: &Operand) -> Result<Option<SnapshotOptions>>
             if given {
                 return Err(usage(format!(
                     "{flag} applies where the source is; with a remote source the remote \
-                     vmsync takes the snapshot beside it (run vmsync on the source's host to \
-                     use {flag})"
+                     vmsync takes the snapshot beside it: give {flag} to the remote's \
+                     `vmsync --server` (its authorized_keys command), or run vmsync on the \
+                     source's host"
                 )));
             }
         }

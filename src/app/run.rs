@@ -45,6 +45,10 @@ pub fn main(cli: &Cli) -> ExitCode {
         let limits = server::Limits {
             root: cli.root.clone(),
             read_only: cli.read_only,
+            hooks: crate::source::quiesce::Hooks {
+                freeze: cli.freeze.clone(),
+                thaw: cli.thaw.clone(),
+            },
         };
         let code = server::serve(umask, &limits);
         signals::hold_if_interrupted();

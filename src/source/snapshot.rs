@@ -38,6 +38,7 @@ use crate::content::ranges::RangeSet;
 use crate::error::{fail, Exit, WithExit};
 use crate::source::quiesce::{self, Hooks};
 use crate::source::state::{self, Found, Identity, State};
+use crate::sys::crash;
 use crate::wire::messages::snapshot::MAX_DELTA_RANGES;
 use crate::wire::messages::{DeltaRange, Reason, SnapshotId, SnapshotMsg};
 use crate::wire::FileInfo;
@@ -178,6 +179,9 @@ impl Snapshot {
             verify: opts.verify,
             committed: false,
         };
+        // Written but unflushed data of the source is flushed by the clone:
+        // flush it first, outside the window the guest is frozen in.
+        let _ = rustix::fs::fdatasync(src);
         let ((info, took), frozen) = quiesce::around(&opts.hooks, path, || {
             let m = src
                 .metadata()
@@ -200,6 +204,7 @@ impl Snapshot {
                 f.as_secs_f64() * 1e3
             ))
         );
+        crash::point(crash::SNAPSHOT_TAKEN);
         match full {
             Some(why) => snap.msg.reason = why,
             None => snap.compare()?,
@@ -295,7 +300,10 @@ impl Snapshot {
             for (a, b) in crate::content::sample::ranges(size, k, n) {
                 slice.extend(gaps(&set, a, b));
             }
-            for (a, b) in bounded(&slice, MAX_DELTA_RANGES / 2) {
+            // Never merged: a merged verify range could cover a changed
+            // one. Past the budget the slice is only shorter.
+            slice.truncate(MAX_DELTA_RANGES / 2);
+            for (a, b) in slice {
                 out.push(DeltaRange {
                     offset: a,
                     len: b - a,
@@ -310,6 +318,7 @@ impl Snapshot {
     /// Makes this clone the kept one, the base of the next run, once the
     /// destination holds its bytes.
     pub fn commit(mut self) -> Result<()> {
+        crash::point(crash::SNAPSHOT_SENT);
         let _held = crate::signals::critical();
         self.file
             .sync_all()
@@ -319,6 +328,7 @@ impl Snapshot {
             .with_context(|| format!("cannot rename {}", self.paths.new.display()))
             .exit_with(Exit::Io)?;
         self.committed = true;
+        crash::point(crash::SNAPSHOT_KEPT);
         let state = State {
             id: self.msg.next,
             clone: state::identity(&self.file)?,

@@ -29,6 +29,13 @@ pub const JOURNAL_COMMITTED: &str = "journal-committed";
 pub const APPLY_RECORD: &str = "apply-record";
 /// Journal mode: applied and fsync'd, the journal not yet removed.
 pub const APPLIED: &str = "applied";
+/// `--snapshot`: the new clone is taken, nothing sent yet.
+pub const SNAPSHOT_TAKEN: &str = "snapshot-taken";
+/// `--snapshot`: the destination committed, the new clone not yet kept.
+pub const SNAPSHOT_SENT: &str = "snapshot-sent";
+/// `--snapshot`: the new clone renamed over the kept one, its state not
+/// yet written.
+pub const SNAPSHOT_KEPT: &str = "snapshot-kept";
 /// Partial (copy or clone) mode: written and fsync'd, not yet renamed.
 pub const BEFORE_RENAME: &str = "before-rename";
 /// Partial (copy or clone) mode: renamed, the directory not yet fsync'd.

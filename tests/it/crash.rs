@@ -16,7 +16,10 @@
 //! clone mode (XFS, btrfs) and copy mode (ext4) around the rename; a pull
 //! through the relay (the client is the receiver); a block device (journal
 //! in `--state-dir`); random change sets at random points; damaged,
-//! truncated and foreign journals (exit 9, nothing written). The `common`
+//! truncated and foreign journals (exit 9, nothing written); and the
+//! sending side of a `--snapshot` run (issue 13) killed after its clone,
+//! after the destination committed, and between keeping the clone and
+//! writing its state. The `common`
 //! builder sets no environment, so crashing runs use [`run_env`].
 
 use std::cell::Cell;
@@ -849,5 +852,124 @@ fn a_damaged_or_foreign_journal_is_refused_and_nothing_is_written() {
     if refused {
         std::fs::remove_file(case.journal()).unwrap();
         case.sync_ok("after removing the truncated journal");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// --snapshot: the sending side killed around its clone's lifecycle
+// ---------------------------------------------------------------------------
+
+/// Syncs `src` to `dst` with `--snapshot --snapshot-verify 0`, `extra`
+/// first; returns the run and its `snapshot` object.
+fn snapshot_sync(env: &[(&str, &str)], src: &Path, dst: &Path) -> (Run, Value) {
+    let args: Vec<&OsStr> = vec![
+        "--json".as_ref(),
+        "--snapshot".as_ref(),
+        "--snapshot-verify".as_ref(),
+        "0".as_ref(),
+        src.as_os_str(),
+        dst.as_os_str(),
+    ];
+    let run = run_env(env, &args);
+    let v: Value = serde_json::from_str(run.stdout.trim()).unwrap_or(Value::Null);
+    (run, v["snapshot"].clone())
+}
+
+/// `path` holds exactly `want`; else where they first differ.
+#[track_caller]
+fn assert_same(path: &Path, want: &[u8], when: &str) {
+    let got = std::fs::read(path).unwrap();
+    if got != want {
+        let at = got.iter().zip(want).position(|(a, b)| a != b);
+        panic!(
+            "{}: {} bytes, {} expected, first difference at {at:?}; {when}",
+            path.display(),
+            got.len(),
+            want.len()
+        );
+    }
+}
+
+/// Rewrites one random 4 KiB block of `src` (whose bytes are `bytes`) in
+/// place, as a guest would: only that block is copied on write.
+fn rewrite_block(src: &Path, bytes: &mut [u8], rng: &mut Rng) {
+    use std::os::unix::fs::FileExt;
+    let at = rng.below((bytes.len() as u64 - 4096) / 4096) as usize * 4096;
+    rng.fill(&mut bytes[at..at + 4096]);
+    let f = std::fs::OpenOptions::new().write(true).open(src).unwrap();
+    f.write_all_at(&bytes[at..at + 4096], at as u64).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// A sender killed at each point of a `--snapshot` run: after the clone,
+/// after the destination committed, and between keeping the clone and
+/// writing its state. The next run must end byte-identical, read only what
+/// changed when nothing had moved yet (the first point), read everything
+/// when the two ends no longer agree on the base (the others), and leave
+/// no clone being taken behind.
+#[test]
+fn snapshot_sender_killed_at_each_point_recovers_on_the_next_run() {
+    let Some(s) = Scratch::new(Fs::Xfs, 256 * MIB, "snapshot crash points") else {
+        return;
+    };
+    let dst_dir = tempdir();
+    let dst = dst_dir.path().join("disk.img");
+    let src = s.path("disk.img");
+    let mut new = mixed_bytes(41, 8 << 20);
+    std::fs::write(&src, &new).unwrap();
+    let (run, snap) = snapshot_sync(&[], &src, &dst);
+    run.assert_ok();
+    assert_eq!(snap["read"], "full", "{run}");
+    let new_clone = s.path(".disk.img.vmsync-snapshot.new");
+    for (k, (point, reason)) in [
+        ("snapshot-taken", Value::Null),
+        (
+            "snapshot-sent",
+            "destination is not the copy of the previous snapshot".into(),
+        ),
+        ("snapshot-kept", "previous snapshot state damaged".into()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // A new change each round, so every run has something to send.
+        let mut rng = Rng::new(k as u64);
+        rewrite_block(&src, &mut new, &mut rng);
+        let (run, _) = snapshot_sync(&[(CRASH_ENV, point)], &src, &dst);
+        assert_eq!(
+            run.signal,
+            Some(libc::SIGKILL),
+            "not killed at {point}\n{run}"
+        );
+        // Changed again, so that the next run is not merely up to date
+        // (after the destination committed it would be).
+        rewrite_block(&src, &mut new, &mut rng);
+        let (run, snap) = snapshot_sync(&[], &src, &dst);
+        run.assert_ok();
+        assert_same(&dst, &new, &format!("after a crash at {point}\n{run}"));
+        assert!(
+            !new_clone.exists(),
+            "{} left after {point}",
+            new_clone.display()
+        );
+        assert_eq!(snap["reason"], reason, "after a crash at {point}\n{run}");
+        let delta = reason.is_null();
+        assert_eq!(snap["read"], if delta { "delta" } else { "full" }, "{run}");
+        if delta {
+            assert!(json_u64(&snap, "source_read_bytes") <= 2 * 4096, "{snap}");
+        }
+        // And the chain holds again: the next change is read alone.
+        rewrite_block(&src, &mut new, &mut rng);
+        let (run, snap) = snapshot_sync(&[], &src, &dst);
+        run.assert_ok();
+        assert_eq!(
+            snap["read"], "delta",
+            "after recovering from {point}\n{run}"
+        );
+        assert_same(
+            &dst,
+            &new,
+            &format!("the run after recovering from {point}"),
+        );
     }
 }
