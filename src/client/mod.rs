@@ -207,7 +207,11 @@ fn transfer_once(
     let start = Instant::now();
     let launch = launch(cfg);
     let mut options = options(cfg);
+    // The re-sync after a verify mismatch compares every byte: the first
+    // pass left the destination with the source's size and mtime, which
+    // the quick check would take for up to date.
     options.snapshot_full = full;
+    options.checksum |= full;
     let open_flags = options.to_bits();
     let (summary, source_bytes, wire_bytes) = match (src, dst) {
         (Operand::Local(src), dst) => {
