@@ -12,12 +12,14 @@
 //! Folders are concerns, and an import points down this list only (checked
 //! by `tests/it/layout.rs`): `app` (cli, config, report, metrics, the run)
 //! → `client` and `server` → `roles` (send, receive, list, apply) → `dest`
-//! (writer, lock, cache, confine) → `wire` (frame, codec, messages,
+//! (writer, lock, cache, confine, journal, recover) and `source` (the
+//! `--snapshot` clone, its state, extent comparison, freeze/thaw) → `wire` (frame, codec, messages,
 //! options, pipe, bwlimit) → `content` (chunk, scan, hash, manifest, refine,
 //! compress, sample, verify, ranges) → `sys` (fd-level calls) → the leaves
 //! `error`, `units`, `log`, `signals`, `progress`, `filter`. The library's
 //! public API is what the tests, benches, examples and fuzz targets use:
-//! [`app::cli`], [`content`], [`wire`], [`error`] and [`units`].
+//! [`app::cli`], [`content`], [`wire`], [`error`], [`units`] and
+//! [`source::extents`].
 //!
 //! # Glossary (one word per concept)
 //! - **source**, **destination**: the file read, the file written. The
@@ -43,6 +45,9 @@
 //! - **frame**: a length-prefixed unit on the wire; a **message** is what a
 //!   frame holds.
 //! - **sample**: the slice K of N that `--check --sample K/N` compares.
+//! - **snapshot**: the reflink clone of the source a `--snapshot` run
+//!   reads; the **kept** snapshot is the previous run's, the base that says
+//!   which ranges changed.
 //! - **entry** and **op**: a `-r` listing's file, directory or link, and an
 //!   operation applied to one.
 
@@ -57,6 +62,7 @@ pub(crate) mod progress;
 pub(crate) mod roles;
 pub(crate) mod server;
 pub(crate) mod signals;
+pub mod source;
 pub(crate) mod sys;
 pub mod units;
 pub mod wire;

@@ -23,10 +23,11 @@ use crate::roles::receive::{self, RecvOptions, Seed};
 use crate::roles::send::{self, SendOptions, Source};
 use crate::roles::{apply, list};
 use crate::signals;
+use crate::source::snapshot::{Snapshot, SnapshotOptions, MAX_VERIFY};
 use crate::units::bytes_path;
 use crate::wire::bwlimit::{Limited, Limiter};
 use crate::wire::frame::{FrameReader, FrameWriter};
-use crate::wire::messages::{Msg, Role};
+use crate::wire::messages::{Msg, Reason, Role};
 use crate::wire::pipe::{keepalive_interval, Silence, Watched};
 
 /// What the server may touch (`--root`, `--read-only`).
@@ -104,17 +105,19 @@ fn serve_on(
     let quiet = Progress::hidden();
     match open.role {
         Role::Send => {
-            let src = match &root {
+            // `here`: the source's name where a snapshot goes beside it (a
+            // confined server has entered its directory beneath the root).
+            let (src, here) = match &root {
                 Some(r) => {
-                    finish_pending_beneath(r, &path, limits.read_only)?;
+                    let here = finish_pending_beneath(r, &path, limits.read_only)?;
                     let file = r.open_source(&path)?;
                     if file.metadata().is_ok_and(|m| m.is_dir()) {
                         return Err(crate::client::is_a_directory(&path));
                     }
-                    Source::from_file(file, &path)?
+                    (Source::from_file(file, &path)?, here)
                 }
                 None if path.is_dir() => return Err(crate::client::is_a_directory(&path)),
-                None => Source::open(&path, limits.read_only)?,
+                None => (Source::open(&path, limits.read_only)?, Some(path.clone())),
             };
             let opts = SendOptions {
                 params,
@@ -122,7 +125,39 @@ fn serve_on(
                 allow_changing: options.allow_changing,
                 sample: open.sample,
             };
-            send::send(&src, reader, writer, &opts, &quiet, None)?;
+            if !options.snapshot {
+                send::send(&src, reader, writer, &opts, &quiet, None, None)?;
+                return Ok(());
+            }
+            let Some(here) = here else {
+                return Err(fail(
+                    Exit::Io,
+                    format!("--snapshot: {} is not a file", path.display()),
+                ));
+            };
+            let full = if options.check || options.dry_run || open.sample.is_some() {
+                Some(Reason::Compare)
+            } else if options.verify {
+                Some(Reason::FullVerify)
+            } else if options.snapshot_full {
+                Some(Reason::VerifyMismatch)
+            } else {
+                None
+            };
+            let so = SnapshotOptions {
+                verify: options.snapshot_verify.min(MAX_VERIFY),
+                ..SnapshotOptions::default()
+            };
+            let snap = Snapshot::take(&src.file, &here, &so, full)?;
+            let clone = snap
+                .file
+                .try_clone()
+                .map_err(|e| fail(Exit::Io, format!("cannot duplicate a file handle: {e}")))?;
+            let src = Source::snapshot(clone, &path, snap.info)?;
+            let s = send::send(&src, reader, writer, &opts, &quiet, None, Some(&snap))?;
+            if full != Some(Reason::Compare) && s.verify_mismatch_bytes == 0 {
+                snap.commit()?;
+            }
         }
         Role::Receive => {
             if limits.read_only && !options.check && !options.dry_run {
@@ -183,12 +218,13 @@ fn serve_on(
 
 /// Before a confined server sends `path`: from inside its directory beneath
 /// the root, as a receive would, what [`crate::dest::recover::before_reading`]
-/// does.
-fn finish_pending_beneath(root: &Root, path: &Path, read_only: bool) -> Result<()> {
+/// does. Returns the source's name in that directory, now the working one.
+fn finish_pending_beneath(root: &Root, path: &Path, read_only: bool) -> Result<Option<PathBuf>> {
     // Only a file has a journal beside it; anything else is refused by
     // `open_source` or by the sender itself.
     let Ok(name) = root.enter_destination(path, b"") else {
-        return Ok(());
+        return Ok(None);
     };
-    crate::dest::recover::before_reading(&name, read_only)
+    crate::dest::recover::before_reading(&name, read_only)?;
+    Ok(Some(name))
 }

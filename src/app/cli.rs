@@ -183,6 +183,38 @@ pub struct Cli {
     #[arg(long)]
     pub allow_changing_source: bool,
 
+    /// Read a point-in-time reflink clone of the source (FICLONE: milliseconds) instead of the
+    /// live file, so a running VM gives a crash-consistent copy and the run never fails because
+    /// the source changed. The clone is kept (hidden, beside the source:
+    /// .NAME.vmsync-snapshot) as the next run's base: then only the ranges whose blocks changed
+    /// since are read and sent, when the destination still is the copy of that clone. Needs a
+    /// reflink filesystem (XFS, btrfs); elsewhere the run fails before sending anything. Applies
+    /// on whichever host the source is.
+    #[arg(long)]
+    pub snapshot: bool,
+
+    /// With --snapshot: keep the clones in DIR (on the source's filesystem) instead of beside
+    /// the source. Local sources only.
+    #[arg(long, value_name = "DIR", requires = "snapshot")]
+    pub snapshot_dir: Option<std::path::PathBuf>,
+
+    /// With --snapshot: re-read 1/N of what a run skips as unchanged (a different slice each
+    /// run, so every byte once per N runs) and compare it with the destination; a mismatch is
+    /// a loud warning and the run re-syncs with a full read. 0 turns it off. Default: 30.
+    #[arg(long, value_name = "N", requires = "snapshot")]
+    pub snapshot_verify: Option<u16>,
+
+    /// With --snapshot: run CMD (with /bin/sh, VMSYNC_SOURCE set to the source path) just
+    /// before the clone, e.g. 'virsh domfsfreeze DOMAIN', for a filesystem-consistent copy.
+    /// The --thaw command runs right after the clone, whatever happened. Local sources only.
+    #[arg(long, value_name = "CMD", requires = "snapshot")]
+    pub freeze: Option<String>,
+
+    /// With --snapshot: run CMD right after the clone (and after a failed --freeze), e.g.
+    /// 'virsh domfsthaw DOMAIN'.
+    #[arg(long, value_name = "CMD", requires = "snapshot")]
+    pub thaw: Option<String>,
+
     /// How an existing destination is written (a new one is always written beside it, then
     /// renamed): auto, clone, journal, copy or unsafe-inplace.
     ///

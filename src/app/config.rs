@@ -10,6 +10,8 @@ use anyhow::Result;
 use crate::app::cli::Cli;
 use crate::content::chunk::ChunkParams;
 use crate::error::{fail, Exit};
+use crate::source::quiesce::Hooks;
+use crate::source::snapshot::{SnapshotOptions, DEFAULT_VERIFY, MAX_VERIFY};
 
 pub use crate::client::config::Config;
 use crate::client::spawn::{parse_operand, split_command, Operand};
@@ -28,6 +30,49 @@ pub fn parse_sample(s: &str) -> Result<(u32, u32), String> {
 
 fn usage(msg: impl Into<String>) -> anyhow::Error {
     fail(Exit::Usage, msg)
+}
+
+/// `--snapshot` and the options that go with it, refused where they cannot
+/// apply.
+fn snapshot_options(cli: &Cli, src: &Operand) -> Result<Option<SnapshotOptions>> {
+    if !cli.snapshot {
+        return Ok(None);
+    }
+    if cli.recursive {
+        return Err(usage(
+            "--snapshot works on one file; -r does not take snapshots yet (snapshot each image, \
+             or the filesystem, and sync that)",
+        ));
+    }
+    let verify = cli.snapshot_verify.unwrap_or(DEFAULT_VERIFY);
+    if verify > MAX_VERIFY {
+        return Err(usage(format!(
+            "--snapshot-verify {verify}: at most {MAX_VERIFY} (0 turns it off)"
+        )));
+    }
+    if matches!(src, Operand::Remote(_)) {
+        for (given, flag) in [
+            (cli.snapshot_dir.is_some(), "--snapshot-dir"),
+            (cli.freeze.is_some(), "--freeze"),
+            (cli.thaw.is_some(), "--thaw"),
+        ] {
+            if given {
+                return Err(usage(format!(
+                    "{flag} applies where the source is; with a remote source the remote \
+                     vmsync takes the snapshot beside it (run vmsync on the source's host to \
+                     use {flag})"
+                )));
+            }
+        }
+    }
+    Ok(Some(SnapshotOptions {
+        dir: cli.snapshot_dir.clone(),
+        verify,
+        hooks: Hooks {
+            freeze: cli.freeze.clone(),
+            thaw: cli.thaw.clone(),
+        },
+    }))
 }
 
 impl Config {
@@ -75,6 +120,7 @@ impl Config {
         if cli.remote_path.trim().is_empty() {
             return Err(usage("--remote-path is empty"));
         }
+        let snapshot = snapshot_options(cli, &src)?;
         Ok(Config {
             src,
             dst,
@@ -101,6 +147,7 @@ impl Config {
             seeds: cli.seed.clone(),
             sample,
             allow_changing_source: cli.allow_changing_source,
+            snapshot,
             recursive: cli.recursive,
             delete: cli.delete,
             filters: cli.filters.clone(),

@@ -42,7 +42,11 @@
 //! for syncs `vmsync_dest_written_bytes` (what the receiver wrote to storage)
 //! and `vmsync_write_mode` (1 clone, 2 journal, 3 copy, 4 unjournaled in
 //! place, 0 nothing written), and for check runs only
-//! `vmsync_differing_bytes`. All are gauges of the
+//! `vmsync_differing_bytes`; `--snapshot` runs add `vmsync_source_read_bytes`,
+//! `vmsync_source_skipped_bytes`, `vmsync_snapshot_seconds`,
+//! `vmsync_frozen_seconds` (with `--freeze`), `vmsync_snapshot_delta` (1: only
+//! what changed was read) and `vmsync_snapshot_verify_mismatch_bytes`
+//! (alert on it: the verify slice found what the extent maps missed). All are gauges of the
 //! last run; counters would need state that survives a failed write or a
 //! replaced file, and the alerts only ever ask about the last run.
 //!
@@ -123,6 +127,8 @@ pub struct RunMetrics {
     pub dest_written_bytes: Option<u64>,
     /// Syncs only: how the destination was written (`None`: not at all).
     pub write_mode: Option<Option<crate::wire::WriteMode>>,
+    /// `--snapshot` runs only: what the sending side read.
+    pub snapshot: Option<crate::wire::messages::SnapshotStats>,
 }
 
 /// An existing file larger than this is refused rather than replaced. One
@@ -140,11 +146,17 @@ const REUSED: usize = 7;
 const DIFFERING: usize = 8;
 const DEST_WRITTEN: usize = 9;
 const WRITE_MODE: usize = 10;
+const SOURCE_READ: usize = 11;
+const SOURCE_SKIPPED: usize = 12;
+const SNAPSHOT_SECONDS: usize = 13;
+const FROZEN_SECONDS: usize = 14;
+const VERIFY_MISMATCH: usize = 15;
+const SNAPSHOT_DELTA: usize = 16;
 
 /// (name, HELP text) in output order, indexed by the constants above; all
 /// gauges. The HELP text must not change lightly: node_exporter refuses two
 /// textfiles that give one family different HELP.
-const FAMILIES: [(&str, &str); 11] = [
+const FAMILIES: [(&str, &str); 17] = [
     (
         "vmsync_last_run_timestamp_seconds",
         "End time of the last vmsync run, in seconds since the epoch.",
@@ -188,6 +200,30 @@ const FAMILIES: [(&str, &str); 11] = [
     (
         "vmsync_write_mode",
         "How the last vmsync sync wrote the destination: 1 reflink clone, 2 journal, 3 full copy, 4 unjournaled in place, 0 nothing written.",
+    ),
+    (
+        "vmsync_source_read_bytes",
+        "Bytes of the source snapshot the last vmsync --snapshot run read.",
+    ),
+    (
+        "vmsync_source_skipped_bytes",
+        "Bytes of the source the last vmsync --snapshot run skipped as unchanged since the previous snapshot.",
+    ),
+    (
+        "vmsync_snapshot_seconds",
+        "Time the last vmsync --snapshot run took to clone the source, in seconds.",
+    ),
+    (
+        "vmsync_frozen_seconds",
+        "Time the source was frozen (--freeze to --thaw) in the last vmsync --snapshot run, in seconds.",
+    ),
+    (
+        "vmsync_snapshot_verify_mismatch_bytes",
+        "Bytes the last vmsync --snapshot run's verify slice found different at the destination though the snapshots said unchanged.",
+    ),
+    (
+        "vmsync_snapshot_delta",
+        "Whether the last vmsync --snapshot run read only what changed since the previous snapshot (1) or everything (0).",
     ),
 ];
 
@@ -412,7 +448,26 @@ fn merge(samples: &mut Samples, run: &RunMetrics) {
                 .map(|m| m.map_or(0, |m| m as u8).to_string()),
         ),
     ];
-    for (family, value) in values {
+    let snap = run.snapshot;
+    let snap_values = [
+        (SOURCE_READ, snap.map(|s| s.read_bytes.to_string())),
+        (SOURCE_SKIPPED, snap.map(|s| s.skipped_bytes.to_string())),
+        (
+            SNAPSHOT_SECONDS,
+            snap.map(|s| seconds(s.snapshot_us as f64 / 1e6)),
+        ),
+        (
+            FROZEN_SECONDS,
+            snap.and_then(|s| s.frozen_us)
+                .map(|f| seconds(f as f64 / 1e6)),
+        ),
+        (
+            VERIFY_MISMATCH,
+            snap.map(|s| s.verify_mismatch_bytes.to_string()),
+        ),
+        (SNAPSHOT_DELTA, snap.map(|s| u8::from(s.delta).to_string())),
+    ];
+    for (family, value) in values.into_iter().chain(snap_values) {
         if let Some(v) = value {
             samples.insert(key(family), v);
         }
@@ -523,6 +578,7 @@ mod tests {
             differing_bytes: check.then_some(4096),
             dest_written_bytes: (!check).then_some(8192),
             write_mode: (!check).then_some(Some(crate::wire::WriteMode::Journal)),
+            snapshot: None,
         }
     }
 

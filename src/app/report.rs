@@ -331,8 +331,26 @@ pub fn to_json(report: &Report) -> Value {
         "differing_bytes": s.differing_bytes,
         "difference_count": s.range_count,
         "differences": s.ranges.iter().map(|(o, l)| json!({"offset": o, "length": l})).collect::<Vec<_>>(),
+        "snapshot": snapshot_json(s.snapshot.as_deref()),
         "exit_code": report.exit().code(),
         "error": Value::Null,
+    })
+}
+
+/// `snapshot` in `--json`: what a `--snapshot` run read; `null` without.
+fn snapshot_json(s: Option<&crate::wire::messages::SnapshotStats>) -> Value {
+    let Some(s) = s else {
+        return Value::Null;
+    };
+    json!({
+        "read": if s.delta { "delta" } else { "full" },
+        "reason": s.reason,
+        "source_read_bytes": s.read_bytes,
+        "source_skipped_bytes": s.skipped_bytes,
+        "verify_bytes": s.verify_bytes,
+        "verify_mismatch_bytes": s.verify_mismatch_bytes,
+        "snapshot_ms": s.snapshot_us as f64 / 1e3,
+        "frozen_ms": s.frozen_us.map(|f| f as f64 / 1e3),
     })
 }
 
@@ -344,7 +362,7 @@ pub fn error_json(exit_code: u8, msg: &str) -> Value {
         "verified": false, "basis_cached": false, "source_changed": false, "dry_run": false,
         "write_mode": Value::Null, "dest_written_bytes": 0,
         "checked_bytes": 0, "differing_bytes": 0, "difference_count": 0,
-        "differences": [], "exit_code": exit_code, "error": msg,
+        "differences": [], "snapshot": Value::Null, "exit_code": exit_code, "error": msg,
     })
 }
 
@@ -405,6 +423,7 @@ pub fn write_metrics(
         },
         dest_written_bytes: s.map(|s| s.dest_written_bytes),
         write_mode: s.map(|s| s.write_mode),
+        snapshot: s.and_then(|s| s.snapshot.as_deref().copied()),
     };
     if let Err(e) = crate::app::metrics::write_textfile(path, &run) {
         eprintln!("vmsync: warning: {}", message_of(&e));

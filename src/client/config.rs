@@ -37,6 +37,8 @@ pub struct Config {
     /// `--sample K/N`.
     pub sample: Option<(u32, u32)>,
     pub allow_changing_source: bool,
+    /// `--snapshot` and its options; applied by whichever end sends.
+    pub snapshot: Option<crate::source::snapshot::SnapshotOptions>,
     /// `-r`: SRC is a tree.
     pub recursive: bool,
     /// `--delete` (with `-r`).

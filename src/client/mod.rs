@@ -15,7 +15,7 @@ pub mod tree;
 use std::os::unix::ffi::OsStrExt;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::client::config::Config;
 use crate::client::spawn::{Launch, Operand, Peer, PeerReader, PeerWriter, Remote};
@@ -23,8 +23,10 @@ use crate::error::{exit_code_of, fail, Exit};
 use crate::progress::Progress;
 use crate::roles::receive::{self, RecvOptions, Seed};
 use crate::roles::send::{self, SendOptions, Source};
+use crate::source::snapshot::Snapshot;
 use crate::units::path_bytes;
 use crate::wire::frame::{FrameReader, FrameWriter};
+use crate::wire::messages::Reason;
 use crate::wire::messages::{Msg, Open, Role, Summary};
 use crate::wire::options::Options;
 use crate::wire::pipe::{keepalive_interval, Silence};
@@ -84,6 +86,9 @@ pub(crate) fn options(cfg: &Config) -> Options {
         dry_run: cfg.dry_run,
         allow_changing: cfg.allow_changing_source,
         verbose: crate::log::level(),
+        snapshot: cfg.snapshot.is_some(),
+        snapshot_verify: cfg.snapshot.as_ref().map_or(0, |s| s.verify),
+        snapshot_full: false,
     }
 }
 
@@ -118,13 +123,103 @@ pub(crate) fn transfer(
     progress: &mut Progress,
 ) -> Result<Report> {
     let start = Instant::now();
+    // A local source with --snapshot: cloned once, for both passes.
+    let (source, mut snap) = match (src, &cfg.snapshot) {
+        (Operand::Local(p), Some(so)) => {
+            let source = Source::open(p, false)?;
+            let snap = Snapshot::take(&source.file, p, so, full_reason(cfg))?;
+            let file = snap
+                .file
+                .try_clone()
+                .context("cannot duplicate a file handle")?;
+            (Some(Source::snapshot(file, p, snap.info)?), Some(snap))
+        }
+        _ => (None, None),
+    };
+    let pass = |progress: &mut Progress, snap: Option<&Snapshot>, full: bool| {
+        transfer_once(
+            cfg,
+            src,
+            dst,
+            name,
+            prescan,
+            umask,
+            progress,
+            source.as_ref(),
+            snap,
+            full,
+        )
+    };
+    let mut report = pass(progress, snap.as_ref(), false)?;
+    let mismatch = report.summary.verify_mismatch_bytes;
+    if mismatch > 0 && cfg.snapshot.is_some() {
+        crate::log::warn(&format!(
+            "verify slice mismatch: {mismatch} bytes that the snapshots' extent maps call \
+             unchanged differ at the destination; syncing again with a full read"
+        ));
+        if let Some(s) = &mut snap {
+            s.read_all(Reason::VerifyMismatch);
+        }
+        let wire = report.wire_bytes;
+        report = pass(progress, snap.as_ref(), true)?;
+        report.wire_bytes += wire;
+        if let Some(st) = &mut report.summary.snapshot {
+            st.verify_mismatch_bytes = mismatch;
+            st.reason = Reason::VerifyMismatch.text();
+        }
+    }
+    if let Some(s) = snap {
+        if !cfg.check && !cfg.dry_run {
+            s.commit()?;
+        }
+    }
+    report.duration = start.elapsed();
+    Ok(report)
+}
+
+/// Why a `--snapshot` run of `cfg` must read everything, if it must.
+fn full_reason(cfg: &Config) -> Option<Reason> {
+    if cfg.check || cfg.dry_run {
+        Some(Reason::Compare)
+    } else if cfg.verify {
+        Some(Reason::FullVerify)
+    } else {
+        None
+    }
+}
+
+/// One session of [`transfer`]: `source` is the snapshot of a local source
+/// (else it is opened here), `full` asks a remote sender to read all of its
+/// snapshot.
+#[allow(clippy::too_many_arguments)]
+fn transfer_once(
+    cfg: &Config,
+    src: &Operand,
+    dst: &Operand,
+    name: Option<&[u8]>,
+    prescan: bool,
+    umask: u32,
+    progress: &mut Progress,
+    snap_source: Option<&Source>,
+    snap: Option<&Snapshot>,
+    full: bool,
+) -> Result<Report> {
+    let start = Instant::now();
     let launch = launch(cfg);
-    let options = options(cfg);
+    let mut options = options(cfg);
+    options.snapshot_full = full;
     let open_flags = options.to_bits();
     let (summary, source_bytes, wire_bytes) = match (src, dst) {
         (Operand::Local(src), dst) => {
             // Fail on a missing source before dialing anyone.
-            let source = Source::open(src, false)?;
+            let opened;
+            let source = match snap_source {
+                Some(s) => s,
+                None => {
+                    opened = Source::open(src, false)?;
+                    &opened
+                }
+            };
             let (remote, path) = match dst {
                 Operand::Local(p) => (None, path_bytes(p.as_os_str())),
                 Operand::Remote(r) => (Some(r), r.path.clone()),
@@ -155,8 +250,9 @@ pub(crate) fn transfer(
                 sample: cfg.sample,
             };
             let size = source.info.size;
-            let prescan = if prescan {
-                send::Prescan::start(&source, &opts)?
+            // A snapshot offering a base reads its ranges only, once asked.
+            let prescan = if prescan && snap.is_none_or(|s| s.msg.base.is_none()) {
+                send::Prescan::start(source, &opts)?
             } else {
                 None
             };
@@ -166,7 +262,7 @@ pub(crate) fn transfer(
                 open,
                 progress,
                 |reader, writer, progress| {
-                    send::send(&source, reader, writer, &opts, progress, prescan)
+                    send::send(source, reader, writer, &opts, progress, prescan, snap)
                 },
             )?;
             (s.0, size, s.1)

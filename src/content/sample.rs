@@ -17,6 +17,19 @@
 //! pieces, not content-defined chunks: a check compares the destination at
 //! the same offsets, so any cut will do, and fixed ones need no context
 //! from outside the slice.
+//!
+//! A `--snapshot` delta run (see [`crate::wire::messages::snapshot`]) cuts
+//! its ranges into the same fixed pieces ([`scan_pieces`]), on both ends:
+//! the receiver's old pieces then sit at the sender's offsets.
+
+use std::fs::File;
+
+use anyhow::Result;
+use rayon::prelude::*;
+
+use crate::content::chunk::is_zero;
+use crate::content::hash::ChunkHash;
+use crate::content::scan::{read_full, ChunkRec, Content};
 
 /// Smallest stripe.
 const MIN_STRIPE: u64 = 1 << 20;
@@ -49,6 +62,45 @@ pub fn ranges(size: u64, k: u32, n: u32) -> Vec<(u64, u64)> {
 /// Bytes slice `k` of `n` covers.
 pub fn covered(size: u64, k: u32, n: u32) -> u64 {
     ranges(size, k, n).iter().map(|(a, b)| b - a).sum()
+}
+
+/// Reads `ranges` of `file` (sorted, disjoint) in fixed pieces of `piece`
+/// bytes from each range's start (the last one of a range shorter), zero
+/// checked and hashed in parallel, handing them to `sink` in order, up to
+/// 8 MiB at a time; `sink`'s flag says the batch ends a range.
+pub fn scan_pieces(
+    file: &File,
+    ranges: &[(u64, u64)],
+    piece: u64,
+    mut sink: impl FnMut(Vec<ChunkRec>, bool) -> Result<()>,
+) -> Result<()> {
+    let piece = piece.max(1);
+    let step = ((8 << 20) / piece).max(1) * piece;
+    let mut buf = Vec::new();
+    for &(start, end) in ranges {
+        let mut at = start;
+        while at < end {
+            let len = (end - at).min(step);
+            buf.resize(len as usize, 0);
+            read_full(file, &mut buf, at)?;
+            let recs: Vec<ChunkRec> = buf
+                .par_chunks(piece as usize)
+                .enumerate()
+                .map(|(j, d)| ChunkRec {
+                    offset: at + j as u64 * piece,
+                    len: d.len() as u32,
+                    content: if is_zero(d) {
+                        Content::Zero
+                    } else {
+                        Content::Data(ChunkHash::of(d))
+                    },
+                })
+                .collect();
+            at += len;
+            sink(recs, at == end)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

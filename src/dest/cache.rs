@@ -21,12 +21,20 @@
 //! | 8      | 4    | format version ([`CACHE_VERSION`])                 |
 //! | 12     | 4    | chunking the manifest was cut with (`ChunkParams::code`) |
 //! | 16     | 56   | dev, ino, size (u64 each), mtime s, mtime ns, ctime s, ctime ns (i64 each) |
-//! | 72     | 8    | entry count                                        |
-//! | 80     | …    | manifest batches, each: length u32 + a batch as in [`crate::content::manifest`] |
+//! | 72     | 32   | origin: the id of the `--snapshot` clone whose bytes the file holds (all zero: none; see [`crate::wire::messages::snapshot`]) |
+//! | 104    | 8    | entry count (`u64::MAX`: no manifest, only the origin) |
+//! | 112    | …    | manifest batches, each: length u32 + a batch as in [`crate::content::manifest`] |
 //! | end−32 | 32   | BLAKE3 of everything before it                     |
 //!
 //! A cache file is at most [`MAX_CACHE_FILE`] bytes; anything malformed,
 //! truncated or of another version is ignored (and the file scanned).
+//!
+//! The origin is what lets a `--snapshot` sender send only what changed
+//! since its previous clone: it is recorded only after a run that wrote (or
+//! found up to date) exactly that clone's bytes, and it is believed only
+//! while the file's identity above is unchanged, so any later write to the
+//! destination (which moves its ctime) makes the next run a full one. A run
+//! that sent only ranges keeps no manifest: its old one is stale there.
 
 use std::fs::{File, Metadata};
 use std::io::{Read, Write};
@@ -37,13 +45,16 @@ use anyhow::{Context, Result};
 
 use crate::content::chunk::ChunkParams;
 use crate::content::manifest::{encode_batch, Entry, Validator, MAX_BATCH};
+use crate::wire::messages::SnapshotId;
 
-pub const CACHE_VERSION: u32 = 1;
+pub const CACHE_VERSION: u32 = 2;
 const MAGIC: &[u8; 8] = b"VMSYNCMC";
 /// Largest cache file read (a 16 TiB image at 64 KiB chunks is ~10 GiB of
 /// manifest, so huge images at tiny chunks simply are not cached).
 pub const MAX_CACHE_FILE: u64 = 1 << 30;
-const HEADER: usize = 80;
+const HEADER: usize = 112;
+/// The entry count that says no manifest is kept.
+const NO_MANIFEST: u64 = u64::MAX;
 
 /// The directory of the cache, if one can be named.
 pub fn dir() -> Option<PathBuf> {
@@ -86,9 +97,9 @@ fn key(meta: &Metadata, params: ChunkParams) -> Vec<u8> {
     k
 }
 
-/// The cached manifest of `dest`, if the cache holds one for exactly this
-/// file (`meta` from the open file) and these chunk parameters.
-pub fn load(dest: &Path, meta: &Metadata, params: ChunkParams) -> Option<Vec<Entry>> {
+/// The cache file of exactly this file (`meta` from the open file) and
+/// these chunk parameters, checksum and identity checked: its body.
+fn read_entry(dest: &Path, meta: &Metadata, params: ChunkParams) -> Option<Vec<u8>> {
     let path = entry_path(dest, params)?;
     let mut f = File::open(path).ok()?;
     let len = f.metadata().ok()?.len();
@@ -97,15 +108,23 @@ pub fn load(dest: &Path, meta: &Metadata, params: ChunkParams) -> Option<Vec<Ent
     }
     let mut buf = Vec::with_capacity(len as usize);
     f.read_to_end(&mut buf).ok()?;
-    let (body, sum) = buf.split_at(buf.len() - 32);
-    if blake3::hash(body).as_bytes() != sum {
+    let sum: [u8; 32] = buf[buf.len() - 32..].try_into().ok()?;
+    buf.truncate(buf.len() - 32);
+    if blake3::hash(&buf).as_bytes() != &sum {
         return None;
     }
     let want = key(meta, params);
-    if body[..want.len()] != want[..] {
+    (buf[..want.len()] == want[..]).then_some(buf)
+}
+
+/// The cached manifest of `dest`, if the cache holds one for exactly this
+/// file (`meta` from the open file) and these chunk parameters.
+pub fn load(dest: &Path, meta: &Metadata, params: ChunkParams) -> Option<Vec<Entry>> {
+    let body = read_entry(dest, meta, params)?;
+    let count = u64::from_le_bytes(body[104..112].try_into().ok()?);
+    if count == NO_MANIFEST {
         return None;
     }
-    let count = u64::from_le_bytes(body[72..80].try_into().ok()?);
     let mut v = Validator::new(meta.len(), params);
     let mut entries = Vec::new();
     let mut rest = &body[HEADER..];
@@ -121,17 +140,37 @@ pub fn load(dest: &Path, meta: &Metadata, params: ChunkParams) -> Option<Vec<Ent
     Some(entries)
 }
 
-/// Records that `file` (now at `dest`) holds `entries`. Written to a temp
-/// file and renamed, so a reader never sees half a cache file.
-pub fn store(dest: &Path, file: &File, params: ChunkParams, entries: &[Entry]) -> Result<()> {
+/// The `--snapshot` clone whose bytes `dest` holds, if the cache recorded
+/// one for exactly this file.
+pub fn origin(dest: &Path, meta: &Metadata, params: ChunkParams) -> Option<SnapshotId> {
+    let body = read_entry(dest, meta, params)?;
+    let id: SnapshotId = body[72..104].try_into().ok()?;
+    (id != [0; 32]).then_some(id)
+}
+
+/// Records that `file` (now at `dest`) holds `entries` (`None`: keep no
+/// manifest) and the bytes of the clone `origin`. Written to a temp file
+/// and renamed, so a reader never sees half a cache file.
+pub fn store(
+    dest: &Path,
+    file: &File,
+    params: ChunkParams,
+    entries: Option<&[Entry]>,
+    origin: Option<SnapshotId>,
+) -> Result<()> {
     let Some(path) = entry_path(dest, params) else {
         return Ok(());
     };
     let meta = file.metadata().context("stat the written file")?;
     let mut body = key(&meta, params);
-    body.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+    body.extend_from_slice(&origin.unwrap_or([0; 32]));
+    body.extend_from_slice(
+        &entries
+            .map_or(NO_MANIFEST, |e| e.len() as u64)
+            .to_le_bytes(),
+    );
     let mut batch = Vec::new();
-    for part in entries.chunks(MAX_BATCH) {
+    for part in entries.unwrap_or_default().chunks(MAX_BATCH) {
         batch.clear();
         encode_batch(part, &mut batch);
         body.extend_from_slice(&(batch.len() as u32).to_le_bytes());
@@ -152,6 +191,14 @@ pub fn store(dest: &Path, file: &File, params: ChunkParams, entries: &[Entry]) -
         .with_context(|| format!("write {}", path.display()))?;
     prune(dir);
     Ok(())
+}
+
+/// Drops what the cache says of `dest` (a run that changed it without
+/// knowing its new manifest or origin).
+pub fn forget(dest: &Path, params: ChunkParams) {
+    if let Some(path) = entry_path(dest, params) {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// Most entries kept; the least recently written go first.
@@ -208,9 +255,17 @@ mod tests {
             },
         ];
         let f = File::open(&dest).unwrap();
-        store(&dest, &f, params, &entries).unwrap();
+        store(&dest, &f, params, Some(&entries), None).unwrap();
         let meta = f.metadata().unwrap();
         assert_eq!(load(&dest, &meta, params), Some(entries.clone()));
+        assert_eq!(origin(&dest, &meta, params), None);
+        // An origin alone, and with a manifest.
+        store(&dest, &f, params, None, Some([7; 32])).unwrap();
+        assert_eq!(load(&dest, &meta, params), None);
+        assert_eq!(origin(&dest, &meta, params), Some([7; 32]));
+        store(&dest, &f, params, Some(&entries), Some([8; 32])).unwrap();
+        assert_eq!(load(&dest, &meta, params), Some(entries.clone()));
+        assert_eq!(origin(&dest, &meta, params), Some([8; 32]));
         // Other chunk parameters: no entry.
         assert_eq!(load(&dest, &meta, ChunkParams::new(8192).unwrap()), None);
         // The file is written to: ctime moves, the entry no longer applies.
@@ -222,15 +277,17 @@ mod tests {
             .unwrap();
         let meta2 = std::fs::metadata(&dest).unwrap();
         assert_eq!(load(&dest, &meta2, params), None);
+        assert_eq!(origin(&dest, &meta2, params), None);
         // A corrupted cache file is ignored, not trusted.
         store(
             &dest,
             &File::open(&dest).unwrap(),
             params,
-            &[Entry {
+            Some(&[Entry {
                 offset: 0,
                 kind: Kind::Zero { len: 5001 },
-            }],
+            }]),
+            Some([9; 32]),
         )
         .unwrap();
         let p = entry_path(&dest, params).unwrap();
@@ -239,6 +296,7 @@ mod tests {
         bytes[n - 40] ^= 1;
         std::fs::write(&p, bytes).unwrap();
         assert_eq!(load(&dest, &meta2, params), None);
+        assert_eq!(origin(&dest, &meta2, params), None);
     }
 
     #[test]

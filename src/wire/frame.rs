@@ -12,7 +12,7 @@
 //! | offset | size | meaning                                                   |
 //! |--------|------|-----------------------------------------------------------|
 //! | 0      | 8    | magic [`MAGIC`] `VMSYNC\r\n` (catches line-ending mangling and shell noise) |
-//! | 8      | 4    | protocol version, u32 LE: [`PROTOCOL_VERSION`] = 3        |
+//! | 8      | 4    | protocol version, u32 LE: [`PROTOCOL_VERSION`] = 4        |
 //! | 12     | 4    | feature flags, u32 LE (none defined; ignored if unknown)  |
 //!
 //! # Frame
@@ -46,7 +46,7 @@ use crate::wire::messages::{known_type, Msg};
 
 /// Version of this protocol; bump on any change to the frame or message
 /// tables.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Magic at the start of a hello.
 pub const MAGIC: &[u8; 8] = b"VMSYNC\r\n";
 /// Largest frame (type + payload) either end accepts or sends.

@@ -18,6 +18,9 @@
 //! | 7    | `-n`, `--dry-run`         | count what would change, write nothing             |
 //! | 8    | `--allow-changing-source` | commit a source that changed while it was read     |
 //! | 9–11 | `--write-mode` ([`WriteMode`]) | how the destination is written: 0 auto, 1 clone, 2 journal, 3 copy, 4 unsafe-inplace; 5–7 refused |
+//! | 12   | `--snapshot`              | a sending server reads a reflink clone of its file, kept beside it as the next run's base |
+//! | 13–22 | `--snapshot-verify N` (0–1023) | a sending server re-reads 1/N of what a delta run skips; 0 = none |
+//! | 23   | (a re-run after a verify mismatch) | a sending server reads all of its snapshot, offering no base |
 //!
 //! A bit outside the table is refused: a newer client asking for something
 //! this server cannot do must not be half-served.
@@ -40,6 +43,10 @@ pub mod flags {
     pub const ALLOW_CHANGING: u32 = 1 << 8;
     /// Three bits: the [`super::WriteMode`].
     pub const WRITE_MODE: u32 = 7 << 9;
+    pub const SNAPSHOT: u32 = 1 << 12;
+    /// Ten bits: `--snapshot-verify N`.
+    pub const SNAPSHOT_VERIFY: u32 = 1023 << 13;
+    pub const SNAPSHOT_FULL: u32 = 1 << 23;
     /// Every bit the table defines.
     pub const ALL: u32 = super::all_bits();
 }
@@ -56,6 +63,12 @@ pub struct Options {
     pub allow_changing: bool,
     /// `-v` level; only 0 to 3 travel.
     pub verbose: u8,
+    /// `--snapshot`, for a sending server.
+    pub snapshot: bool,
+    /// `--snapshot-verify N`; only 0 to 1023 travel.
+    pub snapshot_verify: u16,
+    /// Read all of the snapshot: the last delta's verify slice differed.
+    pub snapshot_full: bool,
 }
 
 /// One option's place in the flags word.
@@ -111,6 +124,24 @@ const FIELDS: &[Field] = &[
         option: "--allow-changing-source",
         get: |o| o.allow_changing.into(),
         set: |o, v| o.allow_changing = v != 0,
+    },
+    Field {
+        mask: flags::SNAPSHOT,
+        option: "--snapshot",
+        get: |o| o.snapshot.into(),
+        set: |o, v| o.snapshot = v != 0,
+    },
+    Field {
+        mask: flags::SNAPSHOT_VERIFY,
+        option: "--snapshot-verify",
+        get: |o| o.snapshot_verify.min(1023).into(),
+        set: |o, v| o.snapshot_verify = v as u16,
+    },
+    Field {
+        mask: flags::SNAPSHOT_FULL,
+        option: "--snapshot (full re-read)",
+        get: |o| o.snapshot_full.into(),
+        set: |o, v| o.snapshot_full = v != 0,
     },
     Field {
         mask: flags::WRITE_MODE,
@@ -256,8 +287,8 @@ mod tests {
             seen |= f.mask;
         }
         assert_eq!(seen, flags::ALL);
-        // The wire values of the protocol's version 3.
-        assert_eq!(flags::ALL, 0xffd);
+        // The wire values of the protocol's version 4.
+        assert_eq!(flags::ALL, 0xff_fffd);
     }
 
     #[test]
@@ -271,6 +302,9 @@ mod tests {
             dry_run: true,
             allow_changing: true,
             verbose: 3,
+            snapshot: true,
+            snapshot_verify: 1023,
+            snapshot_full: true,
         };
         assert_eq!(all.to_bits(), flags::ALL & !flags::WRITE_MODE);
         assert_eq!(Options::from_bits(all.to_bits()), Ok(all));
@@ -306,7 +340,7 @@ mod tests {
     #[test]
     fn unknown_bits_are_refused() {
         assert_eq!(Options::from_bits(1 << 1), Err(1 << 1));
-        assert_eq!(Options::from_bits(1 << 12), Err(1 << 12));
+        assert_eq!(Options::from_bits(1 << 24), Err(1 << 24));
         assert_eq!(
             Options::from_bits(flags::CHECK | 0x8000_0000),
             Err(0x8000_0000)

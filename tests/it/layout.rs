@@ -12,7 +12,7 @@
 //! | 1 | `app/` | cli, config validation, report, metrics |
 //! | 2 | `client/`, `server.rs` | the invoking end, the `--server` loop |
 //! | 3 | `roles/` | the two ends' state machines, tree list/apply |
-//! | 4 | `dest/` | how the destination is touched |
+//! | 4 | `dest/`, `source/` | how the destination is touched, the source's snapshot |
 //! | 5 | `wire/` | how bytes travel |
 //! | 6 | `content/` | what bytes are |
 //! | 7 | `sys/` | thin wrappers over kernel calls |
@@ -386,7 +386,7 @@ fn rank(m: &Module) -> Option<usize> {
         "app" => 1,
         "client" | "server" => 2,
         "roles" => 3,
-        "dest" => 4,
+        "dest" | "source" => 4,
         "wire" => 5,
         "content" => 6,
         "sys" => 7,

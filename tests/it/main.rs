@@ -30,6 +30,7 @@ mod cli_errors;
 mod confined;
 mod crash;
 mod examples_scripts;
+mod extents;
 mod filesystems;
 mod golden;
 mod harness;

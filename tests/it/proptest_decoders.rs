@@ -103,6 +103,8 @@ fn arb_summary() -> impl Strategy<Value = Summary> {
                 .copied()
                 .filter(|m| *m != WriteMode::Auto),
             dest_written_bytes: written,
+            verify_mismatch_bytes: extra * 4096,
+            snapshot: None,
         })
 }
 

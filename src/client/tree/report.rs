@@ -119,6 +119,9 @@ impl TreeReport {
             checked_bytes: sum(|r| r.summary.checked_bytes),
             range_count: self.differing.len() as u64,
             ranges: Vec::new(),
+            verify_mismatch_bytes: sum(|r| r.summary.verify_mismatch_bytes),
+            // `-r` takes no snapshots (refused by the configuration).
+            snapshot: None,
         };
         Report {
             summary,

@@ -28,6 +28,7 @@ use crate::dest::recover;
 use crate::dest::writer::Output;
 use crate::error::{fail, Exit, WithExit};
 use crate::roles::receive::options::{RecvOptions, Seed};
+use crate::wire::messages::DeltaRange;
 use crate::wire::{FileInfo, WriteMode};
 
 /// The destination as found, and locked, before anything is written.
@@ -429,6 +430,66 @@ pub(super) fn index_all(
     })
 }
 
+/// The old data of a delta run (see [`crate::wire::messages::snapshot`]):
+/// the destination's bytes in `ranges` only, cut into the sender's fixed
+/// pieces ([`crate::content::sample::scan_pieces`]), so a piece that did not
+/// change sits at the sender's offset with the sender's hash. The output
+/// starts as the destination (negotiated: never a fresh copy).
+pub(super) fn index_delta(
+    target: &Target,
+    ranges: &[DeltaRange],
+    info: &FileInfo,
+    opts: &RecvOptions,
+) -> Result<Bases> {
+    let dest = &target.dest;
+    let file = open_nofollow(dest)
+        .with_context(|| format!("cannot open destination {}", dest.display()))
+        .exit_with(Exit::Io)?;
+    let size = file
+        .metadata()
+        .with_context(|| format!("cannot stat {}", dest.display()))
+        .exit_with(Exit::Io)?
+        .len();
+    if size != info.size {
+        return Err(fail(
+            Exit::Io,
+            format!(
+                "destination {} changed size during the run ({size} bytes, {} expected)",
+                dest.display(),
+                info.size
+            ),
+        ));
+    }
+    let spans: Vec<(u64, u64)> = ranges.iter().map(|r| (r.offset, r.end())).collect();
+    let mut builder = crate::content::manifest::Builder::default();
+    let mut entries = Vec::new();
+    crate::content::sample::scan_pieces(&file, &spans, opts.params.avg().into(), |recs, ends| {
+        for r in &recs {
+            builder.push(r, &mut entries);
+        }
+        if ends {
+            builder.break_run(&mut entries);
+        }
+        Ok(())
+    })
+    .with_context(|| format!("reading destination {}", dest.display()))?;
+    builder.finish(&mut entries);
+    let mut basis = Basis::scan(file, size, Some(entries), dest, opts)?;
+    (basis.from_cache, basis.placed) = (false, true);
+    crate::vlog!(
+        1,
+        "receiver: delta: {} ranges of the old file indexed, {} chunks",
+        ranges.len(),
+        basis.chunks.len()
+    );
+    Ok(Bases {
+        basis: Some(basis),
+        seeds: Vec::new(),
+        partial: None,
+        journal: None,
+    })
+}
+
 /// Indexes the `--seed` files (from the manifest cache when it knows
 /// them; a seed indexed by reading is recorded there for the next run,
 /// which is what makes a golden base image cheap night after night).
@@ -454,7 +515,7 @@ pub(super) fn index_seeds(seeds: Vec<Seed>, opts: &RecvOptions) -> Result<Vec<Ba
                 let entries = manifest_of(&seed.file, meta.len(), opts.params)
                     .with_context(|| format!("reading seed {}", seed.path.display()))?;
                 // Best effort: a seed we cannot record costs a re-read.
-                let _ = cache::store(&seed.path, &seed.file, opts.params, &entries);
+                let _ = cache::store(&seed.path, &seed.file, opts.params, Some(&entries), None);
                 entries
             }
         };

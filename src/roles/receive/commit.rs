@@ -17,7 +17,17 @@ use crate::progress::Progress;
 use crate::roles::receive::basis::Target;
 use crate::roles::receive::options::RecvOptions;
 use crate::roles::receive::run::Run;
+use crate::wire::messages::SnapshotId;
 use crate::wire::{FileInfo, FrameWriter, Msg, StartMode, Summary};
+
+/// The `--snapshot` clone a run wrote the bytes of (see
+/// [`crate::wire::messages::snapshot`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Origin {
+    pub id: SnapshotId,
+    /// Only ranges came: the manifest is not the whole file's.
+    pub delta: bool,
+}
 
 /// Commits what `run` wrote as `target` and sends the summary.
 pub(super) fn commit<W: Write>(
@@ -27,6 +37,7 @@ pub(super) fn commit<W: Write>(
     writer: &mut FrameWriter<W>,
     opts: &RecvOptions,
     progress: &Progress,
+    origin: Option<Origin>,
 ) -> Result<Summary> {
     let (dest, device) = (&target.dest, target.device);
     if run.out.is_none() && run.basis.as_ref().is_some_and(|b| b.size != info.size) {
@@ -94,8 +105,27 @@ pub(super) fn commit<W: Write>(
     }
     // Best effort: without a cache entry the next run reads the file instead.
     // Never for a device (see `Basis::scan`).
+    // A delta run's entries cover its ranges only: no manifest is kept,
+    // and the origin only while the verify ranges held what they should.
     if !device {
-        let _ = cache::store(dest, &written, opts.params, &entries);
+        let _ = match origin {
+            None => cache::store(dest, &written, opts.params, Some(&entries), None),
+            Some(o) if !o.delta => {
+                cache::store(dest, &written, opts.params, Some(&entries), Some(o.id))
+            }
+            Some(o) if summary.verify_mismatch_bytes == 0 => {
+                cache::store(dest, &written, opts.params, None, Some(o.id))
+            }
+            Some(_) => {
+                cache::forget(dest, opts.params);
+                Ok(())
+            }
+        };
+    }
+    if origin.is_some_and(|o| o.delta) {
+        // What lay outside the ranges is kept as it was.
+        let covered = summary.reused_bytes + summary.literal_bytes + summary.zero_bytes;
+        summary.reused_bytes += info.size.saturating_sub(covered);
     }
     crate::vlog!(1, "receiver: committed {}", dest.display());
     summary.verified = opts.verify;
@@ -103,6 +133,28 @@ pub(super) fn commit<W: Write>(
     progress.finish();
     writer.send_now(&Msg::Done(summary.clone()))?;
     Ok(summary)
+}
+
+/// Records that the destination, found up to date, holds the bytes of the
+/// clone `id` (best effort: without it the next run reads all).
+pub(super) fn remember_origin(target: &Target, opts: &RecvOptions, id: SnapshotId) {
+    if target.device {
+        return;
+    }
+    let Ok(file) = File::open(&target.dest) else {
+        return;
+    };
+    let Ok(meta) = file.metadata() else {
+        return;
+    };
+    let entries = cache::load(&target.dest, &meta, opts.params);
+    let _ = cache::store(
+        &target.dest,
+        &file,
+        opts.params,
+        entries.as_deref(),
+        Some(id),
+    );
 }
 
 /// Ends a run that the quick check found up to date.

@@ -54,6 +54,7 @@ use anyhow::Result;
 pub use self::options::{RecvOptions, Seed};
 use crate::error::{fail, Exit};
 use crate::progress::Progress;
+use crate::wire::messages::{DeltaRange, Reason, SnapshotMsg, SnapshotStats};
 use crate::wire::{FileInfo, FrameReader, FrameWriter, Msg, Summary, WriteMode};
 
 /// Runs the receiving end into `dest` until done; returns the summary that
@@ -77,7 +78,7 @@ where
             "protocol error: a sample was asked for without --check",
         ));
     }
-    let info = read_info(&mut reader)?;
+    let (snap, info) = read_info(&mut reader)?;
     let target = basis::Target::open(dest, source_name, opts)?;
     if opts.check {
         return check::run_check(&target, &info, &mut reader, writer, opts, progress);
@@ -87,7 +88,12 @@ where
     }
     let device_out = run::device_output(&target, &info, opts)?;
     if basis::quick_check(target.regular(), &info, opts) {
-        return commit::up_to_date(&info, writer, false);
+        if let Some(s) = &snap {
+            commit::remember_origin(&target, opts, s.next);
+        }
+        let mut summary = commit::up_to_date(&info, writer, false)?;
+        summary.snapshot = snap.map(|m| Box::new(SnapshotStats::up_to_date(&m, info.size)));
+        return Ok(summary);
     }
     let in_place = matches!(
         opts.write_mode,
@@ -103,43 +109,96 @@ where
             ),
         ));
     }
-    let start = plan::negotiate(&target, !seeds.is_empty(), opts, writer)?;
-    progress.set_total(info.size);
+    let start = plan::negotiate(&target, !seeds.is_empty(), snap.as_ref(), opts, writer)?;
+    let delta = if start.delta {
+        Some(read_ranges(&mut reader, info.size)?)
+    } else {
+        None
+    };
+    let stats = snap.map(|m| {
+        let why = match m.reason {
+            Reason::Delta => Reason::DestDiffers,
+            r => r,
+        };
+        SnapshotStats::of(&m, info.size, delta.as_deref(), why)
+    });
+    progress.set_total(stats.map_or(info.size, |s| s.read_bytes));
     let mut inbox = exchange::Inbox::spawn(reader, start.inline, info.size, opts.params)?;
     crate::vlog!(
         1,
         "receiver: {} ({} bytes), mode {:?}",
         target.dest.display(),
         info.size,
-        if start.inline { "inline" } else { "manifest" }
+        match (start.inline, &delta) {
+            (true, _) => "inline",
+            (_, Some(_)) => "delta",
+            _ => "manifest",
+        }
     );
-    let bases = basis::index_all(
-        &target,
-        device_out.as_ref(),
-        start.inline,
-        start.resume,
-        seeds,
-        &info,
-        opts,
-    )?;
+    let bases = match &delta {
+        Some(ranges) => basis::index_delta(&target, ranges, &info, opts)?,
+        None => basis::index_all(
+            &target,
+            device_out.as_ref(),
+            start.inline,
+            start.resume,
+            seeds,
+            &info,
+            opts,
+        )?,
+    };
     let mut run = run::Run::new(
         &target,
         device_out,
         bases,
         start.inline,
+        delta.as_deref(),
         &info,
         opts,
         progress,
     )?;
     exchange::exchange(&mut run, &mut inbox, &start.pieces, writer, opts)?;
-    commit::commit(run, &target, &info, writer, opts, progress)
+    let origin = snap.map(|m| commit::Origin {
+        id: m.next,
+        delta: stats.is_some_and(|s| s.delta),
+    });
+    let mut summary = commit::commit(run, &target, &info, writer, opts, progress, origin)?;
+    summary.snapshot = stats.map(|s| {
+        Box::new(SnapshotStats {
+            verify_mismatch_bytes: summary.verify_mismatch_bytes,
+            ..s
+        })
+    });
+    Ok(summary)
 }
 
-/// The sender's `FILE_INFO`, refused when implausible.
-fn read_info<R: Read>(reader: &mut FrameReader<R>) -> Result<FileInfo> {
-    let info = match reader.read_msg()? {
-        Msg::FileInfo(i) => i,
-        m => return Err(m.unexpected("FILE_INFO")),
+/// A delta run's `RANGES`, checked: sorted, disjoint, inside the file.
+fn read_ranges<R: Read>(reader: &mut FrameReader<R>, size: u64) -> Result<Vec<DeltaRange>> {
+    let mut all = Vec::new();
+    loop {
+        match reader.read_msg()? {
+            Msg::Ranges { last, ranges } => {
+                all.extend(ranges);
+                crate::wire::messages::snapshot::check_ranges(&all, size)?;
+                if last {
+                    return Ok(all);
+                }
+            }
+            m => return Err(m.unexpected("RANGES")),
+        }
+    }
+}
+
+/// The sender's `SNAPSHOT`, if any, and `FILE_INFO`, refused when
+/// implausible.
+fn read_info<R: Read>(reader: &mut FrameReader<R>) -> Result<(Option<SnapshotMsg>, FileInfo)> {
+    let mut snap = None;
+    let info = loop {
+        match reader.read_msg()? {
+            Msg::Snapshot(s) if snap.is_none() => snap = Some(*s),
+            Msg::FileInfo(i) => break i,
+            m => return Err(m.unexpected("FILE_INFO")),
+        }
     };
     if info.size > i64::MAX as u64 || info.mtime_nsec > 999_999_999 {
         return Err(fail(
@@ -147,5 +206,5 @@ fn read_info<R: Read>(reader: &mut FrameReader<R>) -> Result<FileInfo> {
             format!("protocol error: implausible file info from peer: {info:?}"),
         ));
     }
-    Ok(info)
+    Ok((snap, info))
 }

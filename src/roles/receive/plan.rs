@@ -22,6 +22,7 @@ use crate::error::{fail, Exit};
 use crate::roles::receive::basis::{Basis, Target};
 use crate::roles::receive::options::RecvOptions;
 use crate::roles::receive::run::{Run, State, WINDOW};
+use crate::wire::messages::SnapshotMsg;
 use crate::wire::{FrameWriter, Msg, StartMode, WriteMode, MAX_REQUEST};
 
 /// How the transfer was started.
@@ -32,6 +33,9 @@ pub(super) struct Start {
     pub resume: bool,
     /// The pieces of the destination's cached manifest offered to the sender.
     pub pieces: Vec<Vec<Entry>>,
+    /// The destination holds the sender's `SNAPSHOT` base: only ranges
+    /// come (`StartMode::Delta`).
+    pub delta: bool,
 }
 
 /// (inline, resume) for a destination of `old_len` bytes (`None`: no regular
@@ -55,6 +59,7 @@ fn start_mode(
 pub(super) fn negotiate<W: Write>(
     target: &Target,
     have_seeds: bool,
+    snap: Option<&SnapshotMsg>,
     opts: &RecvOptions,
     writer: &mut FrameWriter<W>,
 ) -> Result<Start> {
@@ -72,6 +77,31 @@ pub(super) fn negotiate<W: Write>(
         have_seeds,
         opts,
     );
+    // A delta leaves everything outside its ranges as the destination
+    // holds it: only into an output that starts as the destination (never a
+    // fresh copy, nor a partial file or journal an earlier run left), and
+    // only when the cache says the destination is the base clone's bytes.
+    let delta = match (snap.and_then(|s| s.base), regular) {
+        (Some(base), Some(m)) => {
+            !inline
+                && !device
+                && !resume
+                && partial_len == 0
+                && target.uncommitted.is_none()
+                && opts.write_mode != WriteMode::Copy
+                && cache::origin(&target.dest, m, opts.params) == Some(base)
+        }
+        _ => false,
+    };
+    if delta {
+        writer.send_now(&Msg::Start(StartMode::Delta))?;
+        return Ok(Start {
+            inline,
+            resume,
+            pieces: Vec::new(),
+            delta,
+        });
+    }
     let pieces = match regular {
         Some(m) if !inline && !device => cache::load(&target.dest, m, opts.params)
             .map(|cached| Piecer::cut(&cached))
@@ -93,6 +123,7 @@ pub(super) fn negotiate<W: Write>(
         inline,
         resume,
         pieces,
+        delta,
     })
 }
 
@@ -113,6 +144,15 @@ impl Run<'_> {
             let i = self.next;
             self.next += 1;
             let e = self.entries[i];
+            if self
+                .verify
+                .as_ref()
+                .is_some_and(|v| v.overlaps(e.offset, e.end()))
+                && !self.unchanged_in_place(&e)
+            {
+                // The sender's extent maps said the destination holds this.
+                self.summary.verify_mismatch_bytes += e.len();
+            }
             if self.out.is_none() {
                 if self.unchanged_in_place(&e) {
                     if let Kind::Data { .. } = e.kind {
@@ -173,7 +213,7 @@ impl Run<'_> {
                 copies.push((i, Some(k), src));
                 return Ok(());
             }
-            if self.basis.as_ref().is_some_and(|b| b.size > 0) && !self.allow_changing {
+            if self.basis.as_ref().is_some_and(|b| b.size > 0) && self.worth_refining(len) {
                 self.state[i] = State::Deferred;
                 self.deferred.push(i);
             } else {
@@ -185,7 +225,7 @@ impl Run<'_> {
             Some(Some(&(src, _))) => copies.push((i, None, src)),
             found => match self.in_seeds(hash) {
                 Some((k, src)) => copies.push((i, Some(k), src)),
-                None if found.is_some() && !self.allow_changing => {
+                None if found.is_some() && self.worth_refining(len) => {
                     self.state[i] = State::Deferred;
                     self.deferred.push(i);
                 }
@@ -193,6 +233,15 @@ impl Run<'_> {
             },
         }
         Ok(())
+    }
+
+    /// Whether a chunk of `len` bytes found nowhere whole may be rebuilt
+    /// from old 4 KiB blocks. Not when chunks may have changed since the
+    /// manifest (`--allow-changing-source`), nor for a delta run's piece of
+    /// one block: its old data is only the ranges' own, already compared.
+    fn worth_refining(&self, len: u32) -> bool {
+        let one_block = self.verify.is_some() && u64::from(len) <= refine::BLOCK;
+        !(self.allow_changing || one_block)
     }
 
     /// Zero entry `e` lies where the output's own old contents (an aliased

@@ -15,12 +15,14 @@ use anyhow::{Context, Result};
 use crate::content::compress::StreamDecoder;
 use crate::content::hash::ChunkHash;
 use crate::content::manifest::{Entry, Validator};
+use crate::content::ranges::RangeSet;
 use crate::content::refine::{BlockIndex, BlockSource};
 use crate::dest::writer::Output;
 use crate::error::{fail, Exit};
 use crate::progress::Progress;
 use crate::roles::receive::basis::{Bases, Basis, JournalBasis, Target};
 use crate::roles::receive::options::RecvOptions;
+use crate::wire::messages::DeltaRange;
 use crate::wire::{FileInfo, Msg, Summary, WriteMode};
 
 /// Most bytes of requested chunks in flight at once.
@@ -125,6 +127,9 @@ pub(super) struct Run<'a> {
     pub progress: &'a Progress,
     /// Scratch for in-place copies, reused from chunk to chunk.
     pub buf: Vec<u8>,
+    /// A delta run's verify ranges: what the sender's extent maps call
+    /// unchanged, which the destination must already hold.
+    pub verify: Option<RangeSet>,
 }
 
 /// What a journal's header records as the version it writes: a digest of
@@ -187,6 +192,7 @@ impl<'a> Run<'a> {
         device_out: Option<Output>,
         bases: Bases,
         inline: bool,
+        delta: Option<&[DeltaRange]>,
         info: &FileInfo,
         opts: &RecvOptions,
         progress: &'a Progress,
@@ -244,8 +250,18 @@ impl<'a> Run<'a> {
         if let Some(b) = &mut basis {
             b.alias = b.placed && out.as_ref().is_some_and(Output::overwrites_old);
         }
+        let mut validator = Validator::new(info.size, opts.params);
+        let mut verify = None;
+        if let Some(ranges) = delta {
+            validator = validator.restrict(ranges.iter().map(|r| (r.offset, r.end())).collect());
+            let mut v = RangeSet::default();
+            for r in ranges.iter().filter(|r| r.verify) {
+                v.insert(r.offset, r.end());
+            }
+            verify = Some(v);
+        }
         Ok(Run {
-            validator: Validator::new(info.size, opts.params),
+            validator,
             entries: Vec::new(),
             state: Vec::new(),
             next: 0,
@@ -270,6 +286,7 @@ impl<'a> Run<'a> {
             summary: Summary::default(),
             progress,
             buf: Vec::new(),
+            verify,
         })
     }
 
@@ -391,6 +408,7 @@ impl<'a> Run<'a> {
             summary: Summary::default(),
             progress,
             buf: Vec::new(),
+            verify: None,
         }
     }
 }

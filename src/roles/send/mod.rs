@@ -29,8 +29,13 @@ pub use self::source::{SendOptions, Source};
 use crate::content::manifest::PieceDigest;
 use crate::error::{exit_code_of, Exit};
 use crate::progress::Progress;
-use crate::roles::send::scan::{spawn_manifest_scanner, spawn_scanner, Event};
+use crate::roles::send::scan::{
+    spawn_manifest_scanner, spawn_ranges_scanner, spawn_scanner, Event,
+};
 use crate::roles::send::serve::Server;
+use crate::source::snapshot::Snapshot;
+use crate::wire::messages::snapshot::MAX_RANGES_BATCH;
+use crate::wire::messages::{DeltaRange, Reason, SnapshotMsg, SnapshotStats};
 use crate::wire::{FrameReader, FrameWriter, Msg, StartMode, Summary};
 
 /// Runs the sending end until the receiver's `DONE`. `prescan`, if any,
@@ -42,16 +47,48 @@ pub fn send<R, W>(
     opts: &SendOptions,
     progress: &Progress,
     prescan: Option<Prescan>,
+    snap: Option<&Snapshot>,
 ) -> Result<Summary>
 where
     R: Read + Send + 'static,
     W: Write,
 {
-    let (inline, known) = match greet(src, &mut reader, writer)? {
-        Greeting::UpToDate(s) => return Ok(s),
-        Greeting::Start { inline, known } => (inline, known),
+    let stats = |delta: Option<&[DeltaRange]>| {
+        snap.map(|s| {
+            let why = match s.msg.reason {
+                Reason::Delta => Reason::DestDiffers,
+                r => r,
+            };
+            SnapshotStats::of(&s.msg, src.info.size, delta, why)
+        })
     };
-    progress.set_total(src.info.size);
+    let (inline, known, delta) = match greet(src, &mut reader, writer, snap.map(|s| &s.msg))? {
+        Greeting::UpToDate(mut s) => {
+            s.snapshot = snap.map(|m| Box::new(SnapshotStats::up_to_date(&m.msg, src.info.size)));
+            return Ok(s);
+        }
+        Greeting::Start {
+            inline,
+            known,
+            delta,
+        } => (inline, known, delta),
+    };
+    let ranges = match (delta, snap) {
+        (true, Some(s)) => {
+            let ranges = s.ranges();
+            send_ranges(writer, &ranges)?;
+            Some(ranges)
+        }
+        (true, None) => {
+            return Err(crate::error::fail(
+                Exit::Protocol,
+                "protocol error: peer asked for a delta without a snapshot",
+            ))
+        }
+        _ => None,
+    };
+    let stats = stats(ranges.as_deref());
+    progress.set_total(stats.map_or(src.info.size, |s| s.read_bytes));
     crate::vlog!(
         1,
         "sender: scanning {} ({} bytes){}",
@@ -61,7 +98,7 @@ where
     );
 
     let (tx, rx) = match prescan {
-        Some(p) if !inline => (p.tx, p.rx),
+        Some(p) if !inline && ranges.is_none() => (p.tx, p.rx),
         p => {
             if let Some(p) = p {
                 p.stop();
@@ -70,7 +107,10 @@ where
             // inline: keep the queue short so memory stays flat when the
             // link is slow.
             let (tx, rx) = mpsc::sync_channel::<Event>(2);
-            if inline {
+            if let Some(r) = &ranges {
+                let spans = r.iter().map(|r| (r.offset, r.end())).collect();
+                spawn_ranges_scanner(src, opts.params, spans, tx.clone())?;
+            } else if inline {
                 spawn_scanner(src, opts, true, tx.clone())?;
             } else {
                 spawn_manifest_scanner(src, opts, tx.clone())?;
@@ -79,7 +119,33 @@ where
         }
     };
     spawn_request_reader(reader, tx)?;
-    Server::new(src, opts, writer, progress, known)?.serve(&rx)
+    let mut summary = Server::new(src, opts, writer, progress, known)?.serve(&rx)?;
+    summary.snapshot = stats.map(|s| {
+        Box::new(SnapshotStats {
+            verify_mismatch_bytes: summary.verify_mismatch_bytes,
+            ..s
+        })
+    });
+    Ok(summary)
+}
+
+/// A delta run's ranges, in `RANGES` messages (at least one, the last
+/// flagged).
+fn send_ranges<W: Write>(writer: &mut FrameWriter<W>, ranges: &[DeltaRange]) -> Result<()> {
+    let mut parts = ranges.chunks(MAX_RANGES_BATCH).peekable();
+    if parts.peek().is_none() {
+        return writer.send(&Msg::Ranges {
+            last: true,
+            ranges: Vec::new(),
+        });
+    }
+    while let Some(part) = parts.next() {
+        writer.send(&Msg::Ranges {
+            last: parts.peek().is_none(),
+            ranges: part.to_vec(),
+        })?;
+    }
+    Ok(())
 }
 
 /// How the receiver answered our `FILE_INFO`.
@@ -87,20 +153,28 @@ enum Greeting {
     /// Up to date: its summary, nothing to send.
     UpToDate(Summary),
     /// Send: every chunk unasked (`inline`), or a manifest, with references
-    /// for the pieces of it the receiver holds (`known`).
+    /// for the pieces of it the receiver holds (`known`), or (`delta`) the
+    /// ranges of our snapshot and their manifest.
     Start {
         inline: bool,
         known: HashMap<PieceDigest, u32>,
+        delta: bool,
     },
 }
 
-/// Sends `FILE_INFO` and reads the receiver's `PIECES` (if any) and `START`.
+/// Sends `SNAPSHOT` (with `--snapshot`) and `FILE_INFO`, and reads the
+/// receiver's `PIECES` (if any) and `START`.
 fn greet<R: Read, W: Write>(
     src: &Source,
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
+    snap: Option<&SnapshotMsg>,
 ) -> Result<Greeting> {
-    if let Err(e) = writer.send_now(&Msg::FileInfo(src.info)) {
+    let sent = match snap {
+        Some(s) => writer.send(&Msg::Snapshot(Box::new(*s))),
+        None => Ok(()),
+    };
+    if let Err(e) = sent.and_then(|()| writer.send_now(&Msg::FileInfo(src.info))) {
         // A peer that refused our OPEN (a path outside its --root, say)
         // said why and hung up: its reason beats our broken pipe.
         return Err(match reader.read_msg() {
@@ -118,18 +192,27 @@ fn greet<R: Read, W: Write>(
         }
         first = reader.read_msg()?;
     }
-    let inline = match first {
+    let (inline, delta) = match first {
         Msg::Start(StartMode::UpToDate) => {
             return match reader.read_msg()? {
                 Msg::Done(s) => Ok(Greeting::UpToDate(s)),
                 m => Err(m.unexpected("DONE")),
             }
         }
-        Msg::Start(StartMode::Manifest) => false,
-        Msg::Start(StartMode::Inline) => true,
+        Msg::Start(StartMode::Manifest) => (false, false),
+        Msg::Start(StartMode::Inline) => (true, false),
+        Msg::Start(StartMode::Delta)
+            if known.is_empty() && snap.is_some_and(|s| s.base.is_some()) =>
+        {
+            (false, true)
+        }
         m => return Err(m.unexpected("START")),
     };
-    Ok(Greeting::Start { inline, known })
+    Ok(Greeting::Start {
+        inline,
+        known,
+        delta,
+    })
 }
 
 /// Drains the receiver's requests into the main thread's channel until its

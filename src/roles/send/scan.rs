@@ -8,13 +8,12 @@ use std::path::Path;
 use std::sync::mpsc;
 
 use anyhow::{Context, Result};
-use rayon::prelude::*;
 
 use crate::content::chunk::{ChunkParams, Cutter};
 use crate::content::compress::{Adapt, StreamEncoder};
 use crate::content::hash::ChunkHash;
 use crate::content::manifest::{Builder, Entry, Kind};
-use crate::content::scan::{self, read_full, ChunkRec, Content, Extents};
+use crate::content::scan::{self, Extents};
 use crate::roles::send::source::{SendOptions, Source};
 use crate::wire::{ChunkMsg, Msg, Summary};
 
@@ -88,7 +87,12 @@ pub(super) fn spawn_manifest_scanner(
     tx: mpsc::SyncSender<Event>,
 ) -> Result<std::thread::JoinHandle<()>> {
     match opts.sample {
-        Some((k, n)) => spawn_sample_scanner(src, opts.params, k, n, tx),
+        Some((k, n)) => spawn_ranges_scanner(
+            src,
+            opts.params,
+            crate::content::sample::ranges(src.info.size, k, n),
+            tx,
+        ),
         None => spawn_scanner(src, opts, false, tx),
     }
 }
@@ -118,64 +122,40 @@ pub(super) fn chunk_msg(
     })
 }
 
-/// `--check --sample K/N`: the manifest of slice K only (see
-/// [`crate::content::sample`]), in fixed pieces of the chunking's average length,
-/// hashed in parallel; zero runs never span a gap between ranges.
-fn spawn_sample_scanner(
+/// A manifest of only `ranges` (sorted, disjoint, non-empty): `--check
+/// --sample` (slice K of N, see [`crate::content::sample`]) or a delta run's
+/// ranges, in fixed pieces of the chunking's average length
+/// ([`crate::content::sample::scan_pieces`]); zero runs never span a gap
+/// between ranges.
+pub(super) fn spawn_ranges_scanner(
     src: &Source,
     params: ChunkParams,
-    k: u32,
-    n: u32,
+    ranges: Vec<(u64, u64)>,
     tx: mpsc::SyncSender<Event>,
 ) -> Result<std::thread::JoinHandle<()>> {
-    let (file, size, path) = src.for_thread()?;
+    let (file, _, path) = src.for_thread()?;
     let piece = u64::from(params.avg());
     std::thread::Builder::new()
         .name("scan".into())
         .spawn(move || {
             let mut builder = Builder::default();
-            let mut buf = Vec::new();
             let mut covered = 0;
-            let mut scan = || -> Result<()> {
-                for (start, end) in crate::content::sample::ranges(size, k, n) {
-                    let mut at = start;
-                    while at < end {
-                        // Up to 8 MiB at a time, a whole number of pieces.
-                        let len = (end - at).min(((8 << 20) / piece).max(1) * piece);
-                        buf.resize(len as usize, 0);
-                        read_full(&file, &mut buf, at)?;
-                        let recs: Vec<ChunkRec> = buf
-                            .par_chunks(piece as usize)
-                            .enumerate()
-                            .map(|(j, d)| ChunkRec {
-                                offset: at + j as u64 * piece,
-                                len: d.len() as u32,
-                                content: if crate::content::chunk::is_zero(d) {
-                                    Content::Zero
-                                } else {
-                                    Content::Data(ChunkHash::of(d))
-                                },
-                            })
-                            .collect();
-                        let mut out = Vec::with_capacity(recs.len());
-                        for r in &recs {
-                            builder.push(r, &mut out);
-                        }
-                        if at + len == end {
-                            builder.break_run(&mut out);
-                        }
-                        covered += len;
-                        if !out.is_empty() {
-                            let covered = std::mem::take(&mut covered);
-                            tx.send(Event::Batch(out, Vec::new(), covered))
-                                .map_err(|_| anyhow::anyhow!("sender stopped"))?;
-                        }
-                        at += len;
-                    }
+            let r = crate::content::sample::scan_pieces(&file, &ranges, piece, |recs, ends| {
+                let mut out = Vec::with_capacity(recs.len());
+                for r in &recs {
+                    builder.push(r, &mut out);
+                    covered += u64::from(r.len);
+                }
+                if ends {
+                    builder.break_run(&mut out);
+                }
+                if !out.is_empty() {
+                    let covered = std::mem::take(&mut covered);
+                    tx.send(Event::Batch(out, Vec::new(), covered))
+                        .map_err(|_| anyhow::anyhow!("sender stopped"))?;
                 }
                 Ok(())
-            };
-            let r = scan();
+            });
             end_scan(r, builder, covered, &path, &tx);
         })
         .context("cannot start a thread")

@@ -128,6 +128,22 @@ impl Source {
         })
     }
 
+    /// A `--snapshot` clone, read in place of the source at `path`; `info`
+    /// is the source's as of the clone. Nothing writes the clone, so its
+    /// stamp holding is a formality.
+    pub fn snapshot(file: File, path: &Path, info: FileInfo) -> Result<Source> {
+        let meta = file
+            .metadata()
+            .with_context(|| format!("cannot stat the snapshot of {}", path.display()))
+            .exit_with(Exit::Io)?;
+        Ok(Source {
+            info,
+            stamp: Stamp::of(&meta),
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
     /// What a scanning thread needs: its own handle, the size, the name.
     pub(super) fn for_thread(&self) -> Result<(File, u64, PathBuf)> {
         let file = self

@@ -169,7 +169,7 @@ impl Open {
 /// | 8    | mtime seconds i64                                                |
 /// | 4    | mtime nanoseconds u32                                            |
 /// | 4    | mode u32: full `st_mode`; `S_IFBLK` marks a block device source, never quick-checked, whose mtime is the time of the copy |
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FileInfo {
     pub size: u64,
     pub mtime_sec: i64,
@@ -205,6 +205,9 @@ pub enum StartMode {
     /// 2: I hold nothing of this file: send every data chunk right after the
     /// manifest batch that lists it, unasked.
     Inline,
+    /// 3: my destination holds the `SNAPSHOT` base: send `RANGES` and a
+    /// manifest of those ranges only (see [`super::snapshot`]).
+    Delta,
 }
 
 /// `DONE`'s write mode byte when nothing was written.
@@ -218,6 +221,7 @@ const NOT_WRITTEN: u8 = 255;
 /// | 7 × 8  | source size, reused, literal, zero, differing bytes, checked bytes (what `--check` compared: the file, or its sample), total range count |
 /// | 1      | write mode that ran: a [`WriteMode`] code (never 0, auto), 255 when nothing was written |
 /// | 8      | bytes the receiver wrote to storage for this file: data into the destination, its partial file or journal, and the journal's replay |
+/// | 8      | bytes of a delta run's verify ranges that differed from the destination |
 /// | 4      | listed count (≤ [`MAX_RANGES`], ≤ the total)                   |
 /// | listed × 16 | (offset u64, length u64)                                  |
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -244,6 +248,14 @@ pub struct Summary {
     /// Bytes the receiver wrote to storage for this file: the destination,
     /// its partial file or journal (not the manifest cache).
     pub dest_written_bytes: u64,
+    /// Bytes of a delta run's verify ranges that differed from the
+    /// destination (see [`super::snapshot`]).
+    pub verify_mismatch_bytes: u64,
+    /// `--snapshot`: what the sending side read. Not in `DONE`: each end
+    /// knows it from `SNAPSHOT` and `RANGES`.
+    /// Boxed: a `DONE` in a message queue would otherwise make every
+    /// queued message this much larger.
+    pub snapshot: Option<Box<super::snapshot::SnapshotStats>>,
 }
 
 impl Summary {
@@ -268,6 +280,7 @@ impl Summary {
         }
         out.push(self.write_mode.map_or(NOT_WRITTEN, |m| m as u8));
         out.extend_from_slice(&self.dest_written_bytes.to_le_bytes());
+        out.extend_from_slice(&self.verify_mismatch_bytes.to_le_bytes());
         let listed = &self.ranges[..self.ranges.len().min(MAX_RANGES)];
         out.extend_from_slice(&(listed.len() as u32).to_le_bytes());
         for (o, l) in listed {
@@ -306,6 +319,8 @@ impl Summary {
                 },
             },
             dest_written_bytes: r.u64()?,
+            verify_mismatch_bytes: r.u64()?,
+            snapshot: None,
         };
         let n = r.u32()? as usize;
         if n > MAX_RANGES || n as u64 > s.range_count {

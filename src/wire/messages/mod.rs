@@ -35,6 +35,8 @@
 //! | 19   | `END`          | client→server | empty: no more `APPLY`; the server exits |
 //! | 20   | `PIECES`       | recv→sender   | count u32 (≤ [`MAX_PIECE_REFS`]) × 16-byte digest of a piece of the receiver's cached manifest (see [`crate::content::manifest`]); optional, only right before `START` `0` |
 //! | 21   | `MANIFEST_REF` | sender→recv   | piece index u32 into the receiver's `PIECES`: "these entries come next" |
+//! | 22   | `SNAPSHOT`     | sender→recv   | `--snapshot`, right before `FILE_INFO`: see [`mod@snapshot`] |
+//! | 23   | `RANGES`       | sender→recv   | after `START` 3 (delta): the ranges the manifest covers, see [`mod@snapshot`] |
 //!
 //! A run: hello both ways; `OPEN`; the sender sends `FILE_INFO`; the
 //! receiver answers `START`; the sender streams `MANIFEST`…`MANIFEST_END`
@@ -56,6 +58,7 @@
 //! Any change to these tables bumps [`crate::wire::frame::PROTOCOL_VERSION`].
 
 pub mod file;
+pub mod snapshot;
 pub mod tree;
 
 use anyhow::Result;
@@ -71,6 +74,7 @@ pub use file::{
     ChunkMsg, FileInfo, Open, Role, StartMode, Summary, MAX_MESSAGE, MAX_PATH, MAX_PIECE_REFS,
     MAX_RANGES, MAX_REQUEST, MAX_SAMPLE, MAX_SEEDS, MAX_TIMEOUT,
 };
+pub use snapshot::{DeltaRange, Reason, SnapshotId, SnapshotMsg, SnapshotStats};
 pub use tree::{
     attrs, list_flags, valid_rel_path, EntryKind, ListEntry, Op, OpResult, MAX_ENTRIES,
     MAX_LIST_BATCH, MAX_OPS, MAX_OP_MESSAGE,
@@ -98,11 +102,13 @@ const T_APPLIED: u8 = 18;
 const T_END: u8 = 19;
 const T_PIECES: u8 = 20;
 const T_MANIFEST_REF: u8 = 21;
+const T_SNAPSHOT: u8 = 22;
+const T_RANGES: u8 = 23;
 
 /// Whether `t` is a message type of this protocol version; the frame layer
 /// names the version when it is not.
 pub fn known_type(t: u8) -> bool {
-    (T_OPEN..=T_MANIFEST_REF).contains(&t)
+    (T_OPEN..=T_RANGES).contains(&t)
 }
 
 /// One message; the variants follow the type table in the module doc.
@@ -147,6 +153,12 @@ pub enum Msg {
     End,
     Pieces(Vec<PieceDigest>),
     ManifestRef(u32),
+    /// Boxed: every message in a queue would otherwise be this large.
+    Snapshot(Box<SnapshotMsg>),
+    Ranges {
+        last: bool,
+        ranges: Vec<DeltaRange>,
+    },
 }
 
 impl Msg {
@@ -173,6 +185,8 @@ impl Msg {
             Msg::End => "END",
             Msg::Pieces(_) => "PIECES",
             Msg::ManifestRef(_) => "MANIFEST_REF",
+            Msg::Snapshot(_) => "SNAPSHOT",
+            Msg::Ranges { .. } => "RANGES",
         }
     }
 
@@ -211,6 +225,7 @@ impl Msg {
                     StartMode::Manifest => 0,
                     StartMode::UpToDate => 1,
                     StartMode::Inline => 2,
+                    StartMode::Delta => 3,
                 });
             }
             Msg::Manifest(batch) => {
@@ -298,6 +313,14 @@ impl Msg {
                 out.push(T_MANIFEST_REF);
                 out.extend_from_slice(&i.to_le_bytes());
             }
+            Msg::Snapshot(m) => {
+                out.push(T_SNAPSHOT);
+                m.put(out);
+            }
+            Msg::Ranges { last, ranges } => {
+                out.push(T_RANGES);
+                snapshot::put_ranges(out, *last, ranges);
+            }
             Msg::Chunk(c) => {
                 out.push(T_CHUNK);
                 c.put(out);
@@ -327,6 +350,7 @@ impl Msg {
                 0 => StartMode::Manifest,
                 1 => StartMode::UpToDate,
                 2 => StartMode::Inline,
+                3 => StartMode::Delta,
                 x => return Err(malformed(format!("START with value {x}"))),
             }),
             T_MANIFEST => Msg::Manifest(r.rest().to_vec()),
@@ -447,6 +471,11 @@ impl Msg {
                 )
             }
             T_MANIFEST_REF => Msg::ManifestRef(r.u32()?),
+            T_SNAPSHOT => Msg::Snapshot(Box::new(SnapshotMsg::get(&mut r)?)),
+            T_RANGES => {
+                let (last, ranges) = snapshot::get_ranges(&mut r)?;
+                Msg::Ranges { last, ranges }
+            }
             T_CHUNK => Msg::Chunk(ChunkMsg::get(&mut r)?),
             T_DONE => Msg::Done(Summary::get(&mut r)?),
             t => {
@@ -573,8 +602,37 @@ mod tests {
             ranges: vec![(1, 2), (3, 4)],
             write_mode: Some(WriteMode::Clone),
             dest_written_bytes: 77,
+            verify_mismatch_bytes: 8,
+            snapshot: None,
         }));
         round_trip(Msg::Done(Summary::default()));
+        round_trip(Msg::Start(StartMode::Delta));
+        round_trip(Msg::Snapshot(Box::new(SnapshotMsg {
+            base: Some([3; 32]),
+            next: [4; 32],
+            reason: Reason::Delta,
+            snapshot_us: 1234,
+            frozen_us: Some(99),
+        })));
+        round_trip(Msg::Snapshot(Box::new(SnapshotMsg {
+            base: None,
+            next: [4; 32],
+            reason: Reason::NoBase,
+            snapshot_us: 1,
+            frozen_us: None,
+        })));
+        round_trip(Msg::Ranges {
+            last: true,
+            ranges: vec![DeltaRange {
+                offset: 4096,
+                len: 8192,
+                verify: true,
+            }],
+        });
+        round_trip(Msg::Ranges {
+            last: false,
+            ranges: Vec::new(),
+        });
     }
 
     fn entry(kind: EntryKind, path: &str, mode: u32, target: &str) -> ListEntry {
