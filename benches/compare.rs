@@ -2596,6 +2596,10 @@ struct SnapRun {
     /// delta run has to read. `None`: no kept snapshot where the contract
     /// says.
     moved: Option<u64>,
+    /// Extents of the source just before the run (FIEMAP): XFS's `FICLONE`
+    /// takes time in proportion to them, and every scattered rewrite adds
+    /// about two.
+    extents: usize,
 }
 
 /// One vmsync variant of the snapshot scenario: its runs as any tool's
@@ -2731,6 +2735,17 @@ fn snap_notes(what: &str, run: &SnapRun, size: u64, changed: u64) -> Vec<String>
             changed / CHANGE_BLOCK
         ));
     }
+    for (name, ms, target) in [
+        ("snapshot_ms", Some(r.snapshot_ms), SNAP_CLONE_TARGET_MS),
+        ("frozen_ms", r.frozen_ms, SNAP_FROZEN_TARGET_MS),
+    ] {
+        if let Some(ms) = ms.filter(|&ms| ms > target) {
+            notes.push(format!(
+                "{what}: {name} {ms:.1} > {target:.0} ms, with {} extents in the source",
+                run.extents
+            ));
+        }
+    }
     let extra = r.read_without_verify() as f64 - SNAP_READ_TARGET * changed as f64;
     if r.read == "delta" && extra > 0.0 {
         notes.push(format!(
@@ -2860,6 +2875,7 @@ fn run_snapshot_scenario(ctx: &mut Ctx, size: u64, runs: usize, keep: bool) -> R
                 .exists()
                 .then(|| common::fs::moved_blocks(&kept, &src, CHANGE_BLOCK).len() as u64)
                 .map(|b| b * CHANGE_BLOCK);
+            let extents = common::fs::extents(&src).len();
             if k == 0 {
                 // vmsync's destination is still the previous version.
                 for r in &mut rsync {
@@ -2873,7 +2889,11 @@ fn run_snapshot_scenario(ctx: &mut Ctx, size: u64, runs: usize, keep: bool) -> R
             snap_timed_run(ctx, &mut v.stats, &src, &dst, &fp, &what)?;
             let rep = SnapReport::from_json(v.stats.runs.last().and_then(|m| m.json.as_ref()))
                 .with_context(|| what.clone())?;
-            let r = SnapRun { rep, moved };
+            let r = SnapRun {
+                rep,
+                moved,
+                extents,
+            };
             notes.extend(snap_notes(&what, &r, size, changed));
             v.runs.push(r);
         }
@@ -3032,18 +3052,19 @@ fn render_snapshot(s: &mut String, env: &Env, r: &SnapResult, runs: usize) {
     let _ = writeln!(
         s,
         "\n| tool | run | time | CPU client / server | read | source read | verify slice | \
-         skipped | moved (FIEMAP) | snapshot | frozen | wire | dest written | device written |"
+         skipped | moved (FIEMAP) | source extents | snapshot | frozen | wire | dest written | \
+         device written |"
     );
     let _ = writeln!(
         s,
-        "|---|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+        "|---|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
     );
     let dev = |m: &Measured| m.device_written.map_or("n/a".into(), fmt_bytes);
     for ms in &r.rsync {
         for (i, m) in ms.runs.iter().enumerate() {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {:.2} s / {:.2} s | | | | | | | | {} | {} | {} |",
+                "| {} | {} | {} | {:.2} s / {:.2} s | | | | | | | | | {} | {} | {} |",
                 ms.label,
                 i + 1,
                 fmt_secs(m.secs),
@@ -3059,7 +3080,7 @@ fn render_snapshot(s: &mut String, env: &Env, r: &SnapResult, runs: usize) {
         for (i, (m, x)) in v.stats.runs.iter().zip(&v.runs).enumerate() {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {:.2} s / {:.2} s | {} | {} | {} | {} | {} | {:.1} ms | {} | {} | {} | {} |",
+                "| {} | {} | {} | {:.2} s / {:.2} s | {} | {} | {} | {} | {} | {} | {:.1} ms | {} | {} | {} | {} |",
                 v.stats.label,
                 i + 1,
                 fmt_secs(m.secs),
@@ -3070,6 +3091,7 @@ fn render_snapshot(s: &mut String, env: &Env, r: &SnapResult, runs: usize) {
                 fmt_bytes(x.rep.verify),
                 fmt_bytes(x.rep.source_skipped),
                 x.moved.map_or("n/a".into(), fmt_bytes),
+                x.extents,
                 x.rep.snapshot_ms,
                 x.rep.frozen_ms.map_or("null".into(), |f| format!("{f:.1} ms")),
                 fmt_bytes(m.wire),
@@ -3081,7 +3103,11 @@ fn render_snapshot(s: &mut String, env: &Env, r: &SnapResult, runs: usize) {
     let _ = writeln!(
         s,
         "\nrsync's **dest written** here is GNU time `%O` of the receiving rsync; **device \
-         written**: what the destination's loop device received (n/a without `--dest-fs`)."
+         written**: what the destination's loop device received (n/a without `--dest-fs`). \
+         **source extents**: FIEMAP's count for the source just before the run: XFS's \
+         `FICLONE` (all that `snapshot_ms` times) costs time in proportion to them, and each \
+         scattered rewrite adds about two per block, so later rounds clone a more fragmented \
+         image."
     );
     let mut off = r.notes.clone();
     for m in r.rsync.iter().chain(r.vmsync.iter().map(|v| &v.stats)) {
