@@ -3122,7 +3122,8 @@ fn render_snapshot(s: &mut String, env: &Env, r: &SnapResult, runs: usize) {
         let _ = writeln!(
             s,
             "\nNothing off: every timed vmsync run read a delta, read + skipped = the size, no \
-             verify mismatch, and XFS moved exactly the rewritten blocks."
+             verify mismatch, XFS moved exactly the rewritten blocks, and snapshot and frozen times \
+             within their targets."
         );
     } else {
         let _ = writeln!(s, "\n**What looked off:**\n");
