@@ -5,6 +5,7 @@
 //!                                [--out FILE] [--quick] [--keep] [--calibrate] [--vmsync-inplace]
 //!                                [--vmsync-blocks SIZE] [--vmsync-mode MODE]... [--rss-slope]
 //!                                [--dest-fs xfs|btrfs|ext4|workdir] [--drop-caches|--no-drop-caches]
+//!                                [--snapshot-scenario [--snapshot-size 8G]]
 //! ```
 //!
 //! Generates deterministic disk-image-like files under /var/tmp, starts a
@@ -36,6 +37,16 @@
 //! (allocated bytes: holes are neither read nor kept), and a verdict against
 //! the targets (at most ~40 MiB per GiB, under 200 MiB for a 4 GiB image).
 //! It needs 14x the size free instead of 7x.
+//!
+//! `--snapshot-scenario` measures issue 13 (`vmsync --snapshot`): an 8 GiB
+//! image (`--snapshot-size`) on a loop-mounted reflink XFS of its own, one
+//! untimed first push, then per round 0.1% of its 4 KiB blocks rewritten
+//! and rsync (both modes) against `vmsync --snapshot --freeze true --thaw
+//! true`, plus one more rewrite timed with `--snapshot-verify 0`. It has its
+//! own section in the report (bytes read from the source against the
+//! changed bytes, snapshot and frozen milliseconds, time against rsync's
+//! best mode). Alone (without `--scenarios`) it runs only that scenario and
+//! writes to `target/compare-snapshot.md` unless `--out` says otherwise.
 
 // Shared with the integration tests, which lint it (and own it): its lints
 // are theirs to fix, so they do not fail the benches too. A bench uses a
@@ -145,6 +156,10 @@ struct Opts {
     dest_fs: Option<FsKind>,
     /// `--drop-caches` / `--no-drop-caches`; `None`: on when root.
     drop_caches: Option<bool>,
+    /// `--snapshot-scenario`: also (or, without `--scenarios`, only) run the
+    /// snapshot scenario of issue 13, on an image of `snapshot_size` bytes.
+    snapshot: bool,
+    snapshot_size: u64,
     /// What the user typed after `--` (cargo's own `--bench` removed).
     args: Vec<String>,
 }
@@ -153,7 +168,7 @@ fn parse_args() -> Result<Opts> {
     let raw: Vec<String> = std::env::args().skip(1).collect();
     let mut size_gib: Option<f64> = None;
     let mut runs: Option<usize> = None;
-    let mut scenarios: Vec<usize> = (1..=6).collect();
+    let mut scenarios: Option<Vec<usize>> = None;
     let mut out: Option<PathBuf> = None;
     let (mut quick, mut keep, mut calibrate) = (false, false, false);
     let mut vmsync_inplace = false;
@@ -162,6 +177,8 @@ fn parse_args() -> Result<Opts> {
     let mut vmsync_modes: Vec<String> = Vec::new();
     let mut dest_fs = None;
     let mut drop_caches = None;
+    let mut snapshot = false;
+    let mut snapshot_size = None;
     let mut args = Vec::new();
     let mut i = 0;
     while i < raw.len() {
@@ -180,6 +197,7 @@ fn parse_args() -> Result<Opts> {
                 | "--vmsync-blocks"
                 | "--vmsync-mode"
                 | "--dest-fs"
+                | "--snapshot-size"
         );
         let value = if takes_value {
             match inline {
@@ -213,17 +231,20 @@ fn parse_args() -> Result<Opts> {
                 runs = Some(v);
             }
             "--scenarios" => {
-                scenarios = value
-                    .as_deref()
-                    .unwrap()
-                    .split(',')
-                    .filter(|s| !s.trim().is_empty())
-                    .map(|s| s.trim().parse::<usize>())
-                    .collect::<Result<_, _>>()
-                    .context("--scenarios takes numbers 1-6, comma separated")?;
-                if scenarios.is_empty() || scenarios.iter().any(|&s| !(1..=6).contains(&s)) {
-                    bail!("--scenarios takes numbers 1-6, comma separated");
+                let v = value.as_deref().unwrap();
+                let list: Vec<usize> = if v == "all" {
+                    (1..=6).collect()
+                } else {
+                    v.split(',')
+                        .filter(|s| !s.trim().is_empty())
+                        .map(|s| s.trim().parse::<usize>())
+                        .collect::<Result<_, _>>()
+                        .context("--scenarios takes numbers 1-6, comma separated, or all")?
+                };
+                if list.is_empty() || list.iter().any(|&s| !(1..=6).contains(&s)) {
+                    bail!("--scenarios takes numbers 1-6, comma separated, or all");
                 }
+                scenarios = Some(list);
             }
             "--out" => out = Some(PathBuf::from(value.unwrap())),
             "--quick" => quick = true,
@@ -244,13 +265,21 @@ fn parse_args() -> Result<Opts> {
             "--dest-fs" => dest_fs = Some(FsKind::parse(value.as_deref().unwrap())?),
             "--drop-caches" => drop_caches = Some(true),
             "--no-drop-caches" => drop_caches = Some(false),
+            "--snapshot-scenario" => snapshot = true,
+            "--snapshot-size" => {
+                let v = parse_size(value.as_deref().unwrap()).context("--snapshot-size")?;
+                if !(16 * MIB..=64 * GIB).contains(&v) {
+                    bail!("--snapshot-size must be between 16M and 64G");
+                }
+                snapshot_size = Some(v);
+            }
             "-h" | "--help" => {
                 println!(
                     "usage: cargo bench --bench compare -- [--size-gib N] [--runs K] \
                      [--scenarios 1,2,...] [--out FILE] [--quick] [--keep] [--calibrate] \
                      [--vmsync-inplace] [--vmsync-blocks SIZE] [--vmsync-mode MODE]... \
                      [--rss-slope] [--dest-fs xfs|btrfs|ext4|workdir] \
-                     [--drop-caches|--no-drop-caches]\n\
+                     [--drop-caches|--no-drop-caches] [--snapshot-scenario [--snapshot-size 8G]]\n\
                      see benches/README.md"
                 );
                 std::process::exit(0);
@@ -269,11 +298,25 @@ fn parse_args() -> Result<Opts> {
     // Whole MiB, and a multiple of the 8 KiB database page.
     let size = ((size_gib * GIB as f64) as u64 / MIB).max(8) * MIB;
     let runs = runs.unwrap_or(if quick { 1 } else { 3 });
+    if snapshot_size.is_some() && !snapshot {
+        bail!("--snapshot-size needs --snapshot-scenario");
+    }
+    let snapshot_size = snapshot_size.unwrap_or(if quick { 512 * MIB } else { 8 * GIB });
+    // --snapshot-scenario alone runs only that scenario (its image is 8 GiB,
+    // the others default to 1 GiB); with --scenarios, both.
+    let scenarios = match scenarios {
+        Some(s) => s,
+        None if snapshot => Vec::new(),
+        None => (1..=6).collect(),
+    };
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = match out {
         Some(p) if p.is_absolute() => p,
         Some(p) => std::env::current_dir()?.join(p),
         None if quick => manifest.join("target/compare-quick.md"),
+        // A report of the snapshot scenario alone must not replace the
+        // committed table of the six scenarios.
+        None if scenarios.is_empty() => manifest.join("target/compare-snapshot.md"),
         None => manifest.join("benches/RESULTS.md"),
     };
     Ok(Opts {
@@ -290,8 +333,32 @@ fn parse_args() -> Result<Opts> {
         vmsync_modes,
         dest_fs,
         drop_caches,
+        snapshot,
+        snapshot_size,
         args,
     })
+}
+
+/// A byte count with an optional binary suffix: `8G`, `512M`, `1.5GiB`,
+/// `65536`; whole MiB (rounded down).
+fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let digits = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let num: f64 = num
+        .parse()
+        .with_context(|| format!("{s:?} is not a size"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => KIB,
+        "m" | "mib" => MIB,
+        "g" | "gib" => GIB,
+        "t" | "tib" => 1024 * GIB,
+        u => bail!("unknown unit {u:?} in {s:?} (K, M, G, T)"),
+    };
+    Ok((num * mult as f64) as u64 / MIB * MIB)
 }
 
 // ---------------------------------------------------------------------------
@@ -1295,11 +1362,13 @@ const WRITE_MODES: [&str; 5] = ["auto", "clone", "journal", "copy", "unsafe-inpl
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tool {
     /// `blocks`: run with `--block-size` (the size is in `Ctx`); `mode`:
-    /// run with `--write-mode`, an index into `Ctx::write_modes`.
+    /// run with `--write-mode`, an index into `Ctx::write_modes`;
+    /// `snapshot`: run with `--snapshot` (the snapshot scenario).
     Vmsync {
         inplace: bool,
         blocks: bool,
         mode: Option<usize>,
+        snapshot: Option<SnapArgs>,
     },
     Rsync {
         inplace: bool,
@@ -1312,7 +1381,37 @@ impl Tool {
         inplace: false,
         blocks: false,
         mode: None,
+        snapshot: None,
     };
+
+    /// vmsync as the snapshot scenario runs it.
+    fn snapshot(verify: Option<u32>) -> Tool {
+        Tool::Vmsync {
+            inplace: false,
+            blocks: false,
+            mode: None,
+            snapshot: Some(SnapArgs { verify }),
+        }
+    }
+}
+
+/// `--snapshot --freeze CMD --thaw CMD` ([`SNAP_FREEZE`]), and
+/// `--snapshot-verify N` when `verify` is set (else vmsync's default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SnapArgs {
+    verify: Option<u32>,
+}
+
+impl SnapArgs {
+    fn args(self) -> Vec<String> {
+        let mut a: Vec<String> = ["--snapshot", "--freeze", SNAP_FREEZE, "--thaw", SNAP_FREEZE]
+            .map(String::from)
+            .into();
+        if let Some(n) = self.verify {
+            a.extend(["--snapshot-verify".to_string(), n.to_string()]);
+        }
+        a
+    }
 }
 
 struct Ctx {
@@ -1334,6 +1433,8 @@ struct Ctx {
     /// `/sys/block/loopN/stat` of `--dest-fs`'s loop device (`None`: the
     /// destination is in the work dir).
     dest_stat: Option<PathBuf>,
+    /// Where `--dest-fs` is mounted (`None`: the work dir).
+    dest_mount: Option<PathBuf>,
     /// Seconds spent in untimed pre-syncs and verification.
     overhead: f64,
     _sshd: Sshd,
@@ -1346,8 +1447,13 @@ impl Ctx {
                 inplace,
                 blocks,
                 mode,
+                snapshot,
             } => {
                 let mut s = String::from("vmsync");
+                for a in snapshot.map(SnapArgs::args).unwrap_or_default() {
+                    s.push(' ');
+                    s.push_str(&a);
+                }
                 if inplace {
                     s.push_str(" --inplace");
                 }
@@ -1538,9 +1644,16 @@ fn rsync_total(stats: &str, key: &str) -> Result<u64> {
         .with_context(|| format!("cannot parse {line:?}"))
 }
 
-/// One sync of `src` to the destination with `tool`. A timed run also
-/// measures peak RSS on both ends.
-fn sync(ctx: &Ctx, tool: Tool, sparse: bool, src: &Path, timed: bool) -> Result<Measured> {
+/// One sync of `src` to `dst` (on the destination host) with `tool`. A
+/// timed run also measures peak RSS on both ends.
+fn sync(
+    ctx: &Ctx,
+    tool: Tool,
+    sparse: bool,
+    src: &Path,
+    dst: &Path,
+    timed: bool,
+) -> Result<Measured> {
     let rss_c = ctx.work.join("rss-client");
     let rss_s = ctx.work.join("rss-server");
     let _ = fs::remove_file(&rss_c);
@@ -1568,13 +1681,17 @@ fn sync(ctx: &Ctx, tool: Tool, sparse: bool, src: &Path, timed: bool) -> Result<
     } else {
         Command::new(prog)
     };
-    let dst = format!("127.0.0.1:{}", ctx.dst.display());
+    let dst = format!("127.0.0.1:{}", dst.display());
     match tool {
         Tool::Vmsync {
             inplace,
             blocks,
             mode,
+            snapshot,
         } => {
+            if let Some(a) = snapshot {
+                cmd.args(a.args());
+            }
             if inplace {
                 cmd.arg("--inplace");
             }
@@ -1888,7 +2005,7 @@ fn measure_run(ctx: &mut Ctx, sc: &Scenario, tool: Tool, what: &str) -> Result<R
         if sc.touch {
             set_mtime(old, MTIME_OLD)?;
         }
-        sync(ctx, tool, sc.sparse, old, false)
+        sync(ctx, tool, sc.sparse, old, &ctx.dst, false)
             .with_context(|| format!("{what}: pre-sync of the old version"))?;
         verify_identical(old, &ctx.dst, &format!("{what} (pre-sync)"))?;
         settle(&ctx.dst)?;
@@ -1896,24 +2013,12 @@ fn measure_run(ctx: &mut Ctx, sc: &Scenario, tool: Tool, what: &str) -> Result<R
     if sc.touch {
         set_mtime(&sc.new, MTIME_NEW)?;
     }
-    if ctx.drop_caches {
-        drop_page_cache()?;
-    } else {
-        rustix::fs::sync();
-    }
-    let dev_before = ctx.dest_stat.as_deref().map(device_written).transpose()?;
     ctx.overhead += prep.elapsed().as_secs_f64();
-
-    let mut m = sync(ctx, tool, sc.sparse, &sc.new, true).with_context(|| what.to_string())?;
-
+    let dst = ctx.dst.clone();
+    let m = timed_sync(ctx, tool, sc.sparse, &sc.new, &dst, what, || {
+        verify_identical(&sc.new, &dst, what)
+    })?;
     let post = Instant::now();
-    verify_identical(&sc.new, &ctx.dst, what)?;
-    // The check only reads (noatime), so what the device got until the
-    // destination is flushed is the run's.
-    settle(&ctx.dst)?;
-    if let (Some(stat), Some(before)) = (&ctx.dest_stat, dev_before) {
-        m.device_written = Some(device_written(stat)?.saturating_sub(before));
-    }
     let dst_alloc = allocated(&ctx.dst)?;
     let stray: Vec<String> = fs::read_dir(&ctx.dst_dir)?
         .filter_map(|e| e.ok())
@@ -1956,6 +2061,40 @@ fn measure_run(ctx: &mut Ctx, sc: &Scenario, tool: Tool, what: &str) -> Result<R
     })
 }
 
+/// The timed part of a run: drops the page cache (or syncs), runs `tool`
+/// from `src` to `dst` under GNU time, calls `check` (which fails loudly on
+/// any difference), flushes `dst` and records what the destination's device
+/// received from just before the run until then.
+fn timed_sync(
+    ctx: &mut Ctx,
+    tool: Tool,
+    sparse: bool,
+    src: &Path,
+    dst: &Path,
+    what: &str,
+    check: impl FnOnce() -> Result<()>,
+) -> Result<Measured> {
+    let prep = Instant::now();
+    if ctx.drop_caches {
+        drop_page_cache()?;
+    } else {
+        rustix::fs::sync();
+    }
+    let dev_before = ctx.dest_stat.as_deref().map(device_written).transpose()?;
+    ctx.overhead += prep.elapsed().as_secs_f64();
+    let mut m = sync(ctx, tool, sparse, src, dst, true).with_context(|| what.to_string())?;
+    let post = Instant::now();
+    check()?;
+    // The check only reads (noatime), so what the device got until the
+    // destination is flushed is the run's.
+    settle(dst)?;
+    if let (Some(stat), Some(before)) = (&ctx.dest_stat, dev_before) {
+        m.device_written = Some(device_written(stat)?.saturating_sub(before));
+    }
+    ctx.overhead += post.elapsed().as_secs_f64();
+    Ok(m)
+}
+
 /// Deletes a scenario's generated files, unless `keep`.
 fn discard(sc: &Scenario, keep: bool) {
     if !keep {
@@ -1979,6 +2118,7 @@ fn tools(opts: &Opts) -> Vec<Tool> {
             inplace: true,
             blocks: false,
             mode: None,
+            snapshot: None,
         });
     }
     if opts.vmsync_blocks.is_some() {
@@ -1986,6 +2126,7 @@ fn tools(opts: &Opts) -> Vec<Tool> {
             inplace: false,
             blocks: true,
             mode: None,
+            snapshot: None,
         });
     }
     for k in 0..opts.vmsync_modes.len() {
@@ -1993,6 +2134,7 @@ fn tools(opts: &Opts) -> Vec<Tool> {
             inplace: false,
             blocks: false,
             mode: Some(k),
+            snapshot: None,
         });
     }
     tools
@@ -2163,6 +2305,832 @@ fn measure_slope(
         b,
         gen_secs,
     })
+}
+
+// ---------------------------------------------------------------------------
+// Snapshot scenario (`--snapshot-scenario`): issue 13
+// ---------------------------------------------------------------------------
+//
+// Issue 13 is judged on what an incremental `--snapshot` run reads from the
+// source: only the blocks whose physical mapping differs between the
+// snapshot the previous run kept and a fresh reflink clone. So the source
+// lives on an XFS with reflinks made for the scenario (the kept snapshot sits
+// beside it), an untimed first push establishes the kept snapshot and the
+// destination, and every timed round then
+//   1. rewrites 0.1% of the source's 4 KiB blocks (scattered, new data, never
+//      a block an earlier rewrite touched) and fsyncs it;
+//   2. times rsync in both modes, each from a reflink copy of vmsync's
+//      destination (still the previous version), checking the copy;
+//   3. times `vmsync --snapshot --freeze true --thaw true` (default verify
+//      slice), checking the destination against a hash of the source;
+//   4. rewrites as many other blocks and times the same with
+//      `--snapshot-verify 0`: what the run reads and costs without the slice.
+// rsync reads everything whichever blocks changed, so step 4 is compared
+// with the round's rsync times too.
+
+/// The freeze and thaw commands of the timed runs: they cost a fork and an
+/// exec of `/bin/sh`, so the frozen time is vmsync's own.
+const SNAP_FREEZE: &str = "true";
+/// Issue 13's targets: time ÷ rsync's best mode ...
+const SNAP_TIME_TARGET: f64 = 0.15;
+/// ... bytes read from the source (verify slice apart) ÷ changed ...
+const SNAP_READ_TARGET: f64 = 1.1;
+/// ... snapshot creation and frozen time, ms.
+const SNAP_CLONE_TARGET_MS: f64 = 100.0;
+const SNAP_FROZEN_TARGET_MS: f64 = 200.0;
+/// Each rewrite touches this many per mille of the source's 4 KiB blocks.
+const SNAP_REWRITE_PER_MILLE: u64 = 1;
+
+/// The snapshot scenario's image: data everywhere (no holes, no zeros, so
+/// every byte is real work for a full read), poorly compressible but not all
+/// random: about 1.4:1 under zstd -3.
+const SNAP_MIX: &Mix = &[
+    (Class::Text, 0.2, 64 * KIB, 4 * MIB),
+    (Class::Records, 0.2, 64 * KIB, 4 * MIB),
+    (Class::Random, 0.6, 64 * KIB, 8 * MIB),
+];
+
+/// Size of the source filesystem for an image of `size` bytes: the image,
+/// its clones share its blocks, and rewritten blocks plus XFS's copy-on-write
+/// staging are a few percent. Sparse, like the destination's.
+fn snap_src_fs_size(size: u64) -> u64 {
+    (size + size / 4 + 512 * MIB).max(GIB).div_ceil(MIB) * MIB
+}
+
+/// Free space the scenario needs in the work dir: the source filesystem's
+/// data (1x), and on the destination filesystem vmsync's destination,
+/// rsync's copy of it (shared on XFS, a full copy elsewhere) and the
+/// temporary file of rsync's plain mode (3x at most).
+fn snap_need(size: u64) -> u64 {
+    4 * size + GIB
+}
+
+/// Size of the pieces a [`Fingerprint`] hashes: small, so that updating it
+/// after a rewrite re-reads little (64 KiB per rewritten block), and few:
+/// 32 bytes per 64 KiB is 4 MiB for 8 GiB.
+const PIECE: usize = 64 * KIB as usize;
+
+/// What a file holds: its size, mtime and a BLAKE3 hash of every [`PIECE`].
+/// Checking a destination against the source's then reads the destination
+/// only, and a rewrite updates it by re-reading the pieces it touched.
+struct Fingerprint {
+    len: u64,
+    mtime: (i64, i64),
+    pieces: Vec<blake3::Hash>,
+}
+
+/// Reads `path` in [`STAGE`]-sized steps and calls `each(piece index, hash)`
+/// for every [`PIECE`] of it; returns its size and mtime.
+fn hash_pieces(
+    path: &Path,
+    mut each: impl FnMut(usize, blake3::Hash) -> Result<()>,
+) -> Result<(u64, (i64, i64))> {
+    let f = File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let md = f.metadata()?;
+    let len = md.len();
+    let mut buf = vec![0u8; STAGE];
+    let mut pos = 0;
+    while pos < len {
+        check_interrupt()?;
+        let n = (len - pos).min(STAGE as u64) as usize;
+        f.read_exact_at(&mut buf[..n], pos)?;
+        let first = (pos / PIECE as u64) as usize;
+        for (i, piece) in buf[..n].chunks(PIECE).enumerate() {
+            each(first + i, blake3::hash(piece))?;
+        }
+        pos += n as u64;
+    }
+    Ok((len, (md.mtime(), md.mtime_nsec())))
+}
+
+impl Fingerprint {
+    fn of(path: &Path) -> Result<Fingerprint> {
+        let mut pieces = Vec::new();
+        let (len, mtime) = hash_pieces(path, |_, h| {
+            pieces.push(h);
+            Ok(())
+        })?;
+        Ok(Fingerprint { len, mtime, pieces })
+    }
+
+    /// After `blocks` (4 KiB block numbers) of `path` were rewritten.
+    fn update(&mut self, path: &Path, blocks: &[u64]) -> Result<()> {
+        let f = File::open(path)?;
+        let mut buf = vec![0u8; PIECE];
+        let mut done = std::collections::HashSet::new();
+        for &b in blocks {
+            let i = (b * CHANGE_BLOCK / PIECE as u64) as usize;
+            if !done.insert(i) {
+                continue;
+            }
+            let off = (i * PIECE) as u64;
+            let n = (self.len - off).min(PIECE as u64) as usize;
+            f.read_exact_at(&mut buf[..n], off)?;
+            self.pieces[i] = blake3::hash(&buf[..n]);
+        }
+        let md = f.metadata()?;
+        (self.len, self.mtime) = (md.len(), (md.mtime(), md.mtime_nsec()));
+        Ok(())
+    }
+
+    /// Fails loudly unless `dst` has this size, mtime and content.
+    fn check(&self, dst: &Path, what: &str) -> Result<()> {
+        let (len, mtime) = hash_pieces(dst, |i, h| {
+            if self.pieces.get(i) != Some(&h) {
+                bail!(
+                    "{what}: DESTINATION DIFFERS from the source in the {} KiB at offset {} of {}",
+                    PIECE / 1024,
+                    i * PIECE,
+                    dst.display()
+                );
+            }
+            Ok(())
+        })?;
+        if len != self.len {
+            bail!(
+                "{what}: DESTINATION DIFFERS: size {len} != source size {}",
+                self.len
+            );
+        }
+        if mtime != self.mtime {
+            bail!(
+                "{what}: destination mtime {}.{:09} != source mtime {}.{:09}",
+                mtime.0,
+                mtime.1,
+                self.mtime.0,
+                self.mtime.1
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Rewrites `n` scattered 4 KiB blocks of `path` that no earlier rewrite
+/// touched (`used`), each with new data of its segment's class that differs
+/// from what the block held, then fsyncs. Returns the blocks, sorted.
+fn rewrite_blocks(
+    path: &Path,
+    segs: &[Seg],
+    used: &mut std::collections::HashSet<u64>,
+    n: u64,
+    seed: u64,
+) -> Result<Vec<u64>> {
+    let f = OpenOptions::new().read(true).write(true).open(path)?;
+    let total = f.metadata()?.len() / CHANGE_BLOCK;
+    if used.len() as u64 + n > total / 2 {
+        bail!("too many rounds: the rewrites would touch more than half of the blocks");
+    }
+    let mut rng = Rng::new(seed);
+    let mut gen = Gen::new(seed);
+    let (mut old, mut new) = (vec![0u8; BLK], vec![0u8; BLK]);
+    let mut picked = Vec::with_capacity(n as usize);
+    while (picked.len() as u64) < n {
+        let b = rng.below(total);
+        if !used.insert(b) {
+            continue;
+        }
+        let off = b * CHANGE_BLOCK;
+        let class = segs[segs.partition_point(|s| s.off + s.len <= off)].class;
+        f.read_exact_at(&mut old, off)?;
+        gen.fill(class, &mut new);
+        while new == old {
+            gen.fill(class, &mut new);
+        }
+        f.write_all_at(&new, off)?;
+        picked.push(b);
+    }
+    f.sync_all()?;
+    picked.sort_unstable();
+    Ok(picked)
+}
+
+/// `cp --reflink=auto --preserve=timestamps`: instant on XFS and btrfs, a
+/// full copy elsewhere.
+fn reflink_copy(from: &Path, to: &Path) -> Result<()> {
+    let mut c = Command::new("cp");
+    c.args(["--reflink=auto", "--preserve=timestamps"])
+        .arg(from)
+        .arg(to);
+    run_ok(c).map(drop)
+}
+
+/// Gives the blocks of deleted files back to the work dir (the loop image
+/// is sparse, but only a discard punches holes into it again): the plain
+/// rsync of an 8 GiB image writes a new 8 GiB file per run.
+fn trim(mount: Option<&Path>) {
+    if let Some(m) = mount {
+        let _ = Command::new("fstrim")
+            .arg(m)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// vmsync's `--json` `"snapshot"` object.
+#[derive(Debug, Clone)]
+struct SnapReport {
+    /// `"delta"` or `"full"`.
+    read: String,
+    reason: Option<String>,
+    source_read: u64,
+    source_skipped: u64,
+    verify: u64,
+    verify_mismatch: u64,
+    snapshot_ms: f64,
+    frozen_ms: Option<f64>,
+}
+
+impl SnapReport {
+    fn from_json(v: Option<&Value>) -> Result<SnapReport> {
+        let v = v.ok_or_else(|| anyhow!("no --json output"))?;
+        let s = v
+            .get("snapshot")
+            .filter(|s| s.is_object())
+            .ok_or_else(|| anyhow!("vmsync --snapshot --json has no \"snapshot\" object: {v}"))?;
+        let u = |k: &str| {
+            s.get(k)
+                .and_then(Value::as_u64)
+                .ok_or_else(|| anyhow!("\"snapshot\".{k} missing or not a count in {s}"))
+        };
+        Ok(SnapReport {
+            read: s
+                .get("read")
+                .and_then(Value::as_str)
+                .ok_or_else(|| anyhow!("\"snapshot\".read missing in {s}"))?
+                .to_string(),
+            reason: s.get("reason").and_then(Value::as_str).map(str::to_string),
+            source_read: u("source_read_bytes")?,
+            source_skipped: u("source_skipped_bytes")?,
+            verify: u("verify_bytes")?,
+            verify_mismatch: u("verify_mismatch_bytes")?,
+            snapshot_ms: s
+                .get("snapshot_ms")
+                .and_then(Value::as_f64)
+                .ok_or_else(|| anyhow!("\"snapshot\".snapshot_ms missing in {s}"))?,
+            frozen_ms: s.get("frozen_ms").and_then(Value::as_f64),
+        })
+    }
+
+    /// Bytes read from the source apart from the verify slice.
+    fn read_without_verify(&self) -> u64 {
+        self.source_read.saturating_sub(self.verify)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{}{}",
+            self.read,
+            self.reason
+                .as_deref()
+                .map_or(String::new(), |r| format!(" ({r})"))
+        )
+    }
+}
+
+/// One timed vmsync run of the snapshot scenario.
+struct SnapRun {
+    rep: SnapReport,
+    /// Bytes of 4 KiB blocks whose physical mapping differs between the
+    /// kept snapshot and the source just before the run (FIEMAP): what a
+    /// delta run has to read. `None`: no kept snapshot where the contract
+    /// says.
+    moved: Option<u64>,
+    /// Extents of the source just before the run (FIEMAP): XFS's `FICLONE`
+    /// takes time in proportion to them, and every scattered rewrite adds
+    /// about two.
+    extents: usize,
+}
+
+/// One vmsync variant of the snapshot scenario: its runs as any tool's
+/// (time, wire, RSS) and what `"snapshot"` said in each.
+struct SnapVariant {
+    stats: ModeStats,
+    runs: Vec<SnapRun>,
+}
+
+impl SnapVariant {
+    fn median(&self, f: impl Fn(&SnapRun) -> f64) -> f64 {
+        median(self.runs.iter().map(f).collect())
+    }
+    fn max(&self, f: impl Fn(&SnapRun) -> f64) -> f64 {
+        self.runs.iter().map(f).fold(f64::NAN, f64::max)
+    }
+    /// The reads of its runs, in order of first appearance ("delta", "full
+    /// (reason)").
+    fn reads(&self) -> String {
+        let mut seen: Vec<String> = Vec::new();
+        for r in &self.runs {
+            let d = r.rep.describe();
+            if !seen.contains(&d) {
+                seen.push(d);
+            }
+        }
+        seen.join(", ")
+    }
+}
+
+struct SnapResult {
+    size: u64,
+    /// Bytes each rewrite changes (4 KiB blocks × 4096).
+    changed: u64,
+    facts: Vec<String>,
+    rsync: Vec<ModeStats>,
+    vmsync: Vec<SnapVariant>,
+    /// What looked off in vmsync's numbers, for the report.
+    notes: Vec<String>,
+    secs: f64,
+    /// Of `secs`, generating and hashing the image.
+    gen_secs: f64,
+}
+
+impl ModeStats {
+    fn new(ctx: &Ctx, tool: Tool, sparse: bool) -> ModeStats {
+        ModeStats {
+            tool,
+            label: ctx.label(tool, sparse),
+            runs: Vec::new(),
+            dst_alloc: 0,
+            leftovers: Vec::new(),
+        }
+    }
+}
+
+/// One timed run of the snapshot scenario ([`timed_sync`], checking `dst`
+/// against `fp`), recorded in `ms`.
+fn snap_timed_run(
+    ctx: &mut Ctx,
+    ms: &mut ModeStats,
+    src: &Path,
+    dst: &Path,
+    fp: &Fingerprint,
+    what: &str,
+) -> Result<()> {
+    let m = timed_sync(ctx, ms.tool, false, src, dst, what, || fp.check(dst, what))?;
+    let post = Instant::now();
+    ms.dst_alloc = allocated(dst)?;
+    let keep = [dst.file_name(), Some("snap.img".as_ref())];
+    for e in fs::read_dir(&ctx.dst_dir)? {
+        let name = e?.file_name();
+        if !keep.contains(&Some(name.as_os_str())) {
+            let n = name.to_string_lossy().into_owned();
+            if !ms.leftovers.contains(&n) {
+                ms.leftovers.push(n);
+            }
+        }
+    }
+    ctx.overhead += post.elapsed().as_secs_f64();
+    eprintln!(
+        "compare: {what}: {:.2} s (cpu {:.2}+{:.2}), wire {}{} — identical",
+        m.secs,
+        m.cpu_client,
+        m.cpu_server,
+        fmt_bytes(m.wire),
+        match SnapReport::from_json(m.json.as_ref()) {
+            Ok(r) => format!(
+                ", {}: read {} (verify slice {}), skipped {}, snapshot {:.1} ms, frozen {}",
+                r.describe(),
+                fmt_bytes(r.source_read),
+                fmt_bytes(r.verify),
+                fmt_bytes(r.source_skipped),
+                r.snapshot_ms,
+                r.frozen_ms.map_or("null".into(), |f| format!("{f:.1} ms"))
+            ),
+            Err(_) => String::new(),
+        }
+    );
+    ms.runs.push(m);
+    Ok(())
+}
+
+/// What looks off in one timed vmsync run, against the `--snapshot`
+/// contract (a delta read of the changed blocks plus the verify slice,
+/// read + skipped = the size) and issue 13's targets.
+fn snap_notes(what: &str, run: &SnapRun, size: u64, changed: u64) -> Vec<String> {
+    let r = &run.rep;
+    let mut notes = Vec::new();
+    if r.read != "delta" {
+        notes.push(format!("{what}: read the whole source: {}", r.describe()));
+    }
+    if r.source_read + r.source_skipped != size {
+        notes.push(format!(
+            "{what}: source_read_bytes {} + source_skipped_bytes {} = {}, not the size {size}",
+            r.source_read,
+            r.source_skipped,
+            r.source_read + r.source_skipped
+        ));
+    }
+    if r.verify_mismatch > 0 {
+        notes.push(format!(
+            "{what}: verify_mismatch_bytes {} (the verify slice disagreed with the kept manifest)",
+            r.verify_mismatch
+        ));
+    }
+    if let Some(moved) = run.moved.filter(|&m| m != changed) {
+        notes.push(format!(
+            "{what}: XFS moved {} ({} blocks) for {} rewritten ({} blocks)",
+            fmt_bytes(moved),
+            moved / CHANGE_BLOCK,
+            fmt_bytes(changed),
+            changed / CHANGE_BLOCK
+        ));
+    }
+    for (name, ms, target) in [
+        ("snapshot_ms", Some(r.snapshot_ms), SNAP_CLONE_TARGET_MS),
+        ("frozen_ms", r.frozen_ms, SNAP_FROZEN_TARGET_MS),
+    ] {
+        if let Some(ms) = ms.filter(|&ms| ms > target) {
+            notes.push(format!(
+                "{what}: {name} {ms:.1} > {target:.0} ms, with {} extents in the source",
+                run.extents
+            ));
+        }
+    }
+    let extra = r.read_without_verify() as f64 - SNAP_READ_TARGET * changed as f64;
+    if r.read == "delta" && extra > 0.0 {
+        notes.push(format!(
+            "{what}: read {} apart from the verify slice, {:.2}× the {} changed: {} over the \
+             {SNAP_READ_TARGET}× target ({} more than changed{})",
+            fmt_bytes(r.read_without_verify()),
+            r.read_without_verify() as f64 / changed as f64,
+            fmt_bytes(changed),
+            fmt_bytes(extra as u64),
+            fmt_bytes(r.read_without_verify().saturating_sub(changed)),
+            run.moved.map_or(String::new(), |m| format!(
+                ", {} more than the blocks FIEMAP shows moved",
+                fmt_bytes(r.read_without_verify().saturating_sub(m))
+            ))
+        ));
+    }
+    notes
+}
+
+/// The snapshot scenario (see the comment at the top of this section).
+fn run_snapshot_scenario(ctx: &mut Ctx, size: u64, runs: usize, keep: bool) -> Result<SnapResult> {
+    let start = Instant::now();
+    if !is_root() {
+        bail!("--snapshot-scenario needs root: its source is on a loop-mounted XFS");
+    }
+    ensure(have("mkfs.xfs"), "mkfs.xfs", "xfsprogs")?;
+    ensure(have("losetup"), "losetup", "mount")?;
+    clear_dst(ctx)?;
+    trim(ctx.dest_mount.as_deref());
+    let srcfs = LoopFs::create(FsKind::Xfs, &ctx.work, "srcfs", snap_src_fs_size(size)).context(
+        "--snapshot-scenario: the source filesystem (XFS with reflinks on a loop device)",
+    )?;
+    let dir = srcfs.mount.join("src");
+    fs::create_dir(&dir)?;
+    let src = dir.join("disk.img");
+    // Where the --snapshot contract keeps the previous run's clone.
+    let kept = dir.join(".disk.img.vmsync-snapshot");
+    let dst = ctx.dst_dir.join("snap.img");
+    let rdst = ctx.dst_dir.join("snap-rsync.img");
+
+    eprintln!(
+        "compare: generating the snapshot scenario's {} image ...",
+        fmt_bytes(size)
+    );
+    let t = Instant::now();
+    let segs = plan(&mut Rng::new(0x5ca1_0013), size, SNAP_MIX);
+    write_image(&src, &segs, 1313)?;
+    set_mtime(&src, MTIME_OLD)?;
+    File::open(&src)?.sync_all()?;
+    let mut fp = Fingerprint::of(&src)?;
+    let gen_secs = t.elapsed().as_secs_f64();
+    let n = (size / CHANGE_BLOCK * SNAP_REWRITE_PER_MILLE).div_ceil(1000);
+    let changed = n * CHANGE_BLOCK;
+    let mut facts = vec![
+        image_facts(&src, "source")?,
+        class_shares(&segs, size),
+        format!(
+            "source filesystem: {}",
+            srcfs.describe(
+                "the source, and vmsync's kept snapshot beside it \
+                 (`.disk.img.vmsync-snapshot`), are on it"
+            )
+        ),
+        format!(
+            "generated and hashed in {gen_secs:.1} s; {} extents (FIEMAP) after generation",
+            common::fs::extents(&src).len()
+        ),
+        format!(
+            "each rewrite: {n} scattered 4 KiB blocks ({SNAP_REWRITE_PER_MILLE}‰ of {}), new data \
+             of the block's class, never a block rewritten before, fsync'd: {} changed",
+            size / CHANGE_BLOCK,
+            fmt_bytes(changed)
+        ),
+    ];
+
+    let variants = [Tool::snapshot(None), Tool::snapshot(Some(0))];
+    let mut vm: Vec<SnapVariant> = variants
+        .iter()
+        .map(|&t| SnapVariant {
+            stats: ModeStats::new(ctx, t, false),
+            runs: Vec::new(),
+        })
+        .collect();
+    let mut rsync: Vec<ModeStats> = [false, true]
+        .map(|inplace| ModeStats::new(ctx, Tool::Rsync { inplace }, false))
+        .into();
+
+    let t = Instant::now();
+    let m = sync(ctx, variants[0], false, &src, &dst, false)
+        .context("snapshot scenario: the first (untimed) push")?;
+    fp.check(&dst, "snapshot scenario: the first push")?;
+    settle(&dst)?;
+    let first = SnapReport::from_json(m.json.as_ref())?;
+    let mut notes = Vec::new();
+    if first.read != "full" {
+        notes.push(format!(
+            "the first push, with no previous snapshot, reported read {}",
+            first.describe()
+        ));
+    }
+    if !kept.exists() {
+        notes.push(format!(
+            "after the first push there is no kept snapshot at {}: the \"moved\" column is n/a",
+            kept.display()
+        ));
+    }
+    facts.push(format!(
+        "first push (untimed: no previous snapshot, empty destination): {:.1} s, read {} ({}), \
+         snapshot {:.1} ms, frozen {}",
+        t.elapsed().as_secs_f64(),
+        fmt_bytes(first.source_read),
+        first.describe(),
+        first.snapshot_ms,
+        first
+            .frozen_ms
+            .map_or("null".into(), |f| format!("{f:.1} ms"))
+    ));
+
+    let mut used = std::collections::HashSet::new();
+    for run in 0..runs {
+        for (k, v) in vm.iter_mut().enumerate() {
+            let what = format!("snapshot scenario run {} {}", run + 1, v.stats.label);
+            let seed = 0x13_0000 + 2 * run as u64 + k as u64;
+            let blocks = rewrite_blocks(&src, &segs, &mut used, n, seed)?;
+            fp.update(&src, &blocks)?;
+            let moved = kept
+                .exists()
+                .then(|| common::fs::moved_blocks(&kept, &src, CHANGE_BLOCK).len() as u64)
+                .map(|b| b * CHANGE_BLOCK);
+            let extents = common::fs::extents(&src).len();
+            if k == 0 {
+                // vmsync's destination is still the previous version.
+                for r in &mut rsync {
+                    let what = format!("snapshot scenario run {} {}", run + 1, r.label);
+                    reflink_copy(&dst, &rdst)?;
+                    snap_timed_run(ctx, r, &src, &rdst, &fp, &what)?;
+                    fs::remove_file(&rdst)?;
+                    trim(ctx.dest_mount.as_deref());
+                }
+            }
+            snap_timed_run(ctx, &mut v.stats, &src, &dst, &fp, &what)?;
+            let rep = SnapReport::from_json(v.stats.runs.last().and_then(|m| m.json.as_ref()))
+                .with_context(|| what.clone())?;
+            let r = SnapRun {
+                rep,
+                moved,
+                extents,
+            };
+            notes.extend(snap_notes(&what, &r, size, changed));
+            v.runs.push(r);
+        }
+    }
+    facts.push(format!(
+        "{} extents (FIEMAP) in the source after the last run",
+        common::fs::extents(&src).len()
+    ));
+    clear_dst(ctx)?;
+    trim(ctx.dest_mount.as_deref());
+    let image = srcfs.image.clone();
+    drop(srcfs);
+    if !keep {
+        fs::remove_file(&image).with_context(|| format!("remove {}", image.display()))?;
+    }
+    Ok(SnapResult {
+        size,
+        changed,
+        facts,
+        rsync,
+        vmsync: vm,
+        notes,
+        secs: start.elapsed().as_secs_f64(),
+        gen_secs,
+    })
+}
+
+/// The "Snapshot scenario" section: its own table, the commands, per-run
+/// numbers and what looked off.
+fn render_snapshot(s: &mut String, env: &Env, r: &SnapResult, runs: usize) {
+    let best = r
+        .rsync
+        .iter()
+        .min_by(|a, b| a.time().total_cmp(&b.time()).then(a.wire().cmp(&b.wire())))
+        .unwrap();
+    let changed = r.changed as f64;
+    let mark = |ok: bool| if ok { " ✓" } else { " ✗" };
+    let _ = writeln!(
+        s,
+        "\n## Snapshot scenario (issue 13): reading only what changed\n\n\
+         - command: `{}`\n\
+         - image: {}, data everywhere, on its own XFS; {runs} timed round(s), each: rewrite \
+         {} ({} scattered 4 KiB blocks, {SNAP_REWRITE_PER_MILLE}‰), time rsync's two modes \
+         and vmsync with its default verify slice; then rewrite as many other blocks and time \
+         vmsync with `--snapshot-verify 0`. Caches dropped before every timed run as above; \
+         every destination checked against a BLAKE3 hash of the source (per 64 KiB) after \
+         every run\n\
+         - scenario wall time (incl. generation, the first push and the checks): {:.1} s",
+        env.command,
+        fmt_bytes(r.size),
+        fmt_bytes(r.changed),
+        r.changed / CHANGE_BLOCK,
+        r.secs
+    );
+    for f in &r.facts {
+        let _ = writeln!(s, "- {f}");
+    }
+    let _ = writeln!(
+        s,
+        "\nThe commands (`RSH`, `T` as above; vmsync's destination stays from run to run, \
+         rsync's is a `cp --reflink=auto --preserve=timestamps` of it made before each rsync \
+         run, while it still holds the previous version):\n\n\
+         ```sh\n\
+         T vmsync --snapshot --freeze {SNAP_FREEZE} --thaw {SNAP_FREEZE} [--snapshot-verify 0] \
+         --json -e RSH \\\n    --remote-path \"VMSYNC_CACHE_DIR=WORK/vmsync-cache T WORK/vmsync\" \
+         WORK/srcfs/src/disk.img 127.0.0.1:DSTFS/dst/snap.img\n\
+         T rsync -e RSH -z --compress-choice=zstd --stats -t [--inplace] --rsync-path \"T rsync\" \
+         \\\n    WORK/srcfs/src/disk.img 127.0.0.1:DSTFS/dst/snap-rsync.img\n\
+         ```\n"
+    );
+    let _ = writeln!(
+        s,
+        "| vmsync | read | vmsync time | rsync time (best mode) | time ratio (target ≤ \
+         {SNAP_TIME_TARGET}×) | changed | moved (FIEMAP) | source read (÷ changed) | read \
+         without the verify slice (÷ changed, target ≤ {SNAP_READ_TARGET}×) | verify slice | \
+         snapshot median / max (target ≤ {SNAP_CLONE_TARGET_MS:.0} ms) | frozen median / max \
+         (target ≤ {SNAP_FROZEN_TARGET_MS:.0} ms) | wire vmsync / rsync | dest written vmsync \
+         (mode) / rsync | peak RSS vmsync client / server |"
+    );
+    let _ = writeln!(
+        s,
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+    );
+    for v in &r.vmsync {
+        let t = v.stats.time();
+        let read = v.median(|x| x.rep.source_read as f64);
+        let bare = v.median(|x| x.rep.read_without_verify() as f64);
+        let moved = if v.runs.iter().all(|x| x.moved.is_some()) {
+            fmt_bytes(v.median(|x| x.moved.unwrap_or(0) as f64) as u64)
+        } else {
+            "n/a".into()
+        };
+        let (snap, snap_max) = (
+            v.median(|x| x.rep.snapshot_ms),
+            v.max(|x| x.rep.snapshot_ms),
+        );
+        let frozen = if v.runs.iter().all(|x| x.rep.frozen_ms.is_some()) {
+            let (f, fm) = (
+                v.median(|x| x.rep.frozen_ms.unwrap_or(0.0)),
+                v.max(|x| x.rep.frozen_ms.unwrap_or(0.0)),
+            );
+            format!("{f:.1} / {fm:.1} ms{}", mark(fm <= SNAP_FROZEN_TARGET_MS))
+        } else {
+            "null".into()
+        };
+        let verify = v.median(|x| x.rep.verify as f64);
+        let (c, sv) = v.stats.rss();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} ({}) | {}{} | {} | {} | {} ({:.2}×) | {} ({:.2}×{}) | {} ({}) | \
+             {snap:.1} / {snap_max:.1} ms{} | {frozen} | {} / {} | {} / {} | {} / {} |",
+            v.stats.label,
+            v.reads(),
+            fmt_secs(t),
+            fmt_secs(best.time()),
+            best.label,
+            fmt_ratio(t, best.time()),
+            mark(t <= SNAP_TIME_TARGET * best.time()),
+            fmt_bytes(r.changed),
+            moved,
+            fmt_bytes(read as u64),
+            read / changed,
+            fmt_bytes(bare as u64),
+            bare / changed,
+            mark(bare <= SNAP_READ_TARGET * changed),
+            fmt_bytes(verify as u64),
+            if verify > 0.0 {
+                format!("1/{:.1} of the size", r.size as f64 / verify)
+            } else {
+                "off".into()
+            },
+            mark(snap_max <= SNAP_CLONE_TARGET_MS),
+            fmt_bytes(v.stats.wire()),
+            fmt_bytes(best.wire()),
+            fmt_dest_written(&v.stats),
+            fmt_dest_written(best),
+            fmt_kib(c),
+            fmt_kib(sv),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n**read**: vmsync's `snapshot.read` (and `reason`) in the timed runs: \"delta\" reads \
+         only what changed since the kept snapshot. **time ratio**: vmsync ÷ the faster rsync \
+         mode of the same rounds (medians); the `--snapshot-verify 0` row is compared with the \
+         same rsync times (rsync reads everything whatever changed). **changed**: the blocks \
+         each rewrite gave new content, × 4096. **moved (FIEMAP)**: 4 KiB blocks whose \
+         physical address differs between vmsync's kept snapshot and the source just before \
+         the run (what a delta run must read; = changed unless XFS moved more). **source \
+         read**: `snapshot.source_read_bytes`; **without the verify slice**: minus \
+         `snapshot.verify_bytes` (the `--snapshot-verify 0` row reads no slice); **verify \
+         slice**: `snapshot.verify_bytes`. **snapshot / frozen**: `snapshot.snapshot_ms` / \
+         `snapshot.frozen_ms`, median and maximum over the runs; ✓/✗ on the maximum. ✓/✗ on \
+         the medians elsewhere. **dest written**: as in the main table."
+    );
+    let _ = writeln!(
+        s,
+        "\n| tool | run | time | CPU client / server | read | source read | verify slice | \
+         skipped | moved (FIEMAP) | source extents | snapshot | frozen | wire | dest written | \
+         device written |"
+    );
+    let _ = writeln!(
+        s,
+        "|---|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+    );
+    let dev = |m: &Measured| m.device_written.map_or("n/a".into(), fmt_bytes);
+    for ms in &r.rsync {
+        for (i, m) in ms.runs.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.2} s / {:.2} s | | | | | | | | | {} | {} | {} |",
+                ms.label,
+                i + 1,
+                fmt_secs(m.secs),
+                m.cpu_client,
+                m.cpu_server,
+                fmt_bytes(m.wire),
+                fmt_bytes(m.written_server),
+                dev(m),
+            );
+        }
+    }
+    for v in &r.vmsync {
+        for (i, (m, x)) in v.stats.runs.iter().zip(&v.runs).enumerate() {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.2} s / {:.2} s | {} | {} | {} | {} | {} | {} | {:.1} ms | {} | {} | {} | {} |",
+                v.stats.label,
+                i + 1,
+                fmt_secs(m.secs),
+                m.cpu_client,
+                m.cpu_server,
+                x.rep.describe(),
+                fmt_bytes(x.rep.source_read),
+                fmt_bytes(x.rep.verify),
+                fmt_bytes(x.rep.source_skipped),
+                x.moved.map_or("n/a".into(), fmt_bytes),
+                x.extents,
+                x.rep.snapshot_ms,
+                x.rep.frozen_ms.map_or("null".into(), |f| format!("{f:.1} ms")),
+                fmt_bytes(m.wire),
+                m.dest_written.map_or("n/a".into(), fmt_bytes),
+                dev(m),
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\nrsync's **dest written** here is GNU time `%O` of the receiving rsync; **device \
+         written**: what the destination's loop device received (n/a without `--dest-fs`). \
+         **source extents**: FIEMAP's count for the source just before the run: XFS's \
+         `FICLONE` (all that `snapshot_ms` times) costs time in proportion to them, and each \
+         scattered rewrite adds about two per block, so later rounds clone a more fragmented \
+         image."
+    );
+    let mut off = r.notes.clone();
+    for m in r.rsync.iter().chain(r.vmsync.iter().map(|v| &v.stats)) {
+        if !m.leftovers.is_empty() {
+            off.push(format!(
+                "{} left files in the destination directory: {:?}",
+                m.label, m.leftovers
+            ));
+        }
+    }
+    if off.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nNothing off: every timed vmsync run read a delta, read + skipped = the size, no \
+             verify mismatch, XFS moved exactly the rewritten blocks, and snapshot and frozen times \
+             within their targets."
+        );
+    } else {
+        let _ = writeln!(s, "\n**What looked off:**\n");
+        for n in off {
+            let _ = writeln!(s, "- {n}");
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -2391,10 +3359,11 @@ struct LoopFs {
 
 impl LoopFs {
     /// Creates a `size`-byte image under `work`, makes a `kind` filesystem
-    /// on it and mounts it at `work/destfs`. On failure, what was set up is
-    /// undone (by `Drop`).
-    fn create(kind: FsKind, work: &Path, size: u64) -> Result<LoopFs> {
-        let image = work.join(format!("destfs-{}.img", kind.name()));
+    /// on it and mounts it at `work/NAME` (`destfs` for the destinations,
+    /// `srcfs` for the snapshot scenario's source). On failure, what was set
+    /// up is undone (by `Drop`).
+    fn create(kind: FsKind, work: &Path, name: &str, size: u64) -> Result<LoopFs> {
+        let image = work.join(format!("{name}-{}.img", kind.name()));
         File::create(&image)
             .and_then(|f| f.set_len(size))
             .with_context(|| format!("create {}", image.display()))?;
@@ -2402,7 +3371,7 @@ impl LoopFs {
             kind,
             size,
             image,
-            mount: work.join("destfs"),
+            mount: work.join(name),
             device: None,
             direct_io: false,
             mounted: false,
@@ -2462,7 +3431,7 @@ impl LoopFs {
             );
         }
         eprintln!(
-            "compare: destination filesystem: {} on {dev} ({} sparse image {}), mounted at {}; \
+            "compare: {name}: {} on {dev} ({} sparse image {}), mounted at {}; \
              if this process is SIGKILLed, clean up with: umount {}; losetup -d {dev}",
             kind.name(),
             fmt_bytes(size),
@@ -2485,8 +3454,8 @@ impl LoopFs {
         )
     }
 
-    /// For the report header.
-    fn describe(&self) -> String {
+    /// For the report: what it is, then `holds` (what is on it).
+    fn describe(&self, holds: &str) -> String {
         let mkfs = match self.kind {
             FsKind::Xfs => "`mkfs.xfs -m reflink=1`",
             FsKind::Btrfs => "`mkfs.btrfs`",
@@ -2495,8 +3464,7 @@ impl LoopFs {
         };
         format!(
             "**{}** ({mkfs}, fresh for this run, mounted `noatime`) on a {} sparse image file \
-             in the work dir, attached to a loop device{}; every tool's destination is on it, \
-             the sources are not",
+             in the work dir, attached to a loop device{}; {holds}",
             self.kind.name(),
             fmt_bytes(self.size),
             if self.direct_io {
@@ -2572,7 +3540,7 @@ fn setup_dest_fs(
         let (mkfs, _, package) = kind.mkfs();
         ensure(have(mkfs), mkfs, package)?;
         ensure(have("losetup"), "losetup", "mount")?;
-        LoopFs::create(kind, work, dest_fs_size(largest))
+        LoopFs::create(kind, work, "destfs", dest_fs_size(largest))
     })();
     match made {
         Ok(fs) => Ok((Some(fs), None)),
@@ -2939,6 +3907,7 @@ fn render(
     opts: &Opts,
     results: &[ScenarioResult],
     slopes: &[SlopeResult],
+    snap: Option<&SnapResult>,
     total: f64,
     load_end: &str,
 ) -> String {
@@ -2973,14 +3942,30 @@ fn render(
     );
     let _ = writeln!(s, "- destination: {}", env.dest);
     let _ = writeln!(s, "- command: `{}`", env.command);
-    let _ = writeln!(
-        s,
-        "- size: {} (scenario 1: {} apparent); {} timed run(s) per tool and scenario, \
-         tools alternating; medians reported; peak RSS is the max over the runs",
-        fmt_bytes(opts.size),
-        fmt_bytes(4 * opts.size),
-        opts.runs
-    );
+    if results.is_empty() {
+        let _ = writeln!(
+            s,
+            "- scenarios 1-6: not run (`--snapshot-scenario` without `--scenarios`)"
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "- size: {} (scenario 1: {} apparent); {} timed run(s) per tool and scenario, \
+             tools alternating; medians reported; peak RSS is the max over the runs",
+            fmt_bytes(opts.size),
+            fmt_bytes(4 * opts.size),
+            opts.runs
+        );
+    }
+    if let Some(r) = snap {
+        let _ = writeln!(
+            s,
+            "- snapshot scenario (`--snapshot-scenario`, issue 13): a {} image, {} timed \
+             round(s), see its section",
+            fmt_bytes(r.size),
+            opts.runs
+        );
+    }
     if opts.rss_slope {
         let _ = writeln!(
             s,
@@ -2998,9 +3983,14 @@ fn render(
         load_end,
         total / 60.0
     );
+    let snap_modes = snap
+        .into_iter()
+        .flat_map(|r| r.rsync.iter().chain(r.vmsync.iter().map(|v| &v.stats)));
     let shares: Vec<f64> = results
         .iter()
-        .flat_map(|r| r.modes.iter().map(|m| m.others(ncpu)))
+        .flat_map(|r| r.modes.iter())
+        .chain(snap_modes)
+        .map(|m| m.others(ncpu))
         .collect();
     let others = shares.iter().sum::<f64>() / shares.len().max(1) as f64;
     let _ = writeln!(
@@ -3016,6 +4006,24 @@ fn render(
         }
     );
     let _ = writeln!(s, "- caches: {}\n", env.caches);
+    if !results.is_empty() {
+        render_table(&mut s, results);
+    }
+    if !slopes.is_empty() {
+        render_slopes(&mut s, slopes);
+    }
+    if let Some(r) = snap {
+        render_snapshot(&mut s, env, r, opts.runs);
+    }
+    if !results.is_empty() {
+        render_details(&mut s, results, ncpu);
+    }
+    let _ = writeln!(s, "<!-- argv: {} -->", env.argv);
+    s
+}
+
+/// The main table: one row per scenario, and what its columns mean.
+fn render_table(s: &mut String, results: &[ScenarioResult]) {
     let _ = writeln!(
         s,
         "| # | scenario | vmsync time | rsync time (best mode) | time ratio | vmsync wire | rsync wire | \
@@ -3086,9 +4094,10 @@ fn render(
          n/a without `--dest-fs`.",
         WRITE_TARGETS[0].1, WRITE_TARGETS[1].1
     );
-    if !slopes.is_empty() {
-        render_slopes(&mut s, slopes);
-    }
+}
+
+/// The "Details" section: per scenario its facts and every tool's numbers.
+fn render_details(s: &mut String, results: &[ScenarioResult], ncpu: f64) {
     let _ = writeln!(
         s,
         "\n## Details\n\n\
@@ -3192,8 +4201,6 @@ fn render(
         }
         let _ = writeln!(s);
     }
-    let _ = writeln!(s, "<!-- argv: {} -->", env.argv);
-    s
 }
 
 // ---------------------------------------------------------------------------
@@ -3246,6 +4253,14 @@ fn real_main() -> Result<()> {
     {
         bail!("--vmsync-mode: {VMSYNC} has no --write-mode option (built from an older tree?)");
     }
+    if opts.snapshot
+        && !Command::new(VMSYNC)
+            .arg("--help")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--snapshot-verify"))
+    {
+        bail!("--snapshot-scenario: {VMSYNC} has no --snapshot option (built from an older tree?)");
+    }
     let (fs_kind, fs_explicit) = match opts.dest_fs {
         Some(k) => (k, true),
         None => (default_dest_fs(), false),
@@ -3256,12 +4271,21 @@ fn real_main() -> Result<()> {
     // file) needs about 4x the size at once; 7x leaves room, also for the
     // image of --dest-fs (see dest_fs_size). --rss-slope generates scenarios
     // 1 and 2 again at twice the size.
-    let largest = if opts.rss_slope {
+    let largest = if opts.scenarios.is_empty() && !opts.rss_slope {
+        0
+    } else if opts.rss_slope {
         2 * opts.size
     } else {
         opts.size
     };
-    let need = 7 * largest + GIB;
+    // The snapshot scenario runs after the others, whose files are gone by
+    // then: the larger of the two needs.
+    let snap_size = if opts.snapshot { opts.snapshot_size } else { 0 };
+    let need = if largest > 0 { 7 * largest + GIB } else { 0 }.max(if opts.snapshot {
+        snap_need(snap_size)
+    } else {
+        0
+    });
     let free = free_space(Path::new(WORK_PARENT))?;
     if free < need {
         bail!(
@@ -3284,7 +4308,8 @@ fn real_main() -> Result<()> {
     eprintln!("compare: work directory {}", work.display());
     // Declared after the work directory's guard, so dropped (unmounted)
     // before it, on every path out of this function.
-    let (dest_fs, dest_fallback) = setup_dest_fs(fs_kind, fs_explicit, &work, largest)?;
+    let (dest_fs, dest_fallback) =
+        setup_dest_fs(fs_kind, fs_explicit, &work, largest.max(snap_size))?;
     let src_dir = work.join("src");
     let dst_dir = match &dest_fs {
         Some(d) => d.mount.join("dst"),
@@ -3306,7 +4331,7 @@ fn real_main() -> Result<()> {
     let sparse_inplace = rsync_sparse_inplace_ok(&work);
     let env = Env {
         dest: match (&dest_fs, &dest_fallback) {
-            (Some(d), _) => d.describe(),
+            (Some(d), _) => d.describe("every tool's destination is on it, the sources are not"),
             (None, None) if fs_explicit => {
                 "the work dir (`--dest-fs workdir`), with the sources".into()
             }
@@ -3371,7 +4396,8 @@ fn real_main() -> Result<()> {
         ssh_baseline: ssh_baseline(&sshd)?,
     };
     let dst = dst_dir.join("disk.img");
-    let timeout = Duration::from_secs(600 + (1200.0 * largest as f64 / GIB as f64) as u64);
+    let timeout =
+        Duration::from_secs(600 + (1200.0 * largest.max(snap_size) as f64 / GIB as f64) as u64);
     let mut ctx = Ctx {
         work: work.clone(),
         vmsync,
@@ -3384,15 +4410,21 @@ fn real_main() -> Result<()> {
         write_modes: opts.vmsync_modes.clone(),
         drop_caches,
         dest_stat: dest_fs.as_ref().and_then(LoopFs::device_stat),
+        dest_mount: dest_fs.as_ref().map(|d| d.mount.clone()),
         overhead: 0.0,
         _sshd: sshd,
     };
     eprintln!(
-        "compare: size {} (scenario 1: {}), {} run(s), scenarios {:?}, destination on {}, caches {}",
+        "compare: size {} (scenario 1: {}), {} run(s), scenarios {:?}{}, destination on {}, caches {}",
         fmt_bytes(opts.size),
         fmt_bytes(4 * opts.size),
         opts.runs,
         opts.scenarios,
+        if opts.snapshot {
+            format!(" and the snapshot scenario at {}", fmt_bytes(snap_size))
+        } else {
+            String::new()
+        },
         dest_fs.as_ref().map_or("the work dir", |d| d.kind.name()),
         if drop_caches { "dropped" } else { "kept" }
     );
@@ -3416,8 +4448,23 @@ fn real_main() -> Result<()> {
             slopes.push(r);
         }
     }
+    let snap = if opts.snapshot {
+        let r = run_snapshot_scenario(&mut ctx, opts.snapshot_size, opts.runs, opts.keep)?;
+        gen_secs += r.gen_secs;
+        Some(r)
+    } else {
+        None
+    };
     let total = bench_start.elapsed().as_secs_f64();
-    let report = render(&env, &opts, &results, &slopes, total, &loadavg());
+    let report = render(
+        &env,
+        &opts,
+        &results,
+        &slopes,
+        snap.as_ref(),
+        total,
+        &loadavg(),
+    );
     println!("{report}");
     if let Some(dir) = opts.out.parent() {
         fs::create_dir_all(dir)?;
