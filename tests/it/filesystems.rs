@@ -58,16 +58,6 @@ fn ext4_used_grows_by_a_written_file() {
 }
 
 /// `cp --reflink=always src dst`, with its output.
-fn reflink_copy(src: &Path, dst: &Path) -> std::process::Output {
-    Command::new("cp")
-        .arg("--reflink=always")
-        .arg(src)
-        .arg(dst)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run cp")
-}
-
 fn clone_shares_every_block_until_one_is_rewritten(fs: Fs) {
     let test = format!("clone_shares_every_block ({fs})");
     let Some(s) = Scratch::new(fs, SCRATCH_SIZE, &test) else {

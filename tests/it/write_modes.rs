@@ -223,22 +223,6 @@ fn assert_device_written(what: &str, mode: &str, written: u64, old: &[u8], new: 
 }
 
 /// `cp --reflink=always src dst`.
-fn reflink_copy(src: &Path, dst: &Path) {
-    let out = Command::new("cp")
-        .arg("--reflink=always")
-        .arg(src)
-        .arg(dst)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run cp");
-    assert!(
-        out.status.success(),
-        "cp --reflink=always {}: {}",
-        src.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Bytes written to the loop device under `s` so far (sectors written, from
 /// /sys/block/NAME/stat), after a syncfs: what really reached the "disk",
 /// data, metadata and the file system's own journal.
@@ -349,7 +333,12 @@ fn default_mode_writes_only_the_change(fs: Fs) {
     // new allocations that show in used().
     let keep = s.path("old.img");
     if fs.supports_reflink() {
-        reflink_copy(&img.dst, &keep);
+        let out = reflink_copy(&img.dst, &keep);
+        assert!(
+            out.status.success(),
+            "cp --reflink=always: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let before = s.used();
     let dev_before = device_written(&s);

@@ -100,6 +100,18 @@ impl fmt::Display for Fs {
     }
 }
 
+/// `cp --reflink=always SRC DST`: a clone, or a failure where the file
+/// system cannot make one (its output says why).
+pub fn reflink_copy(src: &Path, dst: &Path) -> std::process::Output {
+    Command::new("cp")
+        .arg("--reflink=always")
+        .arg(src)
+        .arg(dst)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run cp")
+}
+
 /// A freshly made file system of kind `fs`, mounted on `mnt`; unmounted,
 /// detached and deleted on drop.
 pub struct Scratch {
