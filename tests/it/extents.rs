@@ -11,7 +11,8 @@
 //! * XFS and btrfs: exactly the 4 KiB blocks written (a partial write
 //!   counts its whole blocks), holes in both unchanged, a punched hole
 //!   changed, identical clones nothing; a map longer than one FIEMAP call
-//!   returns comes whole;
+//!   returns comes whole; in a preallocated (unwritten) image only what
+//!   was written;
 //! * btrfs mounted with `compress-force=zstd` (by remount, since `Scratch`
 //!   mounts with default options): a compressed extent cannot be compared
 //!   block by block, so a write in one makes the whole extent (up to
@@ -201,6 +202,59 @@ fn exactly_the_rewritten_blocks(fs: Fs) {
     let mut both = block_ranges(&touched);
     both.push(punched);
     assert_eq!(changed_between(&prev, &after), Some(merged(both)));
+}
+
+/// A preallocated image (`fallocate`: allocated, never written, FIEMAP's
+/// UNWRITTEN): its unwritten extents read as zeros, so only what was
+/// written between the clones counts as changed, not the preallocation
+/// either clone still has (nor the one a punched hole replaced).
+fn preallocated_counts_only_what_was_written(fs: Fs) {
+    let test = format!("preallocated_counts_only_what_was_written ({fs})");
+    let Some(s) = Scratch::new(fs, 64 * MIB, &test) else {
+        return;
+    };
+    let (src, prev, new) = (s.path("disk.img"), s.path("prev"), s.path("new"));
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&src)
+        .unwrap();
+    rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, SIZE).unwrap();
+    f.write_all_at(&random_bytes(1, 64 * KIB as usize), 0)
+        .unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    clone_of(&src, &prev);
+    let touched = rewrite(
+        &src,
+        &[
+            (MIB, random_bytes(2, BLOCK as usize)),
+            (3 * MIB, random_bytes(3, 2 * BLOCK as usize)),
+        ],
+    );
+    clone_of(&src, &new);
+    let got = changed_between(&prev, &new).expect("comparable maps");
+    assert_eq!(got, block_ranges(&touched), "{fs}: changed ranges");
+    // Unwritten against a hole: both zeros.
+    punch(&src, (2 * MIB, 2 * MIB + 256 * KIB));
+    let after = s.path("after");
+    clone_of(&src, &after);
+    assert_eq!(
+        changed_between(&new, &after),
+        Some(vec![]),
+        "{fs}: punched zeros"
+    );
+}
+
+#[test]
+fn xfs_preallocated_counts_only_what_was_written() {
+    preallocated_counts_only_what_was_written(Fs::Xfs);
+}
+
+#[test]
+fn btrfs_preallocated_counts_only_what_was_written() {
+    preallocated_counts_only_what_was_written(Fs::Btrfs);
 }
 
 #[test]
