@@ -100,6 +100,14 @@ impl<R: Read> FrameReader<R> {
                 format!("{}: connection closed before the handshake", self.peer),
             ));
         }
+        // The start of our magic, then the end: a peer cut off while it
+        // greeted us, not one that speaks something else.
+        if got < 8 && h[..got] == MAGIC[..got] {
+            return Err(fail(
+                Exit::Connection,
+                format!("{}: connection closed during the handshake", self.peer),
+            ));
+        }
         if got < 8 || &h[..8] != MAGIC {
             let text: String = String::from_utf8_lossy(&h[..got])
                 .chars()
@@ -395,6 +403,14 @@ mod tests {
             format!("v{}", PROTOCOL_VERSION + 1),
         );
         assert!(e.to_string().contains(&ours) && e.to_string().contains(&theirs));
+        // Cut off while greeting: a prefix of the magic, or all of it and
+        // part of the rest, is a lost connection, not another protocol.
+        for cut in [3, 8, 12] {
+            let e = FrameReader::new(&good[..cut], "p")
+                .read_hello()
+                .unwrap_err();
+            assert_eq!(exit_code_of(&e), Exit::Connection, "cut after {cut}: {e}");
+        }
         let e = FrameReader::new(&b"Welcome to host\n"[..], "p")
             .read_hello()
             .unwrap_err();
