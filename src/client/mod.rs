@@ -188,9 +188,9 @@ fn full_reason(cfg: &Config) -> Option<Reason> {
     }
 }
 
-/// One session of [`transfer`]: `source` is the snapshot of a local source
-/// (else it is opened here), `full` asks a remote sender to read all of its
-/// snapshot.
+/// One session of [`transfer`]: `snap_source` reads `snap`, the snapshot
+/// of a local source (else the source is opened here); `full` is the
+/// re-sync after a verify mismatch, which reads and compares everything.
 #[allow(clippy::too_many_arguments)]
 fn transfer_once(
     cfg: &Config,

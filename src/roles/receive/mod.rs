@@ -54,7 +54,8 @@ use anyhow::Result;
 pub use self::options::{RecvOptions, Seed};
 use crate::error::{fail, Exit};
 use crate::progress::Progress;
-use crate::wire::messages::{DeltaRange, Reason, SnapshotMsg, SnapshotStats};
+use crate::wire::messages::snapshot::{check_ranges, MAX_DELTA_RANGES};
+use crate::wire::messages::{DeltaRange, SnapshotMsg, SnapshotStats};
 use crate::wire::{FileInfo, FrameReader, FrameWriter, Msg, Summary, WriteMode};
 
 /// Runs the receiving end into `dest` until done; returns the summary that
@@ -115,13 +116,7 @@ where
     } else {
         None
     };
-    let stats = snap.map(|m| {
-        let why = match m.reason {
-            Reason::Delta => Reason::DestDiffers,
-            r => r,
-        };
-        SnapshotStats::of(&m, info.size, delta.as_deref(), why)
-    });
+    let stats = snap.map(|m| SnapshotStats::of(&m, info.size, delta.as_deref()));
     progress.set_total(stats.map_or(info.size, |s| s.read_bytes));
     let mut inbox = exchange::Inbox::spawn(reader, start.inline, info.size, opts.params)?;
     crate::vlog!(
@@ -178,9 +173,16 @@ fn read_ranges<R: Read>(reader: &mut FrameReader<R>, size: u64) -> Result<Vec<De
     loop {
         match reader.read_msg()? {
             Msg::Ranges { last, ranges } => {
+                // The count as they come (it bounds memory), the rest once.
+                if all.len() + ranges.len() > MAX_DELTA_RANGES {
+                    return Err(fail(
+                        Exit::Protocol,
+                        format!("protocol error: more than {MAX_DELTA_RANGES} delta ranges"),
+                    ));
+                }
                 all.extend(ranges);
-                crate::wire::messages::snapshot::check_ranges(&all, size)?;
                 if last {
+                    check_ranges(&all, size)?;
                     return Ok(all);
                 }
             }

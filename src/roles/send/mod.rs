@@ -35,7 +35,7 @@ use crate::roles::send::scan::{
 use crate::roles::send::serve::Server;
 use crate::source::snapshot::Snapshot;
 use crate::wire::messages::snapshot::MAX_RANGES_BATCH;
-use crate::wire::messages::{DeltaRange, Reason, SnapshotMsg, SnapshotStats};
+use crate::wire::messages::{DeltaRange, SnapshotMsg, SnapshotStats};
 use crate::wire::{FrameReader, FrameWriter, Msg, StartMode, Summary};
 
 /// Runs the sending end until the receiver's `DONE`. `prescan`, if any,
@@ -54,13 +54,7 @@ where
     W: Write,
 {
     let stats = |delta: Option<&[DeltaRange]>| {
-        snap.map(|s| {
-            let why = match s.msg.reason {
-                Reason::Delta => Reason::DestDiffers,
-                r => r,
-            };
-            SnapshotStats::of(&s.msg, src.info.size, delta, why)
-        })
+        snap.map(|s| SnapshotStats::of(&s.msg, src.info.size, delta))
     };
     let (inline, known, delta) = match greet(src, &mut reader, writer, snap.map(|s| &s.msg))? {
         Greeting::UpToDate(mut s) => {

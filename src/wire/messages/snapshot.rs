@@ -236,8 +236,14 @@ pub struct SnapshotStats {
 
 impl SnapshotStats {
     /// The stats of a run of a `size`-byte file announced by `msg`: a delta
-    /// over `ranges` when there are some (the receiver said `START` 3).
-    pub fn of(msg: &SnapshotMsg, size: u64, delta: Option<&[DeltaRange]>, reason: Reason) -> Self {
+    /// over `ranges` when there are some (the receiver said `START` 3);
+    /// else a full read, for the sender's reason, or because the receiver
+    /// refused the base it offered.
+    pub fn of(msg: &SnapshotMsg, size: u64, delta: Option<&[DeltaRange]>) -> Self {
+        let reason = match msg.reason {
+            Reason::Delta => Reason::DestDiffers,
+            r => r,
+        };
         let (read, verify) = match delta {
             Some(r) => (
                 r.iter().map(|r| r.len).sum(),
