@@ -5,6 +5,9 @@ use std::ffi::OsString;
 
 use clap::Parser;
 
+/// The help heading of the options that exist for rsync users' habits.
+const RSYNC: &str = "rsync compatibility";
+
 const ABOUT: &str =
     "Keep a copy of a large disk image in sync over SSH, sending only what changed.";
 
@@ -84,17 +87,39 @@ where
     T: Into<OsString> + Clone,
 {
     use clap::{CommandFactory, FromArgMatches};
+    let mut args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    // rsync prints its help for a lone -h, and reads -h beside other
+    // options as --human-readable.
+    if args.len() == 2 && args[1] == "-h" {
+        args[1] = "--help".into();
+    }
     let matches = Cli::command().try_get_matches_from(args)?;
     let mut cli = Cli::from_arg_matches(&matches)?;
-    let mut rules: Vec<(usize, crate::wire::FilterRule)> = Vec::new();
+    let mut rules: Vec<(usize, FilterArg)> = Vec::new();
     for (id, exclude) in [("include", false), ("exclude", true)] {
         if let (Some(idx), Some(vals)) = (matches.indices_of(id), matches.get_many::<String>(id)) {
             for (i, pattern) in idx.zip(vals) {
                 rules.push((
                     i,
-                    crate::wire::FilterRule {
+                    FilterArg::Rule(crate::wire::FilterRule {
                         exclude,
                         pattern: pattern.clone(),
+                    }),
+                ));
+            }
+        }
+    }
+    for (id, exclude) in [("include_from", false), ("exclude_from", true)] {
+        if let (Some(idx), Some(vals)) = (
+            matches.indices_of(id),
+            matches.get_many::<std::path::PathBuf>(id),
+        ) {
+            for (i, path) in idx.zip(vals) {
+                rules.push((
+                    i,
+                    FilterArg::From {
+                        exclude,
+                        path: path.clone(),
                     },
                 ));
             }
@@ -102,7 +127,27 @@ where
     }
     rules.sort_by_key(|(i, _)| *i);
     cli.filters = rules.into_iter().map(|(_, r)| r).collect();
+    // rsync's -a is -rlptgoD; -r keeps l, p, t, g and o already.
+    if cli.archive {
+        cli.recursive = true;
+        cli.devices_specials = true;
+    }
+    if cli.devices_specials {
+        cli.devices = true;
+        cli.specials = true;
+    }
     Ok(cli)
+}
+
+/// One filter option as given: a pattern, or a file of patterns (read when
+/// the configuration is built, so that parsing does no I/O).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilterArg {
+    Rule(crate::wire::FilterRule),
+    From {
+        exclude: bool,
+        path: std::path::PathBuf,
+    },
 }
 
 #[derive(Parser, Debug)]
@@ -113,7 +158,8 @@ where
     long_about = LONG_ABOUT,
     override_usage = "vmsync [OPTIONS] SRC DST",
     after_help = after_help(),
-    max_term_width = 100
+    max_term_width = 100,
+    disable_help_flag = true
 )]
 pub struct Cli {
     /// Source file (or directory, with -r): a local path or [user@]host:path.
@@ -136,13 +182,49 @@ pub struct Cli {
     #[arg(short = 'r', long)]
     pub recursive: bool,
 
+    /// rsync's -a: -r -D (-rlptgo are what -r keeps anyway). Owners and groups are set when the
+    /// receiving end runs as root.
+    #[arg(short = 'a', long)]
+    pub archive: bool,
+
+    /// With -r: keep hard links: files of the source that are one inode become one inode at the
+    /// destination (one copy is sent, the others are linked to it).
+    #[arg(short = 'H', long)]
+    pub hard_links: bool,
+
+    /// With -r: copy extended attributes (user.*; all namespaces, security.* labels included,
+    /// when the receiving end runs as root).
+    #[arg(short = 'X', long)]
+    pub xattrs: bool,
+
+    /// With -r: copy POSIX ACLs (access and default), by numeric user and group ids.
+    #[arg(short = 'A', long)]
+    pub acls: bool,
+
+    /// With -r: the same as --devices --specials.
+    #[arg(short = 'D')]
+    pub devices_specials: bool,
+
+    /// With -r: recreate character and block device nodes (as root).
+    #[arg(long)]
+    pub devices: bool,
+
+    /// With -r: recreate fifos and sockets.
+    #[arg(long)]
+    pub specials: bool,
+
+    /// With -r: do not cross filesystem boundaries: a mount point inside the tree is created,
+    /// what is mounted there is not copied.
+    #[arg(short = 'x', long)]
+    pub one_file_system: bool,
+
     /// With -r: delete destination entries that the source lacks, once every copy succeeded
     /// (nothing is deleted when anything failed); excluded entries are kept.
-    #[arg(long, requires = "recursive", conflicts_with = "check")]
+    #[arg(long, conflicts_with = "check", visible_aliases = ["delete-after", "delete-delay"])]
     pub delete: bool,
 
     /// With -r: include entries matching GLOB (repeatable; see --exclude).
-    #[arg(long, value_name = "GLOB", requires = "recursive")]
+    #[arg(long, value_name = "GLOB")]
     pub include: Vec<String>,
 
     /// With -r: leave out entries matching GLOB (repeatable). --include and --exclude rules are
@@ -150,12 +232,28 @@ pub struct Cli {
     /// relative to the tree: `*` does not cross `/`, `**` does; a GLOB without `/` matches a
     /// name at any depth, one ending in `/` only directories. An excluded directory is not
     /// entered, and excluded destination entries are never deleted.
-    #[arg(long, value_name = "GLOB", requires = "recursive")]
+    #[arg(long, value_name = "GLOB")]
     pub exclude: Vec<String>,
 
-    /// --include and --exclude in command-line order (filled by [`parse`]).
+    /// With -r: read --include patterns from FILE, one per line (blank lines and lines starting
+    /// with # or ; are skipped; - is stdin), in the place of this option among the others.
+    #[arg(long, value_name = "FILE")]
+    pub include_from: Vec<std::path::PathBuf>,
+
+    /// With -r: read --exclude patterns from FILE (see --include-from).
+    #[arg(long, value_name = "FILE")]
+    pub exclude_from: Vec<std::path::PathBuf>,
+
+    /// With -r: sync only the paths listed in FILE (one per line, relative to SRC; - is stdin),
+    /// with the directories leading to them; a listed directory comes with all it holds.
+    /// --delete then deletes only among the listed paths.
+    #[arg(long, value_name = "FILE")]
+    pub files_from: Option<std::path::PathBuf>,
+
+    /// --include, --exclude, --include-from and --exclude-from in command-line order (filled by
+    /// [`parse`]).
     #[arg(skip)]
-    pub filters: Vec<crate::wire::FilterRule>,
+    pub filters: Vec<FilterArg>,
 
     /// After writing, re-read the destination from disk and compare it with the source before
     /// committing it (exit 6 on mismatch).
@@ -264,9 +362,14 @@ pub struct Cli {
     /// zstd compression level for chunk data: 1 (fast) to 19 (small); 0 turns it off. On a first
     /// copy it is a ceiling: the level goes down (to 1 at least) while compressing is slower than
     /// the link, and back up while the link is slower.
-    #[arg(short = 'z', long, value_name = "N", default_value_t = 3,
+    #[arg(long, value_name = "N", default_value_t = 3,
           value_parser = clap::value_parser!(u8).range(0..=19))]
     pub compress_level: u8,
+
+    /// Compress chunk data: always on (level 3, see --compress-level), so this does nothing; as
+    /// in rsync it takes no value.
+    #[arg(short = 'z', long, help_heading = RSYNC)]
+    pub compress: bool,
 
     /// Average chunk size: a power of two from 4K to 1M (minimum is a quarter of it, maximum
     /// four times). Both ends use the sender's value.
@@ -335,6 +438,79 @@ pub struct Cli {
     /// No progress bar and no messages except errors.
     #[arg(short, long)]
     pub quiet: bool,
+
+    /// Print help (rsync's habit: -h alone is help; with other options it is
+    /// --human-readable, which vmsync always is).
+    #[arg(long, action = clap::ArgAction::Help)]
+    pub help: Option<bool>,
+
+    /// rsync's --itemize-changes: one line per changed entry on stdout, e.g. `>f.st......
+    /// disk.img` (a file sent: size and time changed), `cd+++++++++ images/` (a directory made),
+    /// `*deleting old.img`.
+    #[arg(short = 'i', long, help_heading = RSYNC)]
+    pub itemize_changes: bool,
+
+    /// rsync's --info=FLAGS, comma-separated: progress2 or progress1 (a progress bar for the
+    /// whole run, which is the default on a terminal), progress0 (no bar), stats1 or stats2
+    /// (--stats), stats0.
+    #[arg(long, value_name = "FLAGS", help_heading = RSYNC)]
+    pub info: Vec<String>,
+
+    /// rsync's --progress: progress bars are drawn on a terminal anyway (with -r one for the
+    /// whole run), so this does nothing.
+    #[arg(long, help_heading = RSYNC)]
+    pub progress: bool,
+
+    /// rsync's -P (--partial --progress): what vmsync does anyway.
+    #[arg(short = 'P', help_heading = RSYNC)]
+    pub partial_progress: bool,
+
+    /// rsync's --partial: an interrupted sync's partial file is kept and resumed from anyway
+    /// (see --no-partial).
+    #[arg(long, help_heading = RSYNC, conflicts_with = "no_partial")]
+    pub partial: bool,
+
+    /// rsync's --sparse: holes are always kept, and zero runs written as holes, so this does
+    /// nothing.
+    #[arg(short = 'S', long, help_heading = RSYNC)]
+    pub sparse: bool,
+
+    /// rsync's -l, -p, -t, -g, -o and --numeric-ids: what -r keeps anyway.
+    #[arg(short = 'l', long, hide = true)]
+    pub links: bool,
+    #[arg(short = 'p', long, hide = true)]
+    pub perms: bool,
+    #[arg(short = 't', long, hide = true)]
+    pub times: bool,
+    #[arg(short = 'g', long, hide = true)]
+    pub group: bool,
+    #[arg(short = 'o', long, hide = true)]
+    pub owner: bool,
+    #[arg(long, hide = true)]
+    pub numeric_ids: bool,
+    /// rsync's -h: vmsync's numbers are human-readable anyway.
+    #[arg(short = 'h', long, hide = true)]
+    pub human_readable: bool,
+    /// rsync's -I: the same as --checksum (never skip a file for its size and time).
+    #[arg(short = 'I', long, hide = true)]
+    pub ignore_times: bool,
+
+    /// rsync options vmsync refuses, each with what to use instead
+    /// ([`crate::app::config`]).
+    #[arg(short = 'W', long, hide = true)]
+    pub whole_file: bool,
+    #[arg(short = 'b', long, hide = true)]
+    pub backup: bool,
+    #[arg(long, value_name = "DIR", hide = true)]
+    pub backup_dir: Option<std::path::PathBuf>,
+    #[arg(long, value_name = "PROGRAM", hide = true)]
+    pub rsync_path: Option<String>,
+    #[arg(long, hide = true)]
+    pub append: bool,
+    #[arg(long, hide = true)]
+    pub append_verify: bool,
+    #[arg(short = 'u', long, hide = true)]
+    pub update: bool,
 
     /// Serve the protocol on stdin/stdout (started by the other end over ssh).
     #[arg(long, hide = true)]

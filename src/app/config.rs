@@ -7,13 +7,13 @@
 
 use anyhow::Result;
 
-use crate::app::cli::Cli;
+use crate::app::cli::{Cli, FilterArg};
 use crate::content::chunk::ChunkParams;
 use crate::error::{fail, Exit};
 use crate::source::quiesce::Hooks;
 use crate::source::snapshot::{SnapshotOptions, DEFAULT_VERIFY, MAX_VERIFY};
 
-pub use crate::client::config::Config;
+pub use crate::client::config::{Config, TreeOptions};
 use crate::client::spawn::{parse_operand, split_command, Operand};
 
 /// Parses `K/N` with 1 ≤ K ≤ N ≤ [`crate::wire::MAX_SAMPLE`].
@@ -46,12 +46,6 @@ fn snapshot_options(cli: &Cli, src: &Operand) -> Result<Option<SnapshotOptions>>
         }
         return Ok(None);
     }
-    if cli.recursive {
-        return Err(usage(
-            "--snapshot works on one file; -r does not take snapshots yet (snapshot each image, \
-             or the filesystem, and sync that)",
-        ));
-    }
     let verify = cli.snapshot_verify.unwrap_or(DEFAULT_VERIFY);
     if verify > MAX_VERIFY {
         return Err(usage(format!(
@@ -82,6 +76,164 @@ fn snapshot_options(cli: &Cli, src: &Operand) -> Result<Option<SnapshotOptions>>
             thaw: cli.thaw.clone(),
         },
     }))
+}
+
+/// Most bytes read from a `--*-from` file: lists of patterns or paths, not data.
+const MAX_LIST_FILE: u64 = 16 << 20;
+
+/// The lines of a `--include-from`, `--exclude-from` or `--files-from` file
+/// (`-` is stdin), without blank lines and `#`/`;` comments, as rsync reads them.
+fn list_file(path: &std::path::Path, option: &str) -> Result<Vec<String>> {
+    use std::io::Read;
+    let mut text = Vec::new();
+    let read = if path.as_os_str() == "-" {
+        std::io::stdin()
+            .take(MAX_LIST_FILE + 1)
+            .read_to_end(&mut text)
+    } else {
+        std::fs::File::open(path).and_then(|f| f.take(MAX_LIST_FILE + 1).read_to_end(&mut text))
+    };
+    read.map_err(|e| usage(format!("{option} {}: {e}", path.display())))?;
+    if text.len() as u64 > MAX_LIST_FILE {
+        return Err(usage(format!(
+            "{option} {}: longer than {} MiB",
+            path.display(),
+            MAX_LIST_FILE >> 20
+        )));
+    }
+    let text = String::from_utf8(text)
+        .map_err(|_| usage(format!("{option} {}: not UTF-8 text", path.display())))?;
+    Ok(text
+        .lines()
+        .map(|l| l.strip_suffix('\r').unwrap_or(l))
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#') && !l.starts_with(';'))
+        .map(str::to_string)
+        .collect())
+}
+
+/// `--include`, `--exclude` and the patterns of `--include-from` and
+/// `--exclude-from`, in command-line order.
+fn filter_rules(cli: &Cli) -> Result<Vec<crate::wire::FilterRule>> {
+    let mut rules = Vec::new();
+    for f in &cli.filters {
+        match f {
+            FilterArg::Rule(r) => rules.push(r.clone()),
+            FilterArg::From { exclude, path } => {
+                let option = if *exclude {
+                    "--exclude-from"
+                } else {
+                    "--include-from"
+                };
+                for pattern in list_file(path, option)? {
+                    rules.push(crate::wire::FilterRule {
+                        exclude: *exclude,
+                        pattern,
+                    });
+                }
+            }
+        }
+    }
+    // Bad patterns are usage errors before anything is listed.
+    crate::filter::Filter::new(&rules)?;
+    Ok(rules)
+}
+
+/// `--files-from`: tree-relative paths (a leading `/`, `./` and a trailing
+/// `/` dropped, as rsync does); `..` is refused, `.` is the whole tree.
+fn files_from(path: &std::path::Path) -> Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    for line in list_file(path, "--files-from")? {
+        let parts: Vec<&str> = line
+            .split('/')
+            .filter(|c| !c.is_empty() && *c != ".")
+            .collect();
+        if parts.contains(&"..") {
+            return Err(usage(format!(
+                "--files-from {}: {line:?} leads out of the tree",
+                path.display()
+            )));
+        }
+        let rel = parts.join("/").into_bytes();
+        if !crate::wire::valid_rel_path(&rel, true) {
+            return Err(usage(format!(
+                "--files-from {}: {line:?} is not a path vmsync can sync",
+                path.display()
+            )));
+        }
+        out.push(rel);
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// rsync options vmsync does not have, each refused with what to use instead.
+fn refuse_rsync_options(cli: &Cli) -> Result<()> {
+    let refused: [(bool, &str, &str); 6] = [
+        (
+            cli.whole_file,
+            "-W/--whole-file",
+            "vmsync always sends only the chunks the destination lacks; to write a new copy \
+             without reading the old one's blocks into it, use --write-mode copy",
+        ),
+        (
+            cli.backup || cli.backup_dir.is_some(),
+            "-b/--backup/--backup-dir",
+            "vmsync keeps no copies of replaced files; keep history with a snapshot of the \
+             destination before the run (cp --reflink=always, a btrfs or LVM snapshot)",
+        ),
+        (
+            cli.rsync_path.is_some(),
+            "--rsync-path",
+            "the remote vmsync is --remote-path PATH",
+        ),
+        (
+            cli.append,
+            "--append",
+            "vmsync resumes an interrupted copy from its partial file on its own, and checks \
+             every chunk it keeps",
+        ),
+        (
+            cli.append_verify,
+            "--append-verify",
+            "vmsync resumes an interrupted copy from its partial file on its own, and checks \
+             every chunk it keeps",
+        ),
+        (
+            cli.update,
+            "-u/--update",
+            "vmsync makes the destination a copy of the source whatever their times; leave \
+             newer destination files out with --exclude",
+        ),
+    ];
+    match refused.iter().find(|(given, _, _)| *given) {
+        Some((_, flag, instead)) => {
+            Err(usage(format!("rsync's {flag} is not supported: {instead}")))
+        }
+        None => Ok(()),
+    }
+}
+
+/// `--info=FLAGS`: whether a progress bar is wanted and whether `--stats`
+/// is (`None`: not said).
+fn info_flags(cli: &Cli) -> Result<(Option<bool>, Option<bool>)> {
+    let (mut progress, mut stats) = (None, None);
+    for flag in cli.info.iter().flat_map(|s| s.split(',')) {
+        match flag.trim() {
+            "progress1" | "progress2" => progress = Some(true),
+            "progress0" => progress = Some(false),
+            "stats1" | "stats2" | "stats3" => stats = Some(true),
+            "stats0" => stats = Some(false),
+            "" => {}
+            other => {
+                return Err(usage(format!(
+                    "--info={other}: vmsync knows progress0, progress1, progress2, stats0, \
+                     stats1 and stats2 (-v says what each phase does)"
+                )))
+            }
+        }
+    }
+    Ok((progress, stats))
 }
 
 impl Config {
@@ -124,8 +276,24 @@ impl Config {
                 crate::wire::MAX_SEEDS
             )));
         }
-        // Bad patterns are usage errors before anything is listed.
-        crate::filter::Filter::new(&cli.filters)?;
+        refuse_rsync_options(cli)?;
+        let filters = filter_rules(cli)?;
+        let files_from = match &cli.files_from {
+            Some(p) => Some(files_from(p)?),
+            None => None,
+        };
+        if !cli.recursive {
+            for (given, flag) in [
+                (cli.delete, "--delete"),
+                (!filters.is_empty(), "--include/--exclude"),
+                (files_from.is_some(), "--files-from"),
+            ] {
+                if given {
+                    return Err(usage(format!("{flag} applies to a tree: add -r (or -a)")));
+                }
+            }
+        }
+        let (progress, stats) = info_flags(cli)?;
         if cli.remote_path.trim().is_empty() {
             return Err(usage("--remote-path is empty"));
         }
@@ -143,11 +311,11 @@ impl Config {
                 (None, false) => crate::wire::WriteMode::Auto,
             },
             state_dir: cli.state_dir.clone(),
-            checksum: cli.checksum,
+            checksum: cli.checksum || cli.ignore_times,
             no_partial: cli.no_partial,
             rsh,
             remote_path: cli.remote_path.clone(),
-            stats: cli.stats,
+            stats: stats.unwrap_or(cli.stats),
             json: cli.json,
             quiet: cli.quiet,
             timeout_secs: cli.timeout.unwrap_or(0),
@@ -159,7 +327,18 @@ impl Config {
             snapshot,
             recursive: cli.recursive,
             delete: cli.delete,
-            filters: cli.filters.clone(),
+            filters,
+            files_from,
+            tree: TreeOptions {
+                hard_links: cli.hard_links,
+                xattrs: cli.xattrs,
+                acls: cli.acls,
+                devices: cli.devices,
+                specials: cli.specials,
+                one_file_system: cli.one_file_system,
+            },
+            progress: progress.unwrap_or(true) && !cli.quiet && !cli.json,
+            itemize: cli.itemize_changes,
         })
     }
 }

@@ -43,6 +43,37 @@ pub struct Config {
     pub recursive: bool,
     /// `--delete` (with `-r`).
     pub delete: bool,
-    /// `--include`/`--exclude`, in command-line order.
+    /// `--include`/`--exclude` (and the patterns of `--include-from` and
+    /// `--exclude-from`), in command-line order.
     pub filters: Vec<crate::wire::FilterRule>,
+    /// `--files-from`: the only tree-relative paths a recursive run syncs.
+    pub files_from: Option<Vec<Vec<u8>>>,
+    /// What `-r` keeps beyond contents, modes, times, owners and symlinks.
+    #[allow(dead_code)] // Read by the tree metadata change that lands next.
+    pub tree: TreeOptions,
+    /// Draw progress bars (on a terminal): not with `-q`, `--json` or
+    /// `--info=progress0`.
+    pub progress: bool,
+    /// `-i`: one line per changed entry, as rsync's `--itemize-changes`.
+    #[allow(dead_code)] // Read by the tree metadata change that lands next.
+    pub itemize: bool,
+}
+
+/// What a recursive run keeps beyond regular files, directories and
+/// symlinks with their contents, modes, times and (as root) owners, which
+/// it always keeps. rsync's options of the same names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TreeOptions {
+    /// `-H`: files that are one inode in the source are one at the destination.
+    pub hard_links: bool,
+    /// `-X`: extended attributes (`user.*`; every namespace but `system.*` as root).
+    pub xattrs: bool,
+    /// `-A`: POSIX ACLs (`system.posix_acl_access`, `system.posix_acl_default`).
+    pub acls: bool,
+    /// `--devices`: character and block device nodes.
+    pub devices: bool,
+    /// `--specials`: fifos and sockets.
+    pub specials: bool,
+    /// `-x`: directories on another filesystem than the tree's root are made, not entered.
+    pub one_file_system: bool,
 }

@@ -58,7 +58,7 @@ pub fn run(cfg: &Config, umask: u32) -> Result<Report> {
             return Err(is_a_directory(src));
         }
     }
-    let mut progress = Progress::new(!cfg.quiet && !cfg.json);
+    let mut progress = Progress::new(cfg.progress);
     let report = transfer(cfg, &cfg.src, &cfg.dst, None, true, umask, &mut progress);
     progress.finish();
     report

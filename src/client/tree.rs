@@ -20,6 +20,7 @@
 //! One file's failure does not stop the others: it is reported, and the run
 //! exits 23.
 
+use std::collections::HashSet;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -126,7 +127,47 @@ fn list(
             (all, r.host.clone())
         }
     };
+    let all = match &cfg.files_from {
+        Some(only) => select(all, only),
+        None => all,
+    };
     Listing::new(all, &peer).map(Some)
+}
+
+/// `--files-from`: the entries of a listing that are listed, lie beneath a
+/// listed directory, or are directories leading to a listed path. Applied
+/// to both ends' listings alike, so `--delete` only deletes among them.
+fn select(all: Vec<ListEntry>, only: &[Vec<u8>]) -> Vec<ListEntry> {
+    let listed: HashSet<&[u8]> = only.iter().map(Vec::as_slice).collect();
+    let mut leading: HashSet<&[u8]> = HashSet::new();
+    for p in only {
+        let mut at = p.as_slice();
+        while !at.is_empty() {
+            at = parent_of(at);
+            leading.insert(at);
+        }
+    }
+    all.into_iter()
+        .filter(|e| {
+            // Unreadable entries stay: they make the listing incomplete.
+            if e.kind == EntryKind::Unreadable || e.path.is_empty() {
+                return true;
+            }
+            if leading.contains(e.path.as_slice()) {
+                return e.kind == EntryKind::Dir;
+            }
+            let mut at = e.path.as_slice();
+            loop {
+                if listed.contains(at) {
+                    return true;
+                }
+                if at.is_empty() {
+                    return false;
+                }
+                at = parent_of(at);
+            }
+        })
+        .collect()
 }
 
 /// `OPEN` fields for the `List` and `Apply` roles (which use few of them).
@@ -260,6 +301,13 @@ pub fn run(cfg: &Config, umask: u32) -> Result<TreeReport> {
         report.other_wire_bytes = wire;
         report.duration = start.elapsed();
         return Ok(report);
+    }
+    if cfg.snapshot.is_some() {
+        return Err(fail(
+            Exit::Usage,
+            "--snapshot works on one file; -r does not take snapshots of a tree yet (snapshot \
+             each image, or the filesystem, and sync that)",
+        ));
     }
     let prefix = prefix_of(&src_path);
     let tree_root = join(&dst_path, prefix.as_deref().unwrap_or_default());
@@ -506,6 +554,49 @@ mod tests {
 
     fn rel(p: &str) -> Vec<u8> {
         p.as_bytes().to_vec()
+    }
+
+    #[test]
+    fn files_from_selects_paths_their_directories_and_what_they_hold() {
+        let entry = |kind, path: &str| ListEntry {
+            kind,
+            path: rel(path),
+            size: 0,
+            mtime_sec: 0,
+            mtime_nsec: 0,
+            mode: if kind == EntryKind::Dir {
+                libc::S_IFDIR
+            } else {
+                libc::S_IFREG
+            },
+            uid: 0,
+            gid: 0,
+            target: Vec::new(),
+        };
+        use EntryKind::{Dir, File};
+        let all = vec![
+            entry(Dir, ""),
+            entry(Dir, "a"),
+            entry(Dir, "a/b"),
+            entry(File, "a/b/x.img"),
+            entry(File, "a/b/y.img"),
+            entry(File, "a/z.img"),
+            entry(Dir, "c"),
+            entry(File, "c/1"),
+            entry(Dir, "c/d"),
+            entry(File, "c/d/2"),
+            entry(File, "e"),
+        ];
+        let kept: Vec<String> = select(all.clone(), &[rel("a/b/x.img"), rel("c")])
+            .iter()
+            .map(|e| shown(&e.path))
+            .collect();
+        assert_eq!(
+            kept,
+            [".", "a", "a/b", "a/b/x.img", "c", "c/1", "c/d", "c/d/2"]
+        );
+        assert_eq!(select(all.clone(), &[rel("")]).len(), all.len());
+        assert_eq!(select(all, &[rel("missing")]).len(), 1);
     }
 
     #[test]

@@ -74,8 +74,8 @@ fn bad_chunk_sizes_are_usage_errors() {
 fn bad_compression_level_is_a_usage_error() {
     let (pair, old) = pair_with_old_dst();
     for bad in ["banana", "", "3.5"] {
-        let r = run(&[&"-z", &bad, &pair.src, &pair.dst]);
-        assert_eq!(r.code, exit::USAGE, "-z {bad:?}\n{r}");
+        let r = run(&[&"--compress-level", &bad, &pair.src, &pair.dst]);
+        assert_eq!(r.code, exit::USAGE, "--compress-level {bad:?}\n{r}");
         assert_no_panic(&r);
     }
     assert_old_destination(&pair, &old);

@@ -454,11 +454,14 @@ fn compression_reduces_wire_bytes_and_level_0_turns_it_off() {
     let pair = Pair::new();
     pair.write_src(&log_text((8 * MIB) as usize));
 
-    let (_, v) = sync(&pair, &["-z", "0"]);
+    let (_, v) = sync(&pair, &["--compress-level", "0"]);
     pair.assert_synced();
     let literal = json_u64(&v, "literal_bytes");
     assert_eq!(literal, 8 * MIB, "{v}");
-    assert!(json_u64(&v, "wire_bytes") >= literal, "-z 0 sends raw: {v}");
+    assert!(
+        json_u64(&v, "wire_bytes") >= literal,
+        "--compress-level 0 sends raw: {v}"
+    );
 
     for level in ["3", "19"] {
         std::fs::remove_file(&pair.dst).unwrap();
