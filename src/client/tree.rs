@@ -396,6 +396,11 @@ impl Tree<'_> {
     /// would only meet it again.
     fn transfer_all(&self, mut jobs: Vec<Job>, report: &mut TreeReport) {
         jobs.sort_by(|a, b| b.size.cmp(&a.size).then_with(|| a.rel.cmp(&b.rel)));
+        // One bar for the tree (rsync's --info=progress2): bytes of all
+        // the files, and files done of the total.
+        let bar = Progress::new(self.cfg.progress && !jobs.is_empty());
+        bar.set_total(jobs.iter().map(|j| j.size).sum());
+        let files_done = AtomicUsize::new(0);
         let next = AtomicUsize::new(0);
         let fatal: Mutex<Option<(Exit, String)>> = Mutex::new(None);
         let results: Mutex<Vec<FileResult>> = Mutex::new(Vec::new());
@@ -408,7 +413,11 @@ impl Tree<'_> {
                     }
                     let i = next.fetch_add(1, Ordering::SeqCst);
                     let Some(job) = jobs.get(i) else { return };
-                    let result = self.transfer(job);
+                    let mut part = bar.part();
+                    let result = self.transfer(job, &mut part);
+                    bar.finish_part(&part, job.size);
+                    let done = files_done.fetch_add(1, Ordering::SeqCst) + 1;
+                    bar.set_message(format!("{done}/{} files", jobs.len()));
                     if let Err((exit, msg)) = &result.outcome {
                         if matches!(
                             exit,
@@ -425,6 +434,7 @@ impl Tree<'_> {
                 });
             }
         });
+        bar.finish();
         let mut results = results.into_inner().unwrap_or_else(|e| e.into_inner());
         results.sort_by(|a, b| a.path.cmp(&b.path));
         report.files.extend(results);
@@ -447,7 +457,7 @@ impl Tree<'_> {
         })
     }
 
-    fn transfer(&self, job: &Job) -> FileResult {
+    fn transfer(&self, job: &Job, progress: &mut Progress) -> FileResult {
         let path = self.shown_dst(&job.rel);
         let src = self.src_end.operand(join(&self.src_path, &job.rel));
         let dst_rel = self.dpath(&job.rel);
@@ -460,7 +470,7 @@ impl Tree<'_> {
             Some(b""),
             job.prescan,
             self.umask,
-            &mut Progress::hidden(),
+            progress,
         )
         .map_err(|e| (exit_code_of(&e), message_of(&e)));
         match &outcome {
