@@ -167,49 +167,21 @@ fn files_from(path: &std::path::Path) -> Result<Vec<Vec<u8>>> {
     Ok(out)
 }
 
-/// rsync options vmsync does not have, each refused with what to use instead.
+/// rsync options vmsync does not have, each refused with what to use
+/// instead: the words of the README's table ([`crate::app::rsync`]).
 fn refuse_rsync_options(cli: &Cli) -> Result<()> {
-    let refused: [(bool, &str, &str); 6] = [
-        (
-            cli.whole_file,
-            "-W/--whole-file",
-            "vmsync always sends only the chunks the destination lacks; to write a new copy \
-             without reading the old one's blocks into it, use --write-mode copy",
-        ),
+    let refused = [
+        (cli.whole_file, "-W, --whole-file"),
         (
             cli.backup || cli.backup_dir.is_some(),
-            "-b/--backup/--backup-dir",
-            "vmsync keeps no copies of replaced files; keep history with a snapshot of the \
-             destination before the run (cp --reflink=always, a btrfs or LVM snapshot)",
+            "-b, --backup, --backup-dir",
         ),
-        (
-            cli.rsync_path.is_some(),
-            "--rsync-path",
-            "the remote vmsync is --remote-path PATH",
-        ),
-        (
-            cli.append,
-            "--append",
-            "vmsync resumes an interrupted copy from its partial file on its own, and checks \
-             every chunk it keeps",
-        ),
-        (
-            cli.append_verify,
-            "--append-verify",
-            "vmsync resumes an interrupted copy from its partial file on its own, and checks \
-             every chunk it keeps",
-        ),
-        (
-            cli.update,
-            "-u/--update",
-            "vmsync makes the destination a copy of the source whatever their times; leave \
-             newer destination files out with --exclude",
-        ),
+        (cli.rsync_path.is_some(), "--rsync-path"),
+        (cli.append || cli.append_verify, "--append, --append-verify"),
+        (cli.update, "-u, --update"),
     ];
-    match refused.iter().find(|(given, _, _)| *given) {
-        Some((_, flag, instead)) => {
-            Err(usage(format!("rsync's {flag} is not supported: {instead}")))
-        }
+    match refused.iter().find(|(given, _)| *given) {
+        Some((_, row)) => Err(usage(crate::app::rsync::refusal(row))),
         None => Ok(()),
     }
 }

@@ -4,6 +4,7 @@ pub mod cli;
 pub(crate) mod config;
 pub(crate) mod metrics;
 pub(crate) mod report;
+pub mod rsync;
 mod run;
 
 pub use run::{main, start};

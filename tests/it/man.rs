@@ -50,6 +50,20 @@ fn render() -> String {
     ));
     section(&mut out, "EXAMPLES", &ex);
 
+    let mut rsync = String::from(
+        "Options rsync users type from habit: the same meaning (same), accepted because vmsync \
+         behaves that way anyway (no-op), or refused with what to use instead (refused).\n",
+    );
+    for (flags, takes, what) in vmsync::app::rsync::RSYNC_OPTIONS {
+        rsync.push_str(&format!(
+            ".TP\n.B {}\n({}) {}\n",
+            roff_escape(flags),
+            takes.name(),
+            roff_escape(what)
+        ));
+    }
+    section(&mut out, "RSYNC OPTIONS", &rsync);
+
     section(
         &mut out,
         "SAFETY",
@@ -145,6 +159,32 @@ fn man_page_is_current() {
     ] {
         assert!(fresh.contains(needle), "man page lacks {needle}");
     }
+}
+
+/// The README's table of rsync options is the one in `src/app/rsync.rs`
+/// (rewritten with the man page by `VMSYNC_UPDATE_MAN=1`).
+#[test]
+fn readme_rsync_table_is_current() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
+    let readme = std::fs::read_to_string(&path).unwrap();
+    let (begin, end) = ("<!-- rsync-options:begin", "<!-- rsync-options:end -->");
+    let b = readme
+        .find(begin)
+        .expect("README has the rsync-options markers");
+    let b = b + readme[b..].find('\n').unwrap() + 1;
+    let e = readme
+        .find(end)
+        .expect("README has the rsync-options end marker");
+    let fresh = vmsync::app::rsync::markdown_table();
+    if std::env::var_os("VMSYNC_UPDATE_MAN").is_some() {
+        let updated = format!("{}{fresh}{}", &readme[..b], &readme[e..]);
+        std::fs::write(&path, updated).unwrap();
+        return;
+    }
+    assert!(
+        readme[b..e] == fresh,
+        "README's rsync table is stale; regenerate it with: VMSYNC_UPDATE_MAN=1 cargo test --release --test it man::"
+    );
 }
 
 /// The README's exit-status table lists every code, with the same words.
