@@ -35,9 +35,10 @@
 //! A file written by an older vmsync has none of these families: the first
 //! sampled check then starts a cycle as if N had changed.
 
-use super::families::{Key, Samples, CYCLE_COMPLETED, CYCLE_STARTED, SAMPLE_SLICES, SLICE_SUCCESS};
+use super::families::{
+    Key, RunMetrics, Samples, CYCLE_COMPLETED, CYCLE_STARTED, SAMPLE_SLICES, SLICE_SUCCESS,
+};
 use super::text::{round_ms, seconds};
-use super::RunMetrics;
 
 /// Carries the cycle of `run`'s destination on by one run.
 pub(super) fn advance(samples: &mut Samples, run: &RunMetrics) {
@@ -121,7 +122,7 @@ mod tests {
     fn after(runs: &[RunMetrics]) -> Samples {
         let mut samples = Samples::new();
         for r in runs {
-            super::super::families::merge(&mut samples, r);
+            super::super::merge(&mut samples, r);
             samples = parse(&render(&samples)).expect("our own output parses");
         }
         samples
@@ -283,7 +284,7 @@ mod tests {
                    vmsync_last_exit_code{destination=\"d\",mode=\"check\"} 0\n\
                    vmsync_last_exit_code{destination=\"d\",mode=\"sync\"} 0\n";
         let mut samples = parse(old).unwrap();
-        super::super::families::merge(&mut samples, &check("d", Some((2, 2)), 0, 100.0));
+        super::super::merge(&mut samples, &check("d", Some((2, 2)), 0, 100.0));
         assert_eq!(get(&samples, SAMPLE_SLICES, None), Some(2.0));
         assert_eq!(get(&samples, CYCLE_STARTED, None), Some(100.0));
         assert_eq!(slices(&samples), [(2, 100.0)]);

@@ -1,5 +1,5 @@
-//! The families of the metrics file: names, HELP texts, and how one run's
-//! outcome replaces its series.
+//! What the metrics file holds: a finished run ([`RunMetrics`]), the families
+//! it is written as (names and HELP texts), and the key of one sample.
 //!
 //! The order of [`FAMILIES`] is the order of the file. New families go at
 //! the end, so that a file without them keeps its bytes, and a HELP text
@@ -9,26 +9,57 @@
 
 use std::collections::BTreeMap;
 
-use super::text::{round_ms, seconds};
-use super::RunMetrics;
+/// One finished run, as the metrics file records it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunMetrics {
+    /// The source operand as typed. Not written: a label that changes from
+    /// run to run (dated snapshot names) would start a new series each time
+    /// and break the alerts, which need one series per destination.
+    pub source: String,
+    /// The destination operand as typed: the label that identifies the series.
+    pub destination: String,
+    /// A `--check` run (`mode="check"`) rather than a sync (`mode="sync"`).
+    pub check: bool,
+    pub exit_code: u8,
+    /// Wall-clock end time, seconds since the epoch.
+    pub end_unix: f64,
+    pub duration_secs: f64,
+    pub source_bytes: u64,
+    /// Bytes on the wire, both directions.
+    pub wire_bytes: u64,
+    /// Chunk data sent.
+    pub literal_bytes: u64,
+    /// Bytes taken from the old destination.
+    pub reused_bytes: u64,
+    /// `--check` only; written only for check runs that got as far as comparing.
+    pub differing_bytes: Option<u64>,
+    /// Syncs only: bytes the receiver wrote to storage for the destination.
+    pub dest_written_bytes: Option<u64>,
+    /// Syncs only: how the destination was written (`None`: not at all).
+    pub write_mode: Option<Option<crate::wire::WriteMode>>,
+    /// `--snapshot` runs only: what the sending side read.
+    pub snapshot: Option<crate::wire::messages::SnapshotStats>,
+    /// `--check --sample K/N`: (K, N).
+    pub sample: Option<(u32, u32)>,
+}
 
-const LAST_RUN: usize = 0;
-const LAST_SUCCESS: usize = 1;
-const EXIT_CODE: usize = 2;
-const DURATION: usize = 3;
-const SOURCE: usize = 4;
-const WIRE: usize = 5;
-const LITERAL: usize = 6;
-const REUSED: usize = 7;
-const DIFFERING: usize = 8;
-const DEST_WRITTEN: usize = 9;
-const WRITE_MODE: usize = 10;
-const SOURCE_READ: usize = 11;
-const SOURCE_SKIPPED: usize = 12;
-const SNAPSHOT_SECONDS: usize = 13;
-const FROZEN_SECONDS: usize = 14;
-const VERIFY_MISMATCH: usize = 15;
-const SNAPSHOT_DELTA: usize = 16;
+pub(super) const LAST_RUN: usize = 0;
+pub(super) const LAST_SUCCESS: usize = 1;
+pub(super) const EXIT_CODE: usize = 2;
+pub(super) const DURATION: usize = 3;
+pub(super) const SOURCE: usize = 4;
+pub(super) const WIRE: usize = 5;
+pub(super) const LITERAL: usize = 6;
+pub(super) const REUSED: usize = 7;
+pub(super) const DIFFERING: usize = 8;
+pub(super) const DEST_WRITTEN: usize = 9;
+pub(super) const WRITE_MODE: usize = 10;
+pub(super) const SOURCE_READ: usize = 11;
+pub(super) const SOURCE_SKIPPED: usize = 12;
+pub(super) const SNAPSHOT_SECONDS: usize = 13;
+pub(super) const FROZEN_SECONDS: usize = 14;
+pub(super) const VERIFY_MISMATCH: usize = 15;
+pub(super) const SNAPSHOT_DELTA: usize = 16;
 // From here on: the state of `--check --sample` cycles (see `cycle.rs`),
 // which a run of the same series keeps rather than replaces.
 pub(super) const SAMPLE_SLICES: usize = 17;
@@ -151,73 +182,3 @@ impl Key {
 /// Values are kept as text so that samples of other series are written back
 /// exactly as they were read.
 pub(super) type Samples = BTreeMap<Key, String>;
-
-/// Replaces `run`'s series in `samples`, and carries its sampled-check
-/// cycle on.
-pub(super) fn merge(samples: &mut Samples, run: &RunMetrics) {
-    let mode = if run.check { "check" } else { "sync" };
-    let key = |family| Key::new(family, &run.destination, mode);
-    let previous_success = samples.remove(&key(LAST_SUCCESS));
-    samples.retain(|k, _| {
-        !(k.destination == run.destination && k.mode == mode && k.family < SAMPLE_SLICES)
-    });
-    let end = seconds(round_ms(run.end_unix));
-    let success = if run.exit_code == 0 {
-        Some(end.clone())
-    } else {
-        previous_success
-    };
-    let values = [
-        (LAST_RUN, Some(end)),
-        (LAST_SUCCESS, success),
-        (EXIT_CODE, Some(run.exit_code.to_string())),
-        (DURATION, Some(seconds(run.duration_secs))),
-        (SOURCE, Some(run.source_bytes.to_string())),
-        (WIRE, Some(run.wire_bytes.to_string())),
-        (LITERAL, Some(run.literal_bytes.to_string())),
-        (REUSED, Some(run.reused_bytes.to_string())),
-        (
-            DIFFERING,
-            run.differing_bytes
-                .filter(|_| run.check)
-                .map(|b| b.to_string()),
-        ),
-        (
-            DEST_WRITTEN,
-            run.dest_written_bytes
-                .filter(|_| !run.check)
-                .map(|b| b.to_string()),
-        ),
-        (
-            WRITE_MODE,
-            run.write_mode
-                .filter(|_| !run.check)
-                .map(|m| m.map_or(0, |m| m as u8).to_string()),
-        ),
-    ];
-    let snap = run.snapshot;
-    let snap_values = [
-        (SOURCE_READ, snap.map(|s| s.read_bytes.to_string())),
-        (SOURCE_SKIPPED, snap.map(|s| s.skipped_bytes.to_string())),
-        (
-            SNAPSHOT_SECONDS,
-            snap.map(|s| seconds(s.snapshot_us as f64 / 1e6)),
-        ),
-        (
-            FROZEN_SECONDS,
-            snap.and_then(|s| s.frozen_us)
-                .map(|f| seconds(f as f64 / 1e6)),
-        ),
-        (
-            VERIFY_MISMATCH,
-            snap.map(|s| s.verify_mismatch_bytes.to_string()),
-        ),
-        (SNAPSHOT_DELTA, snap.map(|s| u8::from(s.delta).to_string())),
-    ];
-    for (family, value) in values.into_iter().chain(snap_values) {
-        if let Some(v) = value {
-            samples.insert(key(family), v);
-        }
-    }
-    super::cycle::advance(samples, run);
-}

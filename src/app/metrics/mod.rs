@@ -99,42 +99,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::signals::TempGuard;
-use families::{merge, Samples};
-use text::{parse, render};
-
-/// One finished run, as the metrics file records it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RunMetrics {
-    /// The source operand as typed. Not written: a label that changes from
-    /// run to run (dated snapshot names) would start a new series each time
-    /// and break the alerts, which need one series per destination.
-    pub source: String,
-    /// The destination operand as typed: the label that identifies the series.
-    pub destination: String,
-    /// A `--check` run (`mode="check"`) rather than a sync (`mode="sync"`).
-    pub check: bool,
-    pub exit_code: u8,
-    /// Wall-clock end time, seconds since the epoch.
-    pub end_unix: f64,
-    pub duration_secs: f64,
-    pub source_bytes: u64,
-    /// Bytes on the wire, both directions.
-    pub wire_bytes: u64,
-    /// Chunk data sent.
-    pub literal_bytes: u64,
-    /// Bytes taken from the old destination.
-    pub reused_bytes: u64,
-    /// `--check` only; written only for check runs that got as far as comparing.
-    pub differing_bytes: Option<u64>,
-    /// Syncs only: bytes the receiver wrote to storage for the destination.
-    pub dest_written_bytes: Option<u64>,
-    /// Syncs only: how the destination was written (`None`: not at all).
-    pub write_mode: Option<Option<crate::wire::WriteMode>>,
-    /// `--snapshot` runs only: what the sending side read.
-    pub snapshot: Option<crate::wire::messages::SnapshotStats>,
-    /// `--check --sample K/N`: (K, N).
-    pub sample: Option<(u32, u32)>,
-}
+pub use families::RunMetrics;
+use families::*;
+use text::{parse, render, round_ms, seconds};
 
 /// An existing file larger than this is refused rather than replaced. One
 /// series is under 2 KiB, so this leaves room for thousands of them.
@@ -220,6 +187,76 @@ fn read_existing(path: &Path) -> Result<Samples> {
         .unwrap_or_default())
 }
 
+/// Replaces `run`'s series in `samples`, and carries its sampled-check
+/// cycle on.
+fn merge(samples: &mut Samples, run: &RunMetrics) {
+    let mode = if run.check { "check" } else { "sync" };
+    let key = |family| Key::new(family, &run.destination, mode);
+    let previous_success = samples.remove(&key(LAST_SUCCESS));
+    samples.retain(|k, _| {
+        !(k.destination == run.destination && k.mode == mode && k.family < SAMPLE_SLICES)
+    });
+    let end = seconds(round_ms(run.end_unix));
+    let success = if run.exit_code == 0 {
+        Some(end.clone())
+    } else {
+        previous_success
+    };
+    let values = [
+        (LAST_RUN, Some(end)),
+        (LAST_SUCCESS, success),
+        (EXIT_CODE, Some(run.exit_code.to_string())),
+        (DURATION, Some(seconds(run.duration_secs))),
+        (SOURCE, Some(run.source_bytes.to_string())),
+        (WIRE, Some(run.wire_bytes.to_string())),
+        (LITERAL, Some(run.literal_bytes.to_string())),
+        (REUSED, Some(run.reused_bytes.to_string())),
+        (
+            DIFFERING,
+            run.differing_bytes
+                .filter(|_| run.check)
+                .map(|b| b.to_string()),
+        ),
+        (
+            DEST_WRITTEN,
+            run.dest_written_bytes
+                .filter(|_| !run.check)
+                .map(|b| b.to_string()),
+        ),
+        (
+            WRITE_MODE,
+            run.write_mode
+                .filter(|_| !run.check)
+                .map(|m| m.map_or(0, |m| m as u8).to_string()),
+        ),
+    ];
+    let snap = run.snapshot;
+    let snap_values = [
+        (SOURCE_READ, snap.map(|s| s.read_bytes.to_string())),
+        (SOURCE_SKIPPED, snap.map(|s| s.skipped_bytes.to_string())),
+        (
+            SNAPSHOT_SECONDS,
+            snap.map(|s| seconds(s.snapshot_us as f64 / 1e6)),
+        ),
+        (
+            FROZEN_SECONDS,
+            snap.and_then(|s| s.frozen_us)
+                .map(|f| seconds(f as f64 / 1e6)),
+        ),
+        (
+            VERIFY_MISMATCH,
+            snap.map(|s| s.verify_mismatch_bytes.to_string()),
+        ),
+        (SNAPSHOT_DELTA, snap.map(|s| u8::from(s.delta).to_string())),
+    ];
+    for (family, value) in values.into_iter().chain(snap_values) {
+        if let Some(v) = value {
+            samples.insert(key(family), v);
+        }
+    }
+    cycle::advance(samples, run);
+}
+
 fn write_atomically(path: &Path, text: &str) -> Result<()> {
     let context = || format!("cannot write metrics file {}", path.display());
     let dir = match path.parent() {
@@ -250,9 +287,7 @@ mod prom;
 
 #[cfg(test)]
 mod tests {
-    use super::text::{round_ms, seconds};
     use super::*;
-    use families::FAMILIES;
     use prom::{get, Sample};
 
     fn run(destination: &str, check: bool, exit_code: u8, end_unix: f64) -> RunMetrics {
