@@ -393,11 +393,13 @@ pub fn error_message(exit: Exit, msg: &str, json_out: bool, recursive: bool) {
 /// `--metrics-file`: records this run for the destination `dst`. A failure
 /// to write is a warning on stderr (which cron mails), not the run's
 /// failure: the sync itself may well have succeeded.
+#[allow(clippy::too_many_arguments)]
 pub fn write_metrics(
     path: &std::path::Path,
     src: &str,
     dst: &str,
     check: bool,
+    sample: Option<(u32, u32)>,
     report: Option<&Report>,
     exit: Exit,
     duration: std::time::Duration,
@@ -424,6 +426,7 @@ pub fn write_metrics(
         dest_written_bytes: s.map(|s| s.dest_written_bytes),
         write_mode: s.map(|s| s.write_mode),
         snapshot: s.and_then(|s| s.snapshot.as_deref().copied()),
+        sample,
     };
     if let Err(e) = crate::app::metrics::write_textfile(path, &run) {
         eprintln!("vmsync: warning: {}", message_of(&e));

@@ -127,6 +127,11 @@ pub fn main(cli: &Cli) -> ExitCode {
             &src.to_string_lossy(),
             &dst.to_string_lossy(),
             cli.check,
+            // An unparsable --sample failed the run before it checked
+            // anything: recorded as a failed check, outside any cycle.
+            cli.sample
+                .as_deref()
+                .and_then(|k_n| crate::app::config::parse_sample(k_n).ok()),
             totals.as_ref(),
             exit,
             start.elapsed(),

@@ -50,29 +50,28 @@
 //! last run; counters would need state that survives a failed write or a
 //! replaced file, and the alerts only ever ask about the last run.
 //!
-//! Alert rules (Prometheus):
+//! Check series also carry the cycle of `--check --sample K/N` runs, which
+//! spans runs (see `cycle.rs`): `vmsync_check_sample_slices` (N),
+//! `vmsync_check_slice_success_timestamp_seconds{slice="K"}` (slices found
+//! identical in the current cycle), `vmsync_check_cycle_started_timestamp_seconds`
+//! and `vmsync_check_cycle_completed_timestamp_seconds` (when every slice
+//! had been found identical: the whole file was checked).
 //!
-//! ```yaml
-//! groups:
-//!   - name: vmsync
-//!     rules:
-//!       - alert: VmsyncNoRecentSuccess
-//!         expr: time() - vmsync_last_success_timestamp_seconds{mode="sync"} > 26*3600
-//!         annotations:
-//!           summary: "no successful vmsync to {{ $labels.destination }} for over 26 hours"
-//!       - alert: VmsyncNeverSucceeded
-//!         expr: vmsync_last_run_timestamp_seconds unless on(destination, mode) vmsync_last_success_timestamp_seconds
-//!         for: 26h
-//! ```
+//! The alert rules that go with these metrics are
+//! `deploy/prometheus/vmsync.rules.yml` (a stale last success, a series that
+//! never succeeded, failed and repeatedly failed runs, differences, verify
+//! mismatches, overdue check cycles and restore drills), with unit tests
+//! beside them and a Grafana dashboard in `deploy/grafana/`;
+//! `deploy/README.md` has the table of every family and its labels.
 //!
 //! Choices:
 //!
 //! * A series that has never had a successful run has no
 //!   `vmsync_last_success_timestamp_seconds` sample at all, rather than 0:
 //!   0 would claim a success in 1970 and put a 50-year "age" on dashboards.
-//!   The second rule above alerts on such a series; a failed run after a
-//!   success keeps the earlier success time, so the first rule measures
-//!   the time since the last real success.
+//!   The rules alert on such a series separately (`VmsyncNeverSucceeded`); a
+//!   failed run after a success keeps the earlier success time, so the
+//!   staleness alert measures the time since the last real success.
 //! * The file belongs to vmsync: samples it does not recognise (another
 //!   program's metrics, families of a newer vmsync, samples with other
 //!   labels) are dropped, and a file that does not parse at all is replaced
@@ -88,8 +87,10 @@
 //!   milliseconds. Families come in a fixed order and series sorted by label
 //!   values, so the same runs give the same bytes.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
+mod cycle;
+mod families;
+mod text;
+
 use std::fs::{File, OpenOptions, Permissions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -98,140 +99,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::signals::TempGuard;
-
-/// One finished run, as the metrics file records it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RunMetrics {
-    /// The source operand as typed. Not written: a label that changes from
-    /// run to run (dated snapshot names) would start a new series each time
-    /// and break the alerts, which need one series per destination.
-    pub source: String,
-    /// The destination operand as typed: the label that identifies the series.
-    pub destination: String,
-    /// A `--check` run (`mode="check"`) rather than a sync (`mode="sync"`).
-    pub check: bool,
-    pub exit_code: u8,
-    /// Wall-clock end time, seconds since the epoch.
-    pub end_unix: f64,
-    pub duration_secs: f64,
-    pub source_bytes: u64,
-    /// Bytes on the wire, both directions.
-    pub wire_bytes: u64,
-    /// Chunk data sent.
-    pub literal_bytes: u64,
-    /// Bytes taken from the old destination.
-    pub reused_bytes: u64,
-    /// `--check` only; written only for check runs that got as far as comparing.
-    pub differing_bytes: Option<u64>,
-    /// Syncs only: bytes the receiver wrote to storage for the destination.
-    pub dest_written_bytes: Option<u64>,
-    /// Syncs only: how the destination was written (`None`: not at all).
-    pub write_mode: Option<Option<crate::wire::WriteMode>>,
-    /// `--snapshot` runs only: what the sending side read.
-    pub snapshot: Option<crate::wire::messages::SnapshotStats>,
-}
+pub use families::RunMetrics;
+use families::*;
+use text::{parse, render, round_ms, seconds};
 
 /// An existing file larger than this is refused rather than replaced. One
 /// series is under 2 KiB, so this leaves room for thousands of them.
 pub const MAX_EXISTING: u64 = 16 << 20;
-
-const LAST_RUN: usize = 0;
-const LAST_SUCCESS: usize = 1;
-const EXIT_CODE: usize = 2;
-const DURATION: usize = 3;
-const SOURCE: usize = 4;
-const WIRE: usize = 5;
-const LITERAL: usize = 6;
-const REUSED: usize = 7;
-const DIFFERING: usize = 8;
-const DEST_WRITTEN: usize = 9;
-const WRITE_MODE: usize = 10;
-const SOURCE_READ: usize = 11;
-const SOURCE_SKIPPED: usize = 12;
-const SNAPSHOT_SECONDS: usize = 13;
-const FROZEN_SECONDS: usize = 14;
-const VERIFY_MISMATCH: usize = 15;
-const SNAPSHOT_DELTA: usize = 16;
-
-/// (name, HELP text) in output order, indexed by the constants above; all
-/// gauges. The HELP text must not change lightly: node_exporter refuses two
-/// textfiles that give one family different HELP.
-const FAMILIES: [(&str, &str); 17] = [
-    (
-        "vmsync_last_run_timestamp_seconds",
-        "End time of the last vmsync run, in seconds since the epoch.",
-    ),
-    (
-        "vmsync_last_success_timestamp_seconds",
-        "End time of the last vmsync run that exited with 0 (for --check: files identical), in seconds since the epoch.",
-    ),
-    (
-        "vmsync_last_exit_code",
-        "Exit code of the last vmsync run (see vmsync --help).",
-    ),
-    (
-        "vmsync_last_run_duration_seconds",
-        "Duration of the last vmsync run, in seconds.",
-    ),
-    (
-        "vmsync_source_bytes",
-        "Size of the source in the last vmsync run, in bytes.",
-    ),
-    (
-        "vmsync_wire_bytes",
-        "Bytes sent and received over the connection in the last vmsync run.",
-    ),
-    (
-        "vmsync_literal_bytes",
-        "Chunk data sent in the last vmsync run, in bytes.",
-    ),
-    (
-        "vmsync_reused_bytes",
-        "Bytes of the last vmsync run taken from the old destination instead of being sent.",
-    ),
-    (
-        "vmsync_differing_bytes",
-        "Bytes that differed between source and destination in the last vmsync --check run.",
-    ),
-    (
-        "vmsync_dest_written_bytes",
-        "Bytes the receiver of the last vmsync sync wrote to storage for the destination (its partial file or journal included).",
-    ),
-    (
-        "vmsync_write_mode",
-        "How the last vmsync sync wrote the destination: 1 reflink clone, 2 journal, 3 full copy, 4 unjournaled in place, 0 nothing written.",
-    ),
-    (
-        "vmsync_source_read_bytes",
-        "Bytes of the source snapshot the last vmsync --snapshot run read.",
-    ),
-    (
-        "vmsync_source_skipped_bytes",
-        "Bytes of the source the last vmsync --snapshot run skipped as unchanged since the previous snapshot.",
-    ),
-    (
-        "vmsync_snapshot_seconds",
-        "Time the last vmsync --snapshot run took to clone the source, in seconds.",
-    ),
-    (
-        "vmsync_frozen_seconds",
-        "Time the source was frozen (--freeze to --thaw) in the last vmsync --snapshot run, in seconds.",
-    ),
-    (
-        "vmsync_snapshot_verify_mismatch_bytes",
-        "Bytes the last vmsync --snapshot run's verify slice found different at the destination though the snapshots said unchanged.",
-    ),
-    (
-        "vmsync_snapshot_delta",
-        "Whether the last vmsync --snapshot run read only what changed since the previous snapshot (1) or everything (0).",
-    ),
-];
-
-/// (family index, destination, mode): the BTreeMap order is the output order.
-type Key = (usize, String, String);
-/// Values are kept as text so that samples of other series are written back
-/// exactly as they were read.
-type Samples = BTreeMap<Key, String>;
 
 /// Records `run` in the textfile at `path`, keeping the other series there.
 pub fn write_textfile(path: &Path, run: &RunMetrics) -> Result<()> {
@@ -313,107 +187,15 @@ fn read_existing(path: &Path) -> Result<Samples> {
         .unwrap_or_default())
 }
 
-/// The samples of our families with exactly the labels `destination` and
-/// `mode`; `None` if any line is malformed. Comments (HELP, TYPE) carry
-/// nothing we need: they are rewritten from [`FAMILIES`].
-fn parse(text: &str) -> Option<Samples> {
-    let mut samples = Samples::new();
-    for line in text.lines() {
-        let line = line.trim_matches([' ', '\t']);
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let name_end = line.find(['{', ' ', '\t']).unwrap_or(line.len());
-        let name = &line[..name_end];
-        if !is_metric_name(name) {
-            return None;
-        }
-        let mut rest = &line[name_end..];
-        let mut labels = Vec::new();
-        if let Some(r) = rest.strip_prefix('{') {
-            rest = parse_labels(r, &mut labels)?;
-        }
-        // A timestamp or anything else after the value makes the line
-        // malformed: the collector refuses files with timestamps anyway.
-        let value = rest.trim_matches([' ', '\t']);
-        if value.contains([' ', '\t']) {
-            return None;
-        }
-        let number: f64 = value.parse().ok()?;
-        // Rust also reads "inf" and "nan", which the format spells otherwise.
-        let value = if number.is_finite() {
-            value.to_string()
-        } else {
-            seconds(number)
-        };
-        let Some(family) = FAMILIES.iter().position(|(n, _)| *n == name) else {
-            continue;
-        };
-        let (mut destination, mut mode) = (None, None);
-        for (k, v) in labels.iter() {
-            match k.as_str() {
-                "destination" => destination = Some(v),
-                "mode" => mode = Some(v),
-                _ => {}
-            }
-        }
-        if let (2, Some(d), Some(m)) = (labels.len(), destination, mode) {
-            samples.insert((family, d.clone(), m.clone()), value);
-        }
-    }
-    Some(samples)
-}
-
-/// Parses the labels after `{` into `out`, returning the text after `}`.
-fn parse_labels<'a>(mut s: &'a str, out: &mut Vec<(String, String)>) -> Option<&'a str> {
-    loop {
-        s = s.trim_start_matches([' ', '\t']);
-        if let Some(r) = s.strip_prefix('}') {
-            return Some(r);
-        }
-        let (name, r) = s.split_once('=')?;
-        let name = name.trim_end_matches([' ', '\t']);
-        if name.is_empty() || !is_metric_name(name) || name.contains(':') {
-            return None;
-        }
-        s = r.trim_start_matches([' ', '\t']).strip_prefix('"')?;
-        let mut value = String::new();
-        let mut chars = s.char_indices();
-        let close = loop {
-            match chars.next()? {
-                (i, '"') => break i,
-                (_, '\\') => match chars.next()?.1 {
-                    '\\' => value.push('\\'),
-                    '"' => value.push('"'),
-                    'n' => value.push('\n'),
-                    _ => return None,
-                },
-                (_, c) => value.push(c),
-            }
-        };
-        out.push((name.to_string(), value));
-        s = s[close + 1..].trim_start_matches([' ', '\t']);
-        match s.strip_prefix(',') {
-            Some(r) => s = r,
-            None if s.starts_with('}') => {}
-            None => return None,
-        }
-    }
-}
-
-fn is_metric_name(s: &str) -> bool {
-    let mut b = s.bytes();
-    b.next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == b'_' || c == b':')
-        && b.all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b':')
-}
-
-/// Replaces `run`'s series in `samples`.
+/// Replaces `run`'s series in `samples`, and carries its sampled-check
+/// cycle on.
 fn merge(samples: &mut Samples, run: &RunMetrics) {
     let mode = if run.check { "check" } else { "sync" };
-    let key = |family: usize| (family, run.destination.clone(), mode.to_string());
+    let key = |family| Key::new(family, &run.destination, mode);
     let previous_success = samples.remove(&key(LAST_SUCCESS));
-    samples.retain(|(_, d, m), _| !(*d == run.destination && m == mode));
+    samples.retain(|k, _| {
+        !(k.destination == run.destination && k.mode == mode && k.family < SAMPLE_SLICES)
+    });
     let end = seconds(round_ms(run.end_unix));
     let success = if run.exit_code == 0 {
         Some(end.clone())
@@ -472,62 +254,7 @@ fn merge(samples: &mut Samples, run: &RunMetrics) {
             samples.insert(key(family), v);
         }
     }
-}
-
-/// Rounds to milliseconds, unless that would overflow.
-fn round_ms(x: f64) -> f64 {
-    let r = (x * 1000.0).round() / 1000.0;
-    if r.is_finite() {
-        r
-    } else {
-        x
-    }
-}
-
-/// Rust's `Display` for f64 is the shortest text that reads back as the
-/// same value and never uses exponents; only the non-finite values need
-/// the format's own spelling.
-fn seconds(x: f64) -> String {
-    if x.is_nan() {
-        "NaN".into()
-    } else if x.is_infinite() {
-        if x > 0.0 { "+Inf" } else { "-Inf" }.into()
-    } else {
-        x.to_string()
-    }
-}
-
-fn escape(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-/// The file's text. A family without samples gets no HELP or TYPE either.
-fn render(samples: &Samples) -> String {
-    let mut out = String::new();
-    let mut family = None;
-    for ((f, destination, mode), value) in samples {
-        let (name, help) = FAMILIES[*f];
-        if family != Some(*f) {
-            family = Some(*f);
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        }
-        let _ = writeln!(
-            out,
-            "{name}{{destination=\"{}\",mode=\"{}\"}} {value}",
-            escape(destination),
-            escape(mode)
-        );
-    }
-    out
+    cycle::advance(samples, run);
 }
 
 fn write_atomically(path: &Path, text: &str) -> Result<()> {
@@ -555,7 +282,7 @@ fn write_atomically(path: &Path, text: &str) -> Result<()> {
 }
 
 #[cfg(test)]
-#[path = "../../tests/it/prom.rs"]
+#[path = "../../../tests/it/prom.rs"]
 mod prom;
 
 #[cfg(test)]
@@ -579,6 +306,7 @@ mod tests {
             dest_written_bytes: (!check).then_some(8192),
             write_mode: (!check).then_some(Some(crate::wire::WriteMode::Journal)),
             snapshot: None,
+            sample: None,
         }
     }
 
@@ -672,6 +400,57 @@ mod tests {
         assert!(!std::fs::read_to_string(&path)
             .unwrap()
             .contains("vmsync_differing_bytes"));
+    }
+
+    #[test]
+    fn sampled_checks_write_their_cycle_as_valid_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.prom");
+        for (k, end) in [(2, 100.0), (1, 200.0)] {
+            let mut r = run("a", true, 0, end);
+            r.sample = Some((k, 3));
+            r.differing_bytes = Some(0);
+            write_textfile(&path, &r).unwrap();
+        }
+        write_textfile(&path, &run("a", false, 0, 250.0)).unwrap();
+        let s = read(&path);
+        let slice = |k: &str| {
+            get(
+                &s,
+                "vmsync_check_slice_success_timestamp_seconds",
+                &[("destination", "a"), ("mode", "check"), ("slice", k)],
+            )
+        };
+        assert_eq!(
+            (slice("1"), slice("2"), slice("3")),
+            (Some(200.0), Some(100.0), None)
+        );
+        let v = |name| value(&s, name, "a", "check");
+        assert_eq!(v("vmsync_check_sample_slices"), Some(3.0));
+        assert_eq!(
+            v("vmsync_check_cycle_started_timestamp_seconds"),
+            Some(100.0)
+        );
+        assert_eq!(v("vmsync_check_cycle_completed_timestamp_seconds"), None);
+        let mut last = run("a", true, 0, 300.0);
+        last.sample = Some((3, 3));
+        write_textfile(&path, &last).unwrap();
+        let s = read(&path);
+        assert_eq!(
+            value(
+                &s,
+                "vmsync_check_cycle_completed_timestamp_seconds",
+                "a",
+                "check"
+            ),
+            Some(300.0)
+        );
+        assert!(!s
+            .iter()
+            .any(|x| x.name == "vmsync_check_slice_success_timestamp_seconds"));
+        // 9 per check run (differing bytes, no write stats), 10 per sync;
+        // the cycle adds N, started and completed.
+        assert_eq!(s.len(), 9 + 10 + 3);
     }
 
     #[test]
