@@ -10,7 +10,7 @@
 //!   self-contained file;
 //! * `peer`: a scripted peer for `vmsync --server`, on the library's
 //!   protocol types;
-//! * `prom`: a strict Prometheus text parser (`src/metrics.rs`'s unit tests
+//! * `prom`: a strict Prometheus text parser (`src/app/metrics/`'s unit tests
 //!   include it too);
 //! * one module per area, the rest.
 //!

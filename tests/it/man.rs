@@ -114,7 +114,10 @@ fn render() -> String {
              unchanged destination. Safe to delete at any time.\n\
              .TP\n.I examples/\n\
              In the source tree: a nightly backup script for cron and systemd, authorized_keys \
-             lines, and Prometheus alert rules for --metrics-file.\n",
+             lines and a restore drill.\n\
+             .TP\n.I deploy/\n\
+             In the source tree: the Debian package build, systemd units, an Ansible role, \
+             Prometheus alert rules for --metrics-file and a Grafana dashboard.\n",
         ),
     );
     section(

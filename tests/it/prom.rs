@@ -16,7 +16,7 @@
 //!   parses as a float;
 //! * the last line ends with a line feed.
 //!
-//! `tests/it/main.rs` declares it (`crate::prom`); `src/metrics.rs` includes
+//! `tests/it/main.rs` declares it (`crate::prom`); `src/app/metrics/` includes
 //! it with `#[path]` for its unit tests too.
 
 use std::collections::{HashMap, HashSet};
