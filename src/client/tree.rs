@@ -333,8 +333,27 @@ pub fn run(cfg: &Config, umask: u32) -> Result<TreeReport> {
         }
         // One file: the single-file engine, with its rules for naming
         // the destination.
-        let r = client::run(cfg, umask)?;
         let name = src_path.rsplit(|&b| b == b'/').next().unwrap_or_default();
+        let before = if report.itemize && !cfg.check {
+            dest_of_one_file(cfg, &dst_end, &dst_path, name, &filter, &mut wire)?
+        } else {
+            None
+        };
+        let r = client::run(cfg, umask)?;
+        if report.itemize && !cfg.check && !r.summary.up_to_date {
+            let tree = Tree {
+                cfg,
+                umask,
+                src: &src,
+                dst: &Listing::default(),
+                src_end,
+                src_path: src_path.clone(),
+                dst_end,
+                dst_path: dst_path.clone(),
+                prefix: Some(name.to_vec()),
+            };
+            tree.itemize_one(&mut report, root, before.as_ref());
+        }
         report.files.push(FileResult {
             path: shown(name),
             size: r.source_bytes,
@@ -402,6 +421,25 @@ pub fn run(cfg: &Config, umask: u32) -> Result<TreeReport> {
     report.other_wire_bytes = wire;
     report.duration = start.elapsed();
     Ok(report)
+}
+
+/// `-i` of a one-file run: what the destination holds before it, where
+/// the engine will write (`DST`, or `DST/NAME` when DST is a directory).
+fn dest_of_one_file(
+    cfg: &Config,
+    end: &End,
+    dst_path: &[u8],
+    name: &[u8],
+    filter: &Filter,
+    wire: &mut u64,
+) -> Result<Option<ListEntry>> {
+    // Not a listing of DST itself, which would walk a whole directory of
+    // images: DST/NAME exists only where DST is a directory, and where it
+    // does not, DST is missing (a new file) or not a directory.
+    match list(cfg, end, &join(dst_path, name), true, filter, wire) {
+        Ok(d) => Ok(d.and_then(|d| d.root().cloned())),
+        Err(_) => Ok(list(cfg, end, dst_path, true, filter, wire)?.and_then(|d| d.root().cloned())),
+    }
 }
 
 struct Tree<'a> {

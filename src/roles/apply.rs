@@ -26,8 +26,8 @@ use crate::roles::list::{join, kind_of, open_root, shown, xattr_wanted};
 use crate::sys::dirfd::{self, OFlags, TreeDir};
 use crate::sys::xattr;
 use crate::wire::{
-    attrs, list_flags, valid_rel_path, xattr_in_play, EntryKind, FrameReader, FrameWriter, Msg,
-    Op, OpResult, MAX_PATH,
+    attrs, list_flags, valid_rel_path, xattr_in_play, EntryKind, FrameReader, FrameWriter, Msg, Op,
+    OpResult, MAX_PATH,
 };
 
 /// Carries out [`Op`]s on one tree: the server's `Apply` role, and the

@@ -100,8 +100,11 @@ pub(crate) fn xattr_wanted(flags: u32, as_root: bool) -> impl Fn(&[u8]) -> bool 
 /// The attributes `flags` asks for of the entry `fd` holds (`O_PATH`, not
 /// following a link); why not, when they exceed the protocol's limits.
 fn read_xattrs(fd: &OwnedFd, flags: u32) -> std::result::Result<crate::wire::Xattrs, String> {
-    let x = xattr::read(fd, xattr_wanted(flags, rustix::process::geteuid().is_root()))
-        .map_err(|e| format!("cannot read its extended attributes: {e}"))?;
+    let x = xattr::read(
+        fd,
+        xattr_wanted(flags, rustix::process::geteuid().is_root()),
+    )
+    .map_err(|e| format!("cannot read its extended attributes: {e}"))?;
     if !valid_xattrs(&x) {
         return Err(format!(
             "has extended attributes beyond vmsync's limits ({MAX_XATTRS} of them, {MAX_XATTR_BYTES} bytes)"
@@ -238,7 +241,10 @@ pub fn walk(
             } else {
                 None
             };
-            let st = match fd.as_ref().map_or_else(|| dirfd::stat_at(&dir, &cname), dirfd::stat_fd) {
+            let st = match fd
+                .as_ref()
+                .map_or_else(|| dirfd::stat_at(&dir, &cname), dirfd::stat_fd)
+            {
                 Ok(st) => st,
                 // Gone since the directory was read.
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
@@ -512,6 +518,8 @@ mod tests {
             ]
         );
         assert_eq!(all[3].target, b"/etc");
-        assert!(list_local(&d.join("missing"), &filter, 0).unwrap().is_none());
+        assert!(list_local(&d.join("missing"), &filter, 0)
+            .unwrap()
+            .is_none());
     }
 }

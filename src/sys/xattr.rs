@@ -93,9 +93,19 @@ pub fn set_exactly(
             continue;
         }
         let cname = CString::new(name.clone()).map_err(|_| Errno::INVAL)?;
-        rfs::setxattr(path.as_c_str(), cname.as_c_str(), value, XattrFlags::empty()).map_err(
-            |e| io::Error::other(format!("{}: {}", String::from_utf8_lossy(name), io::Error::from(e))),
-        )?;
+        rfs::setxattr(
+            path.as_c_str(),
+            cname.as_c_str(),
+            value,
+            XattrFlags::empty(),
+        )
+        .map_err(|e| {
+            io::Error::other(format!(
+                "{}: {}",
+                String::from_utf8_lossy(name),
+                io::Error::from(e)
+            ))
+        })?;
         changed = true;
     }
     Ok(changed)

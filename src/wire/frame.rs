@@ -456,7 +456,12 @@ mod tests {
         big.mode = rustix::fs::FileType::RegularFile.as_raw_mode();
         big.target.clear();
         big.xattrs = (0..2)
-            .map(|i| (format!("user.{i}").into_bytes(), vec![0; crate::wire::MAX_XATTR_VALUE]))
+            .map(|i| {
+                (
+                    format!("user.{i}").into_bytes(),
+                    vec![0; crate::wire::MAX_XATTR_VALUE],
+                )
+            })
             .collect();
         let n = (1 << 20) / big.wire_size() + 1;
         assert!(encode(Msg::Entries(vec![big; n])).len() <= MAX_FRAME);

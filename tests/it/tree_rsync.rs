@@ -40,7 +40,10 @@ fn can_run(test: &str) -> bool {
         return true;
     }
     if std::env::var_os("VMSYNC_REQUIRE_LOOP").is_some_and(|v| v == "1") {
-        panic!("{test}: needs {} (VMSYNC_REQUIRE_LOOP=1)", missing.join(", "));
+        panic!(
+            "{test}: needs {} (VMSYNC_REQUIRE_LOOP=1)",
+            missing.join(", ")
+        );
     }
     eprintln!("SKIPPED {test}: needs {}", missing.join(", "));
     false
@@ -65,7 +68,10 @@ fn sh(cmd: &str, dir: &Path) {
 /// Runs rsync with `args`; it must succeed.
 #[track_caller]
 fn rsync(args: &[&str]) {
-    let out = Command::new("rsync").args(args).output().expect("run rsync");
+    let out = Command::new("rsync")
+        .args(args)
+        .output()
+        .expect("run rsync");
     assert!(
         out.status.success(),
         "rsync {args:?}: {}{}",
@@ -244,9 +250,21 @@ fn assert_alike(want_root: &Path, got_root: &Path) {
         field("size", w.size.to_string(), g.size.to_string());
         field("mtime ns", w.mtime_ns.to_string(), g.mtime_ns.to_string());
         field("rdev", format!("{:#x}", w.rdev), format!("{:#x}", g.rdev));
-        field("target", format!("{:?}", w.target), format!("{:?}", g.target));
-        field("xattrs", format!("{:?}", w.xattrs), format!("{:?}", g.xattrs));
-        field("hard links", format!("{:?}", w.names), format!("{:?}", g.names));
+        field(
+            "target",
+            format!("{:?}", w.target),
+            format!("{:?}", g.target),
+        );
+        field(
+            "xattrs",
+            format!("{:?}", w.xattrs),
+            format!("{:?}", g.xattrs),
+        );
+        field(
+            "hard links",
+            format!("{:?}", w.names),
+            format!("{:?}", g.names),
+        );
         if w.kind == 'f' && g.kind == 'f' {
             if fs::read(want_root.join(p)).unwrap() != fs::read(got_root.join(p)).unwrap() {
                 diffs.push(format!("{p}: contents differ"));
@@ -359,7 +377,12 @@ fn local_copies_equal_rsyncs_field_by_field() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|d| (d["path"].as_str().unwrap().into(), d["reason"].as_str().unwrap().into()))
+        .map(|d| {
+            (
+                d["path"].as_str().unwrap().into(),
+                d["reason"].as_str().unwrap().into(),
+            )
+        })
         .collect();
     for (path, word) in [
         ("a", "extended attributes"),
@@ -402,7 +425,12 @@ fn over_ssh_push_and_pull_equal_rsyncs() {
     assert_alike(&by_rsync, &pushed);
     let pull = vmsync()
         .args(sshd.args())
-        .args(["-r", "-aHAX", &format!("{}/", sshd.remote(&src)), &s(&pulled)])
+        .args([
+            "-r",
+            "-aHAX",
+            &format!("{}/", sshd.remote(&src)),
+            &s(&pulled),
+        ])
         .run();
     pull.assert_ok();
     assert_alike(&by_rsync, &pulled);
@@ -443,7 +471,10 @@ fn one_file_system_makes_mount_points_and_does_not_enter_them() {
     let _mount = Mount(src.join("mnt"));
     write_file(&src.join("mnt/elsewhere"), b"on the tmpfs");
     fs::create_dir(src.join("mnt/sub")).unwrap();
-    sh("find . -exec touch -h -d '2000-01-01 00:00:00.25' {} +", &src);
+    sh(
+        "find . -exec touch -h -d '2000-01-01 00:00:00.25' {} +",
+        &src,
+    );
     let (by_rsync, by_vmsync) = (t.path().join("rsync"), t.path().join("vmsync"));
     // -X: each copy's attributes exactly the source's (vmsync's lock
     // leaves one of its own on a file it writes otherwise).
@@ -454,7 +485,10 @@ fn one_file_system_makes_mount_points_and_does_not_enter_them() {
     // Without -x the tmpfs is copied.
     let all = t.path().join("all");
     vmsync_ok(&["-r", "-a", &slash(&src), &s(&all)]);
-    assert_eq!(fs::read(all.join("mnt/elsewhere")).unwrap(), b"on the tmpfs");
+    assert_eq!(
+        fs::read(all.join("mnt/elsewhere")).unwrap(),
+        b"on the tmpfs"
+    );
 }
 
 #[test]
@@ -497,7 +531,10 @@ fn itemize_lists_each_change_as_rsync_does() {
     );
     fs::remove_file(src.join("old.img")).unwrap_or_default();
     write_file(&src.join("old.img"), b"old");
-    sh("chmod 600 old.img; setfattr -n user.x -v 1 old.img; touch -d '2001-01-01' old.img .", &src);
+    sh(
+        "chmod 600 old.img; setfattr -n user.x -v 1 old.img; touch -d '2001-01-01' old.img .",
+        &src,
+    );
     let run = vmsync_ok(&["-r", "-aHX", "-i", "--delete", &slash(&src), &s(&dst)]);
     assert_eq!(
         lines(&run),
@@ -518,6 +555,15 @@ fn itemize_lists_each_change_as_rsync_does() {
         .run_json();
     run.assert_ok();
     assert!(json_bool(&v, "up_to_date"), "{v}");
+    // A one-file run (-a means -r): its one line, and none when up to date.
+    let one = t.path().join("one.img");
+    let run = vmsync_ok(&["-a", "-i", &s(&src.join("disk.img")), &s(&one)]);
+    assert_eq!(lines(&run), [">f+++++++++ disk.img"], "{run}");
+    let run = vmsync_ok(&["-a", "-i", &s(&src.join("disk.img")), &s(&one)]);
+    assert_eq!(run.stdout, "", "{run}");
+    sh("printf more >> disk.img", &src);
+    let run = vmsync_ok(&["-a", "-i", &s(&src.join("disk.img")), &s(&one)]);
+    assert_eq!(lines(&run), [">f.st...... disk.img"], "{run}");
 }
 
 #[test]
@@ -530,7 +576,10 @@ fn xattrs_of_a_single_file_are_refused_with_what_to_do() {
         .arg(t.path().join("out.img"))
         .run();
     run.assert_code(exit::USAGE);
-    assert!(run.stderr.contains("-X and -A") && run.stderr.contains("one file"), "{run}");
+    assert!(
+        run.stderr.contains("-X and -A") && run.stderr.contains("one file"),
+        "{run}"
+    );
     assert!(!t.path().join("out.img").exists());
 }
 
@@ -559,6 +608,9 @@ fn devices_as_non_root_fail_that_entry_only() {
     assert!(run.stderr.contains("null"), "{run}");
     assert_eq!(fs::read(out.join("t/file")).unwrap(), b"f");
     use std::os::unix::fs::FileTypeExt;
-    assert!(fs::symlink_metadata(out.join("t/fifo")).unwrap().file_type().is_fifo());
+    assert!(fs::symlink_metadata(out.join("t/fifo"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
     assert!(!out.join("t/null").exists());
 }

@@ -14,9 +14,11 @@ use std::collections::{BTreeMap, HashMap};
 use crate::client::tree::report::EntryError;
 use crate::client::tree::{End, Tree, TreeReport};
 use crate::error::Exit;
-use crate::wire::{attrs, is_device, EntryKind, ListEntry, Op, ACL_NAMES};
+use crate::wire::{attrs, is_device, xattr_in_play, EntryKind, ListEntry, Op, ACL_NAMES};
 
-use super::sync::{attrs_op, Planned};
+/// Operations to apply, each with the tree-relative path of the entry it
+/// is for (what a failure is reported under).
+pub(super) type Planned = Vec<(Op, Vec<u8>)>;
 
 /// `-H`'s groups: each other name of a group, and the group's first name.
 pub(super) type Links = BTreeMap<Vec<u8>, Vec<u8>>;
@@ -155,7 +157,14 @@ impl Tree<'_> {
 
     /// Records `-i`'s line for the source entry `e` (`y`: rsync's update
     /// letter), and counts it changed.
-    pub(super) fn itemize(&self, report: &mut TreeReport, y: char, e: &ListEntry, c: Changes, extra: &str) {
+    pub(super) fn itemize(
+        &self,
+        report: &mut TreeReport,
+        y: char,
+        e: &ListEntry,
+        c: Changes,
+        extra: &str,
+    ) {
         report.changed_entries += 1;
         if !self.cfg.itemize {
             return;
@@ -168,6 +177,19 @@ impl Tree<'_> {
             e.path.clone(),
             format!("{y}{}{} {path}{extra}", type_letter(e), c.letters()),
         ));
+    }
+
+    /// `-i` of a one-file run whose file `e` was sent over `before` (what
+    /// the destination held).
+    pub(super) fn itemize_one(
+        &self,
+        report: &mut TreeReport,
+        e: &ListEntry,
+        before: Option<&ListEntry>,
+    ) {
+        let mut c = self.changes(e, before);
+        c.value = self.cfg.checksum && !c.new;
+        self.itemize(report, self.sent_letter(), e, c, "");
     }
 
     /// rsync's update letter for a file whose contents were sent: `<` to a
@@ -274,10 +296,7 @@ impl Tree<'_> {
             }
             if c.any() {
                 self.itemize(report, 'c', e, c, "");
-                ops.push((
-                    attrs_op(self, e, attrs::ALL | self.xbits()),
-                    e.path.clone(),
-                ));
+                ops.push((attrs_op(self, e, attrs::ALL | self.xbits()), e.path.clone()));
             }
         }
     }
@@ -313,5 +332,25 @@ impl Tree<'_> {
                 }
             }
         }
+    }
+}
+
+/// The `ATTRS` giving the destination's copy of `e` what `which` names of
+/// `e`'s.
+pub(super) fn attrs_op(t: &Tree, e: &ListEntry, which: u8) -> Op {
+    Op::Attrs {
+        path: t.dpath(&e.path),
+        which,
+        mode: e.mode & 0o7777,
+        uid: e.uid,
+        gid: e.gid,
+        mtime_sec: e.mtime_sec,
+        mtime_nsec: e.mtime_nsec,
+        xattrs: e
+            .xattrs
+            .iter()
+            .filter(|(n, _)| xattr_in_play(which, n))
+            .cloned()
+            .collect(),
     }
 }

@@ -9,15 +9,11 @@ use std::time::Duration;
 use crate::client::Report;
 use crate::error::{exit_code_of, message_of, Exit};
 use crate::roles::list::{join, parent_of, shown, within};
-use crate::wire::{attrs, xattr_in_play, EntryKind, ListEntry, Op, Summary};
+use crate::wire::{attrs, EntryKind, Op, Summary};
 
-use crate::client::tree::meta::Links;
+use crate::client::tree::meta::{attrs_op, Links, Planned};
 use crate::client::tree::report::{EntryError, FileResult, TreeReport};
 use crate::client::tree::{Job, Tree};
-
-/// Operations to apply, each with the tree-relative path of the entry it
-/// is for (what a failure is reported under).
-pub(super) type Planned = Vec<(Op, Vec<u8>)>;
 
 /// Directories that could not be made, and why.
 type Blocked = Vec<(Vec<u8>, String)>;
@@ -362,10 +358,7 @@ impl Tree<'_> {
                         self.itemize(report, '.', e, c, "");
                     }
                 }
-                ops.push((
-                    attrs_op(self, e, attrs::ALL | self.xbits()),
-                    e.path.clone(),
-                ));
+                ops.push((attrs_op(self, e, attrs::ALL | self.xbits()), e.path.clone()));
             }
         }
     }
@@ -392,25 +385,5 @@ impl Tree<'_> {
                 report.deleted.push(self.shown_dst(rel));
             }
         }
-    }
-}
-
-/// The `ATTRS` giving the destination's copy of `e` what `which` names of
-/// `e`'s.
-pub(super) fn attrs_op(t: &Tree, e: &ListEntry, which: u8) -> Op {
-    Op::Attrs {
-        path: t.dpath(&e.path),
-        which,
-        mode: e.mode & 0o7777,
-        uid: e.uid,
-        gid: e.gid,
-        mtime_sec: e.mtime_sec,
-        mtime_nsec: e.mtime_nsec,
-        xattrs: e
-            .xattrs
-            .iter()
-            .filter(|(n, _)| xattr_in_play(which, n))
-            .cloned()
-            .collect(),
     }
 }

@@ -698,7 +698,10 @@ mod tests {
             },
             ListEntry {
                 xattrs: vec![
-                    (b"security.selinux".to_vec(), b"system_u:object_r:virt_image_t:s0".to_vec()),
+                    (
+                        b"security.selinux".to_vec(),
+                        b"system_u:object_r:virt_image_t:s0".to_vec(),
+                    ),
                     (b"system.posix_acl_access".to_vec(), vec![2, 0, 0, 0]),
                     (b"user.a".to_vec(), Vec::new()),
                 ],
@@ -838,7 +841,9 @@ mod tests {
             let err = Msg::decode(&encode(Msg::Entries(vec![e]))).unwrap_err();
             assert_eq!(exit_code_of(&err), Exit::Protocol, "{x:?}");
         }
-        let many: Vec<(String, usize)> = (0..=MAX_XATTRS).map(|i| (format!("user.{i:04}"), 0)).collect();
+        let many: Vec<(String, usize)> = (0..=MAX_XATTRS)
+            .map(|i| (format!("user.{i:04}"), 0))
+            .collect();
         let e = xattr_entry(many.iter().map(|(n, l)| (n.as_str(), *l)).collect());
         assert!(Msg::decode(&encode(Msg::Entries(vec![e]))).is_err());
         for e in bad_entries {

@@ -181,8 +181,7 @@ pub fn xattr_name_ok(name: &[u8]) -> bool {
 /// Whether `x` keeps the limits of the module doc (sorted, no name twice).
 pub fn valid_xattrs(x: &[(Vec<u8>, Vec<u8>)]) -> bool {
     x.len() <= MAX_XATTRS
-        && x
-            .iter()
+        && x.iter()
             .all(|(n, v)| xattr_name_ok(n) && v.len() <= MAX_XATTR_VALUE)
         && x.windows(2).all(|w| w[0].0 < w[1].0)
         && x.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>() <= MAX_XATTR_BYTES
