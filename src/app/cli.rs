@@ -177,8 +177,9 @@ pub struct Cli {
     /// Sync a directory tree: regular files (each by the delta engine), directories and symlinks
     /// (recreated as links, never followed), with permissions and mtimes, and owners when the
     /// receiving end runs as root. As in rsync, `SRC/` copies the contents of SRC into DST and
-    /// `SRC` copies it to DST/SRC. Fifos, sockets and devices inside the tree are skipped. When
-    /// some files fail the others are still synced, and the exit code is 23.
+    /// `SRC` copies it to DST/SRC. Fifos, sockets and devices inside the tree are skipped with a
+    /// warning unless -D, --specials or --devices (or -a) asks for them. When some entries fail
+    /// the others are still synced, and the exit code is 23.
     #[arg(short = 'r', long)]
     pub recursive: bool,
 
@@ -188,16 +189,18 @@ pub struct Cli {
     pub archive: bool,
 
     /// With -r: keep hard links: files of the source that are one inode become one inode at the
-    /// destination (one copy is sent, the others are linked to it).
+    /// destination (the first name, sorted, is sent; the others are linked to it).
     #[arg(short = 'H', long)]
     pub hard_links: bool,
 
-    /// With -r: copy extended attributes (user.*; all namespaces, security.* labels included,
-    /// when the receiving end runs as root).
+    /// With -r: copy extended attributes, making each entry's exactly the source's: user.*, and
+    /// where both ends run as root also trusted.* and security.* (SELinux labels included).
+    /// Refused for a single-file SRC.
     #[arg(short = 'X', long)]
     pub xattrs: bool,
 
-    /// With -r: copy POSIX ACLs (access and default), by numeric user and group ids.
+    /// With -r: copy POSIX ACLs (access and default), by numeric user and group ids. Refused for
+    /// a single-file SRC.
     #[arg(short = 'A', long)]
     pub acls: bool,
 
@@ -205,7 +208,8 @@ pub struct Cli {
     #[arg(short = 'D')]
     pub devices_specials: bool,
 
-    /// With -r: recreate character and block device nodes (as root).
+    /// With -r: recreate character and block device nodes (as root; as another user each one
+    /// fails, and the exit code is 23).
     #[arg(long)]
     pub devices: bool,
 

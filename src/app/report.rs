@@ -169,6 +169,11 @@ pub fn print_tree(report: &TreeReport, stats: bool, json_out: bool, quiet: bool)
         let _ = writeln!(out, "{}", tree_json(report));
         return;
     }
+    if report.itemize {
+        for (_, line) in &report.items {
+            let _ = writeln!(out, "{line}");
+        }
+    }
     let totals = report.totals();
     if report.check {
         if report.differing.is_empty() && report.exit() == Exit::Ok {
@@ -195,7 +200,8 @@ pub fn print_tree(report: &TreeReport, stats: bool, json_out: bool, quiet: bool)
             }
         }
     }
-    if report.dry_run && !quiet {
+    // `-i` has said it already (`*deleting`).
+    if report.dry_run && !quiet && !report.itemize {
         for d in &report.deleted {
             let _ = writeln!(out, "would delete {d}");
         }

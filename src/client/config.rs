@@ -49,13 +49,11 @@ pub struct Config {
     /// `--files-from`: the only tree-relative paths a recursive run syncs.
     pub files_from: Option<Vec<Vec<u8>>>,
     /// What `-r` keeps beyond contents, modes, times, owners and symlinks.
-    #[allow(dead_code)] // Read by the tree metadata change that lands next.
     pub tree: TreeOptions,
     /// Draw progress bars (on a terminal): not with `-q`, `--json` or
     /// `--info=progress0`.
     pub progress: bool,
     /// `-i`: one line per changed entry, as rsync's `--itemize-changes`.
-    #[allow(dead_code)] // Read by the tree metadata change that lands next.
     pub itemize: bool,
 }
 

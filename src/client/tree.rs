@@ -41,6 +41,7 @@ use crate::units::bytes_path;
 use crate::wire::frame::LOCAL_PEER;
 use crate::wire::{list_flags, EntryKind, ListEntry, Msg, Op, OpResult, Open, Role, MAX_OPS};
 
+mod meta;
 mod report;
 mod sync;
 
@@ -85,10 +86,20 @@ fn list(
     filter: &Filter,
     wire: &mut u64,
 ) -> Result<Option<Listing>> {
+    let mut flags = 0;
+    for (on, flag) in [
+        (cfg.tree.xattrs, list_flags::XATTRS),
+        (cfg.tree.acls, list_flags::ACLS),
+        (cfg.tree.one_file_system, list_flags::ONE_FILE_SYSTEM),
+    ] {
+        if on {
+            flags |= flag;
+        }
+    }
     let (all, peer) = match end {
         End::Local => {
             let p = bytes_path(path);
-            match list_local(&p, filter)? {
+            match list_local(&p, filter, flags)? {
                 Some(all) => (all, LOCAL_PEER.to_string()),
                 None if missing_ok => return Ok(None),
                 None => {
@@ -105,11 +116,9 @@ fn list(
                 ..meta_open(cfg)
             };
             let rules = cfg.filters.clone();
-            let flags = if missing_ok {
-                list_flags::MISSING_OK
-            } else {
-                0
-            };
+            if missing_ok {
+                flags |= list_flags::MISSING_OK;
+            }
             let (all, w) = client::session(
                 Some(r),
                 &client::launch(cfg),
@@ -220,7 +229,7 @@ fn apply(
                 &mut Progress::hidden(),
                 |mut reader, writer, _| {
                     let mut results = Vec::with_capacity(ops.len());
-                    for batch in ops.chunks(MAX_OPS) {
+                    for batch in batches(ops) {
                         writer.send_now(&Msg::Apply(batch.to_vec()))?;
                         match reader.read_msg()? {
                             Msg::Applied(r) if r.len() == batch.len() => results.extend(r),
@@ -245,6 +254,28 @@ fn apply(
             Ok(results)
         }
     }
+}
+
+/// Bytes of operations in one `APPLY`: extended attributes make an op
+/// up to ~130 KiB, and a frame holds 8 MiB.
+const APPLY_FLUSH: usize = 1 << 20;
+
+/// `ops` cut into `APPLY` batches: at most [`MAX_OPS`] ops, and past
+/// [`APPLY_FLUSH`] bytes no more.
+fn batches(ops: &[Op]) -> Vec<&[Op]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, op) in ops.iter().enumerate() {
+        if i > start && (i - start == MAX_OPS || bytes >= APPLY_FLUSH) {
+            out.push(&ops[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += op.wire_size();
+    }
+    if start < ops.len() {
+        out.push(&ops[start..]);
+    }
+    out
 }
 
 /// A file to sync: its path relative to the tree, its size, and whether
@@ -275,6 +306,7 @@ pub fn run(cfg: &Config, umask: u32) -> Result<TreeReport> {
     let mut report = TreeReport {
         check: cfg.check,
         dry_run: cfg.dry_run,
+        itemize: cfg.itemize && !cfg.json,
         ..TreeReport::default()
     };
     let mut wire = 0;
@@ -289,10 +321,39 @@ pub fn run(cfg: &Config, umask: u32) -> Result<TreeReport> {
         ));
     };
     if root.kind != EntryKind::Dir {
+        if cfg.tree.xattrs || cfg.tree.acls {
+            return Err(fail(
+                Exit::Usage,
+                format!(
+                    "-X and -A keep extended attributes and ACLs within a tree; {} is one file \
+                     (sync the directory that holds it, with an --include for its name)",
+                    shown(&src_path)
+                ),
+            ));
+        }
         // One file: the single-file engine, with its rules for naming
         // the destination.
-        let r = client::run(cfg, umask)?;
         let name = src_path.rsplit(|&b| b == b'/').next().unwrap_or_default();
+        let before = if report.itemize && !cfg.check {
+            dest_of_one_file(cfg, &dst_end, &dst_path, name, &filter, &mut wire)?
+        } else {
+            None
+        };
+        let r = client::run(cfg, umask)?;
+        if report.itemize && !cfg.check && !r.summary.up_to_date {
+            let tree = Tree {
+                cfg,
+                umask,
+                src: &src,
+                dst: &Listing::default(),
+                src_end,
+                src_path: src_path.clone(),
+                dst_end,
+                dst_path: dst_path.clone(),
+                prefix: Some(name.to_vec()),
+            };
+            tree.itemize_one(&mut report, root, before.as_ref());
+        }
         report.files.push(FileResult {
             path: shown(name),
             size: r.source_bytes,
@@ -342,11 +403,13 @@ pub fn run(cfg: &Config, umask: u32) -> Result<TreeReport> {
         });
     }
     for e in &src.entries {
-        if e.kind == EntryKind::Other {
-            crate::log::warn(&format!(
-                "skipping {}: not a regular file, directory or symlink",
-                tree.shown_src(&e.path)
-            ));
+        if e.kind == EntryKind::Other && !tree.special_wanted(e) {
+            let what = if crate::wire::is_device(e.mode) {
+                "a device node (use -D or --devices to copy it)"
+            } else {
+                "a fifo or socket (use -D or --specials to copy it)"
+            };
+            crate::log::warn(&format!("skipping {}: {what}", tree.shown_src(&e.path)));
         }
     }
     if cfg.check {
@@ -354,9 +417,29 @@ pub fn run(cfg: &Config, umask: u32) -> Result<TreeReport> {
     } else {
         tree.sync(&mut report, &mut wire);
     }
+    report.items.sort_by(|a, b| a.0.cmp(&b.0));
     report.other_wire_bytes = wire;
     report.duration = start.elapsed();
     Ok(report)
+}
+
+/// `-i` of a one-file run: what the destination holds before it, where
+/// the engine will write (`DST`, or `DST/NAME` when DST is a directory).
+fn dest_of_one_file(
+    cfg: &Config,
+    end: &End,
+    dst_path: &[u8],
+    name: &[u8],
+    filter: &Filter,
+    wire: &mut u64,
+) -> Result<Option<ListEntry>> {
+    // Not a listing of DST itself, which would walk a whole directory of
+    // images: DST/NAME exists only where DST is a directory, and where it
+    // does not, DST is missing (a new file) or not a directory.
+    match list(cfg, end, &join(dst_path, name), true, filter, wire) {
+        Ok(d) => Ok(d.and_then(|d| d.root().cloned())),
+        Err(_) => Ok(list(cfg, end, dst_path, true, filter, wire)?.and_then(|d| d.root().cloned())),
+    }
 }
 
 struct Tree<'a> {
@@ -509,7 +592,9 @@ impl Tree<'_> {
         let mut reported: Vec<Vec<u8>> = Vec::new();
         let mut jobs = Vec::new();
         for e in self.src.entries.iter().skip(1) {
-            if reported.iter().any(|d| within(&e.path, d)) || e.kind == EntryKind::Other {
+            if reported.iter().any(|d| within(&e.path, d))
+                || e.kind == EntryKind::Other && !self.special_wanted(e)
+            {
                 continue;
             }
             let d = self.dst.get(&e.path);
@@ -538,6 +623,7 @@ impl Tree<'_> {
                 differ(&e.path, "extra: not in the source");
             }
         }
+        self.check_meta(&mut differ);
         self.transfer_all(jobs, report);
         for f in &report.files {
             if let Ok(r) = &f.outcome {
@@ -571,17 +657,13 @@ mod tests {
         let entry = |kind, path: &str| ListEntry {
             kind,
             path: rel(path),
-            size: 0,
-            mtime_sec: 0,
-            mtime_nsec: 0,
             mode: if kind == EntryKind::Dir {
                 libc::S_IFDIR
             } else {
                 libc::S_IFREG
             },
-            uid: 0,
-            gid: 0,
             target: Vec::new(),
+            ..ListEntry::default()
         };
         use EntryKind::{Dir, File};
         let all = vec![

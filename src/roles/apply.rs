@@ -1,5 +1,6 @@
 //! The `Apply` role of `-r`: carry out the client's operations on a tree
-//! (make a directory or a symlink, set attributes, delete).
+//! (make a directory, a symlink, a hard link or a special file, set
+//! attributes, delete).
 //!
 //! The server serves it ([`serve_apply`]); the client applies to a local
 //! destination with the same [`Applier`]. Every name is resolved one
@@ -7,7 +8,9 @@
 //! ([`TreeDir`]), and validated first
 //! ([`crate::wire::valid_rel_path`]), so no `..` and no link is
 //! ever crossed, whatever was swapped in since the listing. Links are made
-//! as links, deleted as links, and never given a mode.
+//! as links, deleted as links, and never given a mode. What replaces an
+//! existing name (a symlink, a hard link, a special file) is made beside
+//! it and renamed over it, so that the name never goes missing.
 
 use std::ffi::CString;
 use std::io;
@@ -19,10 +22,12 @@ use anyhow::{Context, Result};
 
 use crate::dest::confine::Root;
 use crate::error::{exit_code_of, fail, message_of, Exit, WithExit};
-use crate::roles::list::{join, kind_of, open_root, shown};
+use crate::roles::list::{join, kind_of, open_root, shown, xattr_wanted};
 use crate::sys::dirfd::{self, OFlags, TreeDir};
+use crate::sys::xattr;
 use crate::wire::{
-    attrs, valid_rel_path, EntryKind, FrameReader, FrameWriter, Msg, Op, OpResult, MAX_PATH,
+    attrs, list_flags, valid_rel_path, xattr_in_play, EntryKind, FrameReader, FrameWriter, Msg, Op,
+    OpResult, MAX_PATH,
 };
 
 /// Carries out [`Op`]s on one tree: the server's `Apply` role, and the
@@ -113,10 +118,20 @@ impl<'a> Applier<'a> {
                 gid,
                 mtime_sec,
                 mtime_nsec,
+                xattrs,
             } => self
-                .attrs(path, *which, *mode, (*uid, *gid), (*mtime_sec, *mtime_nsec))
+                .attrs(
+                    path,
+                    *which,
+                    *mode,
+                    (*uid, *gid),
+                    (*mtime_sec, *mtime_nsec),
+                    xattrs,
+                )
                 .map(|_| None),
             Op::Delete { path } => self.delete(path),
+            Op::Link { path, target } => self.link(path, target).map(|_| None),
+            Op::Mknod { path, mode, rdev } => self.mknod(path, *mode, *rdev).map(|_| None),
         }
     }
 
@@ -188,20 +203,101 @@ impl<'a> Applier<'a> {
                 _ => {}
             },
         }
-        // Made beside it and renamed over it: the name never goes missing.
+        self.replace(&dir, &name, "the symlink", |dir, temp| {
+            dirfd::symlink_at(&target, dir, temp)
+        })
+    }
+
+    /// Makes `name` in `dir` anew with `make` (given the directory and a
+    /// temporary name beside it), then renames it over what is there: the
+    /// name never goes missing.
+    fn replace(
+        &mut self,
+        dir: &OwnedFd,
+        name: &CString,
+        what: &str,
+        make: impl FnOnce(&OwnedFd, &CString) -> io::Result<()>,
+    ) -> Result<()> {
         self.temp_count += 1;
         let temp = dirfd::cstring(
             format!(".vmsync-link-{}-{}", std::process::id(), self.temp_count).as_bytes(),
         )?;
-        dirfd::symlink_at(&target, &dir, &temp)
-            .context("cannot create the symlink")
+        make(dir, &temp)
+            .with_context(|| format!("cannot create {what}"))
             .exit_with(Exit::Io)?;
-        let r = dirfd::rename_at(&dir, &temp, &name);
+        let r = dirfd::rename_at(dir, &temp, name);
         if r.is_err() {
-            let _ = dirfd::unlink_at(&dir, &temp, false);
+            let _ = dirfd::unlink_at(dir, &temp, false);
         }
-        r.context("cannot replace it with the symlink")
+        r.with_context(|| format!("cannot replace it with {what}"))
             .exit_with(Exit::Io)
+    }
+
+    /// `-H`: `rel` becomes another name of `target`'s inode (a regular
+    /// file of the tree), unless it already is.
+    fn link(&mut self, rel: &[u8], target: &[u8]) -> Result<()> {
+        let (tdir, tname) = self.split(target)?;
+        let tst = dirfd::stat_at(&tdir, &tname)
+            .with_context(|| format!("cannot link to {}", shown(target)))
+            .exit_with(Exit::Io)?;
+        if kind_of(tst.st_mode) != EntryKind::File {
+            return Err(fail(
+                Exit::Io,
+                format!("cannot link to {}: not a regular file", shown(target)),
+            ));
+        }
+        let (dir, name) = self.split(rel)?;
+        match dirfd::stat_at(&dir, &name) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                return dirfd::link_at(&tdir, &tname, &dir, &name)
+                    .context("cannot create the hard link")
+                    .exit_with(Exit::Io)
+            }
+            Err(e) => return Err(e).exit_with(Exit::Io),
+            Ok(st) if (st.st_dev, st.st_ino) == (tst.st_dev, tst.st_ino) => return Ok(()),
+            Ok(st) if kind_of(st.st_mode) == EntryKind::Dir => {
+                return Err(fail(
+                    Exit::Io,
+                    "is a directory; the source has a file there",
+                ))
+            }
+            Ok(_) => {}
+        }
+        self.replace(&dir, &name, "the hard link", |dir, temp| {
+            dirfd::link_at(&tdir, &tname, dir, temp)
+        })
+    }
+
+    /// `-D`: `rel` becomes a fifo, socket or device node of `mode`'s type
+    /// (and `rdev`), unless it already is one; permissions come with its
+    /// `ATTRS`.
+    fn mknod(&mut self, rel: &[u8], mode: u32, rdev: u64) -> Result<()> {
+        let (dir, name) = self.split(rel)?;
+        match dirfd::stat_at(&dir, &name) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e).exit_with(Exit::Io),
+            Ok(st)
+                if st.st_mode & libc::S_IFMT == mode & libc::S_IFMT
+                    && (!crate::wire::is_device(mode) || st.st_rdev == rdev) =>
+            {
+                return Ok(())
+            }
+            Ok(st) if kind_of(st.st_mode) == EntryKind::Dir => {
+                return Err(fail(
+                    Exit::Io,
+                    "is a directory; the source has a special file there",
+                ))
+            }
+            Ok(_) => {}
+        }
+        let what = if crate::wire::is_device(mode) {
+            "the device node"
+        } else {
+            "the special file"
+        };
+        self.replace(&dir, &name, what, |dir, temp| {
+            dirfd::mknod_at(dir, temp, mode, rdev)
+        })
     }
 
     fn attrs(
@@ -211,6 +307,7 @@ impl<'a> Applier<'a> {
         mode: u32,
         owner: (u32, u32),
         mtime: (i64, u32),
+        xattrs: &[(Vec<u8>, Vec<u8>)],
     ) -> Result<()> {
         // The entry itself, never what a link points to: an O_PATH
         // descriptor of it, and its parent for the calls that take a name.
@@ -230,6 +327,29 @@ impl<'a> Applier<'a> {
         if which & attrs::OWNER != 0 && self.as_root && (st.st_uid, st.st_gid) != owner {
             dirfd::chown_fd(&fd, owner.0, owner.1)
                 .context("cannot set the owner")
+                .exit_with(Exit::Io)?;
+        }
+        // After the owner (a chown drops `security.capability`), before
+        // the mode (setting an ACL sets the group bits; the mode given is
+        // the source's, whose group bits are its ACL's mask).
+        if which & (attrs::XATTRS | attrs::ACLS) != 0 {
+            let mut flags = 0;
+            if which & attrs::XATTRS != 0 {
+                flags |= list_flags::XATTRS;
+            }
+            if which & attrs::ACLS != 0 {
+                flags |= list_flags::ACLS;
+            }
+            let ours = xattr_wanted(flags, self.as_root);
+            // What this end may not set (`trusted.` when not root) is left out,
+            // as rsync does.
+            let want: Vec<(Vec<u8>, Vec<u8>)> = xattrs
+                .iter()
+                .filter(|(n, _)| ours(n) && xattr_in_play(which, n))
+                .cloned()
+                .collect();
+            xattr::set_exactly(&fd, &want, ours)
+                .context("cannot set the extended attributes")
                 .exit_with(Exit::Io)?;
         }
         // A link has no mode of its own on Linux.
@@ -323,6 +443,7 @@ mod tests {
             gid: 0,
             mtime_sec: 1,
             mtime_nsec: 0,
+            xattrs: Vec::new(),
         };
         let before = std::fs::metadata(&outside).unwrap();
         // Through the link: refused; on the link: its target is untouched.

@@ -11,6 +11,11 @@
 //! from a directory descriptor ([`TreeDir`]) with `O_NOFOLLOW`. (walkdir
 //! works on path strings, which a concurrent rename could redirect, so the
 //! walk here is descriptor-based.) Links are listed as links, with their text.
+//!
+//! What `LIST`'s flags ask for beyond that: extended attributes and ACLs
+//! (read through each entry's own `O_PATH | O_NOFOLLOW` descriptor,
+//! [`crate::sys::xattr`]), and `-x`'s rule that a directory on another
+//! filesystem than the root is listed but not entered.
 
 use std::collections::HashMap;
 use std::io;
@@ -23,9 +28,10 @@ use crate::dest::confine::Root;
 use crate::error::{fail, Exit, WithExit};
 use crate::filter::Filter;
 use crate::sys::dirfd::{self, OFlags, Stat, TreeDir};
+use crate::sys::xattr;
 use crate::wire::{
-    list_flags, EntryKind, FrameReader, FrameWriter, ListEntry, Msg, MAX_ENTRIES, MAX_LIST_BATCH,
-    MAX_PATH,
+    list_flags, valid_xattrs, xattr_name_ok, EntryKind, FrameReader, FrameWriter, ListEntry, Msg,
+    ACL_NAMES, MAX_ENTRIES, MAX_LIST_BATCH, MAX_PATH, MAX_XATTRS, MAX_XATTR_BYTES,
 };
 
 /// Bytes of entries gathered before an `ENTRIES` frame goes out.
@@ -41,8 +47,9 @@ pub(crate) fn kind_of(mode: u32) -> EntryKind {
 }
 
 fn entry_of(st: &Stat, path: Vec<u8>, target: Vec<u8>) -> ListEntry {
+    let kind = kind_of(st.st_mode);
     ListEntry {
-        kind: kind_of(st.st_mode),
+        kind,
         path,
         size: st.st_size.max(0) as u64,
         mtime_sec: st.st_mtime,
@@ -51,6 +58,15 @@ fn entry_of(st: &Stat, path: Vec<u8>, target: Vec<u8>) -> ListEntry {
         uid: st.st_uid,
         gid: st.st_gid,
         target,
+        dev: st.st_dev,
+        ino: st.st_ino,
+        nlink: u32::try_from(st.st_nlink).unwrap_or(u32::MAX),
+        rdev: if crate::wire::is_device(st.st_mode) {
+            st.st_rdev
+        } else {
+            0
+        },
+        xattrs: Vec::new(),
     }
 }
 
@@ -60,14 +76,41 @@ fn unreadable(path: Vec<u8>, why: String) -> ListEntry {
     ListEntry {
         kind: EntryKind::Unreadable,
         path,
-        size: 0,
-        mtime_sec: 0,
-        mtime_nsec: 0,
-        mode: 0,
-        uid: 0,
-        gid: 0,
         target: why,
+        ..ListEntry::default()
     }
+}
+
+/// Which attribute names a listing with `flags` carries: the ACLs for
+/// `ACLS`; for `XATTRS`, `user.`, and as root every namespace but
+/// `system.` (rsync's rule: others cannot read `trusted.`, nor set
+/// `security.`).
+pub(crate) fn xattr_wanted(flags: u32, as_root: bool) -> impl Fn(&[u8]) -> bool {
+    move |name: &[u8]| {
+        if ACL_NAMES.contains(&name) {
+            flags & list_flags::ACLS != 0
+        } else {
+            flags & list_flags::XATTRS != 0
+                && xattr_name_ok(name)
+                && (as_root || name.starts_with(b"user."))
+        }
+    }
+}
+
+/// The attributes `flags` asks for of the entry `fd` holds (`O_PATH`, not
+/// following a link); why not, when they exceed the protocol's limits.
+fn read_xattrs(fd: &OwnedFd, flags: u32) -> std::result::Result<crate::wire::Xattrs, String> {
+    let x = xattr::read(
+        fd,
+        xattr_wanted(flags, rustix::process::geteuid().is_root()),
+    )
+    .map_err(|e| format!("cannot read its extended attributes: {e}"))?;
+    if !valid_xattrs(&x) {
+        return Err(format!(
+            "has extended attributes beyond vmsync's limits ({MAX_XATTRS} of them, {MAX_XATTR_BYTES} bytes)"
+        ));
+    }
+    Ok(x)
 }
 
 /// `base` and `rel` joined with one `/` (either may be empty).
@@ -124,12 +167,15 @@ pub fn open_root(path: &Path, confine: Option<&Root>) -> Result<Option<OwnedFd>>
 /// Entries `filter` excludes are left out, and excluded directories are
 /// not entered. A directory that cannot be read becomes an
 /// [`EntryKind::Unreadable`] entry; the root's failure is the run's.
+/// `flags` ([`list_flags`]) say what else is listed.
 pub fn walk(
     root: &OwnedFd,
     shown_root: &str,
     filter: &Filter,
+    flags: u32,
     emit: &mut dyn FnMut(ListEntry) -> Result<()>,
 ) -> Result<()> {
+    let want_xattrs = flags & (list_flags::XATTRS | list_flags::ACLS) != 0;
     let tree = TreeDir::new(
         root.try_clone()
             .context("duplicate a descriptor")
@@ -138,7 +184,12 @@ pub fn walk(
     let st = dirfd::stat_fd(root)
         .with_context(|| format!("cannot stat {shown_root}"))
         .exit_with(Exit::Io)?;
-    let root_entry = entry_of(&st, Vec::new(), Vec::new());
+    let mut root_entry = entry_of(&st, Vec::new(), Vec::new());
+    if want_xattrs {
+        root_entry.xattrs = read_xattrs(root, flags)
+            .map_err(|why| fail(Exit::Io, format!("{shown_root}: {why}")))?;
+    }
+    let root_dev = st.st_dev;
     let is_dir = root_entry.kind == EntryKind::Dir;
     emit(root_entry)?;
     if !is_dir {
@@ -176,7 +227,24 @@ pub fn walk(
                 continue;
             }
             let cname = dirfd::cstring(&name)?;
-            let st = match dirfd::stat_at(&dir, &cname) {
+            // With attributes to read, the entry's own descriptor: its
+            // stat and its attributes are then of one inode.
+            let fd = if want_xattrs {
+                match dirfd::openat(&dir, &*cname, OFlags::PATH | OFlags::NOFOLLOW) {
+                    Ok(fd) => Some(fd),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                    Err(e) => {
+                        emit(unreadable(rel, format!("cannot open: {e}")))?;
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
+            let st = match fd
+                .as_ref()
+                .map_or_else(|| dirfd::stat_at(&dir, &cname), dirfd::stat_fd)
+            {
                 Ok(st) => st,
                 // Gone since the directory was read.
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
@@ -210,10 +278,22 @@ pub fn walk(
                     ),
                 ));
             }
-            if kind == EntryKind::Dir {
-                subdirs.push(rel.clone());
+            let mut entry = entry_of(&st, rel.clone(), target);
+            if let Some(fd) = &fd {
+                match read_xattrs(fd, flags) {
+                    Ok(x) => entry.xattrs = x,
+                    Err(why) => {
+                        emit(unreadable(rel, why))?;
+                        continue;
+                    }
+                }
             }
-            emit(entry_of(&st, rel, target))?;
+            // `-x`: a mount point is made at the destination, not entered.
+            let other_fs = flags & list_flags::ONE_FILE_SYSTEM != 0 && st.st_dev != root_dev;
+            if kind == EntryKind::Dir && !other_fs {
+                subdirs.push(rel);
+            }
+            emit(entry)?;
         }
         stack.extend(subdirs.into_iter().rev());
     }
@@ -275,13 +355,14 @@ impl Listing {
     }
 }
 
-/// Lists a local tree; `None` when `path` does not exist.
-pub fn list_local(path: &Path, filter: &Filter) -> Result<Option<Vec<ListEntry>>> {
+/// Lists a local tree (`flags`: [`list_flags`]); `None` when `path` does
+/// not exist.
+pub fn list_local(path: &Path, filter: &Filter, flags: u32) -> Result<Option<Vec<ListEntry>>> {
     let Some(fd) = open_root(path, None)? else {
         return Ok(None);
     };
     let mut all = Vec::new();
-    walk(&fd, &path.display().to_string(), filter, &mut |e| {
+    walk(&fd, &path.display().to_string(), filter, flags, &mut |e| {
         all.push(e);
         Ok(())
     })?;
@@ -311,8 +392,8 @@ pub fn serve_list<R: io::Read, W: io::Write>(
     let mut batch = Vec::new();
     let mut bytes = 0;
     let mut count = 0u64;
-    walk(&fd, &path.display().to_string(), &filter, &mut |e| {
-        bytes += e.path.len() + e.target.len() + 64;
+    walk(&fd, &path.display().to_string(), &filter, flags, &mut |e| {
+        bytes += e.wire_size();
         batch.push(e);
         count += 1;
         if batch.len() == MAX_LIST_BATCH || bytes >= LIST_FLUSH {
@@ -382,17 +463,13 @@ mod tests {
         ListEntry {
             kind,
             path: rel(path),
-            size: 0,
-            mtime_sec: 0,
-            mtime_nsec: 0,
             mode,
-            uid: 0,
-            gid: 0,
             target: if kind == EntryKind::Symlink {
                 rel("/etc")
             } else {
                 Vec::new()
             },
+            ..ListEntry::default()
         }
     }
 
@@ -427,7 +504,7 @@ mod tests {
             pattern: "*.tmp".into(),
         }])
         .unwrap();
-        let all = list_local(d, &filter).unwrap().unwrap();
+        let all = list_local(d, &filter, 0).unwrap().unwrap();
         let paths: Vec<(String, EntryKind)> =
             all.iter().map(|e| (shown(&e.path), e.kind)).collect();
         assert_eq!(
@@ -441,6 +518,8 @@ mod tests {
             ]
         );
         assert_eq!(all[3].target, b"/etc");
-        assert!(list_local(&d.join("missing"), &filter).unwrap().is_none());
+        assert!(list_local(&d.join("missing"), &filter, 0)
+            .unwrap()
+            .is_none());
     }
 }

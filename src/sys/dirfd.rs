@@ -113,6 +113,25 @@ pub fn symlink_at(target: &CStr, dir: impl AsFd, name: &CStr) -> io::Result<()> 
     Ok(rfs::symlinkat(target, dir, name)?)
 }
 
+/// `mknodat(dir, name, mode, rdev)`: a fifo, socket or device node (less
+/// the umask; its permissions are set afterwards).
+pub fn mknod_at(dir: impl AsFd, name: &CStr, mode: u32, rdev: u64) -> io::Result<()> {
+    let file_type = rfs::FileType::from_raw_mode(mode);
+    Ok(rfs::mknodat(
+        dir,
+        name,
+        file_type,
+        Mode::from_raw_mode(mode & 0o7777),
+        rdev,
+    )?)
+}
+
+/// `linkat(from_dir, from, to_dir, to)`, never following a link (a
+/// symlink at `from` would be linked itself).
+pub fn link_at(from_dir: impl AsFd, from: &CStr, to_dir: impl AsFd, to: &CStr) -> io::Result<()> {
+    Ok(rfs::linkat(from_dir, from, to_dir, to, AtFlags::empty())?)
+}
+
 /// `renameat(dir, from, dir, to)`: both names in one directory.
 pub fn rename_at(dir: impl AsFd, from: &CStr, to: &CStr) -> io::Result<()> {
     Ok(rfs::renameat(&dir, from, &dir, to)?)

@@ -9,9 +9,11 @@
 //! * `crash`: named points at which a test has the process SIGKILLed;
 //! * `dirfd`: descriptor-relative lookups for tree walks and `--root`;
 //! * `fiemap`: which disk blocks hold a file (`FS_IOC_FIEMAP`);
-//! * `fsxattr`: XFS's copy-on-write extent size hint.
+//! * `fsxattr`: XFS's copy-on-write extent size hint;
+//! * `xattr`: extended attributes and ACLs of an `O_PATH` descriptor's entry.
 
 pub mod crash;
 pub mod dirfd;
 pub mod fiemap;
 pub mod fsxattr;
+pub mod xattr;

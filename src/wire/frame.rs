@@ -12,7 +12,7 @@
 //! | offset | size | meaning                                                   |
 //! |--------|------|-----------------------------------------------------------|
 //! | 0      | 8    | magic [`MAGIC`] `VMSYNC\r\n` (catches line-ending mangling and shell noise) |
-//! | 8      | 4    | protocol version, u32 LE: [`PROTOCOL_VERSION`] = 4        |
+//! | 8      | 4    | protocol version, u32 LE: [`PROTOCOL_VERSION`] = 5        |
 //! | 12     | 4    | feature flags, u32 LE (none defined; ignored if unknown)  |
 //!
 //! # Frame
@@ -46,7 +46,7 @@ use crate::wire::messages::{known_type, Msg};
 
 /// Version of this protocol; bump on any change to the frame or message
 /// tables.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Magic at the start of a hello.
 pub const MAGIC: &[u8; 8] = b"VMSYNC\r\n";
 /// Largest frame (type + payload) either end accepts or sends.
@@ -445,11 +445,26 @@ mod tests {
             mtime_sec: 0,
             mtime_nsec: 0,
             mode: rustix::fs::FileType::Symlink.as_raw_mode(),
-            uid: 0,
-            gid: 0,
             target: long(b't'),
+            ..ListEntry::default()
         };
-        assert!(encode(Msg::Entries(vec![e; MAX_LIST_BATCH])).len() <= MAX_FRAME);
+        assert!(encode(Msg::Entries(vec![e.clone(); MAX_LIST_BATCH])).len() <= MAX_FRAME);
+        // With attributes, a lister cuts a batch by bytes (1 MiB, then one
+        // more entry); a client its `APPLY` alike.
+        let mut big = e;
+        big.kind = EntryKind::File;
+        big.mode = rustix::fs::FileType::RegularFile.as_raw_mode();
+        big.target.clear();
+        big.xattrs = (0..2)
+            .map(|i| {
+                (
+                    format!("user.{i}").into_bytes(),
+                    vec![0; crate::wire::MAX_XATTR_VALUE],
+                )
+            })
+            .collect();
+        let n = (1 << 20) / big.wire_size() + 1;
+        assert!(encode(Msg::Entries(vec![big; n])).len() <= MAX_FRAME);
         let op = Op::Symlink {
             path: long(b'p'),
             target: long(b't'),

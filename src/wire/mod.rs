@@ -21,10 +21,11 @@ pub(crate) mod pipe;
 
 pub use frame::{FrameReader, FrameWriter, LOCAL_PEER, MAGIC, MAX_FRAME, PROTOCOL_VERSION};
 pub use messages::{
-    attrs, list_flags, valid_rel_path, ChunkMsg, EntryKind, FileInfo, FilterRule, ListEntry, Msg,
-    Op, OpResult, Open, Role, StartMode, Summary, MAX_ENTRIES, MAX_LIST_BATCH, MAX_MESSAGE,
-    MAX_OPS, MAX_OP_MESSAGE, MAX_PATH, MAX_PATTERN, MAX_PIECE_REFS, MAX_RANGES, MAX_REQUEST,
-    MAX_RULES, MAX_SAMPLE, MAX_SEEDS, MAX_TIMEOUT,
+    attrs, is_device, list_flags, valid_rel_path, valid_xattrs, xattr_in_play, xattr_name_ok,
+    ChunkMsg, EntryKind, FileInfo, FilterRule, ListEntry, Msg, Op, OpResult, Open, Role, StartMode,
+    Summary, Xattrs, ACL_NAMES, MAX_ENTRIES, MAX_LIST_BATCH, MAX_MESSAGE, MAX_OPS, MAX_OP_MESSAGE,
+    MAX_PATH, MAX_PATTERN, MAX_PIECE_REFS, MAX_RANGES, MAX_REQUEST, MAX_RULES, MAX_SAMPLE,
+    MAX_SEEDS, MAX_TIMEOUT, MAX_XATTRS, MAX_XATTR_BYTES, MAX_XATTR_NAME, MAX_XATTR_VALUE,
 };
 pub use options::{flags, Options, WriteMode};
 pub use pipe::{keepalive_interval, Counted, Silence, Watched};

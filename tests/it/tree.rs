@@ -654,6 +654,7 @@ fn apply_operations_never_follow_links_out_of_the_root() {
         gid: 0,
         mtime_sec: 1,
         mtime_nsec: 0,
+        xattrs: Vec::new(),
     };
     let ops = vec![
         attrs_op("link"),

@@ -36,8 +36,13 @@ pub struct TreeReport {
     pub deleted: Vec<String>,
     /// `--check`: paths that differ, and how.
     pub differing: Vec<(String, String)>,
-    /// Directories or links made, or entries deleted.
+    /// Entries made, changed or deleted (files sent among them).
     pub changed_entries: u64,
+    /// `-i`: whether to print [`TreeReport::items`].
+    pub itemize: bool,
+    /// `-i`'s lines (rsync's `YXcstpoguax path`), each with the
+    /// tree-relative path it is sorted by.
+    pub items: Vec<(Vec<u8>, String)>,
     /// Wire bytes of listings and operations (the files' are their own).
     pub other_wire_bytes: u64,
     pub duration: Duration,

@@ -1,21 +1,19 @@
 //! The three phases of a recursive sync (see [`crate::client::tree`]), each a step of
 //! its own: plan the directories and make them, plan and run the file
-//! jobs, then plan and apply links, deletions and attributes.
+//! jobs, then plan and apply symlinks, special files, hard links ([`super::meta`]),
+//! deletions and attributes. Each change planned is also `-i`'s line.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::client::Report;
 use crate::error::{exit_code_of, message_of, Exit};
 use crate::roles::list::{join, parent_of, shown, within};
-use crate::wire::{attrs, EntryKind, ListEntry, Op, Summary};
+use crate::wire::{attrs, EntryKind, Op, Summary};
 
+use crate::client::tree::meta::{attrs_op, Links, Planned};
 use crate::client::tree::report::{EntryError, FileResult, TreeReport};
 use crate::client::tree::{Job, Tree};
-
-/// Operations to apply, each with the tree-relative path of the entry it
-/// is for (what a failure is reported under).
-type Planned = Vec<(Op, Vec<u8>)>;
 
 /// Directories that could not be made, and why.
 type Blocked = Vec<(Vec<u8>, String)>;
@@ -40,15 +38,18 @@ impl Tree<'_> {
             });
         }
 
-        let jobs = self.file_jobs(&blocked, report);
+        let links = self.link_groups();
+        let jobs = self.file_jobs(&blocked, &links, report);
         self.transfer_all(jobs, report);
         if report.fatal.is_some() {
             return;
         }
 
         let mut ops = self.symlink_ops(&blocked, report);
+        self.special_ops(&blocked, &mut ops, report);
+        self.link_ops(&links, &blocked, &mut ops, report);
         self.delete_ops(&mut ops, report);
-        self.attribute_ops(&blocked, &mut ops, report);
+        self.attribute_ops(&blocked, &links, &mut ops, report);
         if !dry {
             self.finish_entries(&ops, report, wire);
         }
@@ -56,7 +57,7 @@ impl Tree<'_> {
 
     /// Why `rel` cannot be synced: it lies beneath a directory that could
     /// not be made.
-    fn blocked_by(&self, blocked: &[(Vec<u8>, String)], rel: &[u8]) -> Option<String> {
+    pub(super) fn blocked_by(&self, blocked: &[(Vec<u8>, String)], rel: &[u8]) -> Option<String> {
         blocked
             .iter()
             .find(|(d, _)| within(rel, d))
@@ -92,7 +93,7 @@ impl Tree<'_> {
             ));
         }
         if self.dst.root().is_none() {
-            report.changed_entries += 1;
+            self.itemize(report, 'c', root, self.changes(root, None), "");
         }
         for e in self.src.entries.iter().skip(1) {
             if e.kind != EntryKind::Dir || self.blocked_by(blocked, &e.path).is_some() {
@@ -101,7 +102,7 @@ impl Tree<'_> {
             match self.dst.get(&e.path).map(|d| d.kind) {
                 Some(EntryKind::Dir) => {}
                 None | Some(EntryKind::Symlink) => {
-                    report.changed_entries += 1;
+                    self.itemize(report, 'c', e, self.changes(e, None), "");
                     ops.push((
                         Op::Mkdir {
                             path: self.dpath(&e.path),
@@ -179,10 +180,16 @@ impl Tree<'_> {
     /// Phase 2's jobs: every regular file that can be synced. Those that
     /// cannot are reported failed here; in a dry run, a file whose
     /// directory does not exist yet is reported as sent whole.
-    fn file_jobs(&self, blocked: &[(Vec<u8>, String)], report: &mut TreeReport) -> Vec<Job> {
+    fn file_jobs(
+        &self,
+        blocked: &[(Vec<u8>, String)],
+        links: &Links,
+        report: &mut TreeReport,
+    ) -> Vec<Job> {
         let mut jobs = Vec::new();
         for e in &self.src.entries {
-            if e.kind != EntryKind::File {
+            // `-H`: a group's other names are linked, not sent.
+            if e.kind != EntryKind::File || links.contains_key(&e.path) {
                 continue;
             }
             let failed = |why: String| FileResult {
@@ -237,10 +244,9 @@ impl Tree<'_> {
             if self.blocked_by(blocked, &e.path).is_some() {
                 continue;
             }
-            let old = self.dst.get(&e.path);
-            let same = old.is_some_and(|d| d.kind == EntryKind::Symlink && d.target == e.target);
+            let c = self.changes(e, self.dst.get(&e.path));
+            let same = !c.new && !c.value;
             if !same {
-                report.changed_entries += 1;
                 ops.push((
                     Op::Symlink {
                         path: self.dpath(&e.path),
@@ -249,14 +255,12 @@ impl Tree<'_> {
                     e.path.clone(),
                 ));
             }
-            if !same
-                || old.is_some_and(|d| {
-                    (d.uid, d.gid, d.mtime_sec, d.mtime_nsec)
-                        != (e.uid, e.gid, e.mtime_sec, e.mtime_nsec)
-                })
-            {
+            if c.any() {
+                let y = if same { '.' } else { 'c' };
+                let to = format!(" -> {}", String::from_utf8_lossy(&e.target));
+                self.itemize(report, y, e, c, &to);
                 ops.push((
-                    attrs_op(self.dpath(&e.path), e, attrs::OWNER | attrs::MTIME),
+                    attrs_op(self, e, attrs::OWNER | attrs::MTIME | self.xbits()),
                     e.path.clone(),
                 ));
             }
@@ -278,6 +282,13 @@ impl Tree<'_> {
         for e in self.dst.entries.iter().skip(1).rev() {
             if self.src.get(&e.path).is_none() {
                 report.changed_entries += 1;
+                if self.cfg.itemize {
+                    let slash = if e.kind == EntryKind::Dir { "/" } else { "" };
+                    report.items.push((
+                        e.path.clone(),
+                        format!("*deleting   {}{slash}", self.shown_dst(&e.path)),
+                    ));
+                }
                 if self.cfg.dry_run {
                     report.deleted.push(self.shown_dst(&e.path));
                 } else {
@@ -293,32 +304,61 @@ impl Tree<'_> {
     }
 
     /// Phase 3, attributes: mode and owner of each file synced, when they
-    /// differ, then everything of each directory, deepest first.
-    fn attribute_ops(&self, blocked: &[(Vec<u8>, String)], ops: &mut Planned, report: &TreeReport) {
-        let synced: HashSet<&str> = report
+    /// differ, and its extended attributes (after a transfer always: the
+    /// engine's rename leaves the old file's behind), then everything of
+    /// each directory, deepest first.
+    fn attribute_ops(
+        &self,
+        blocked: &[(Vec<u8>, String)],
+        links: &Links,
+        ops: &mut Planned,
+        report: &mut TreeReport,
+    ) {
+        let synced: HashMap<String, bool> = report
             .files
             .iter()
-            .filter(|f| f.outcome.is_ok())
-            .map(|f| f.path.as_str())
+            .filter_map(|f| {
+                let r = f.outcome.as_ref().ok()?;
+                Some((f.path.clone(), !r.summary.up_to_date))
+            })
             .collect();
         for e in &self.src.entries {
-            let shown_path = self.shown_dst(&e.path);
-            if e.kind != EntryKind::File || !synced.contains(shown_path.as_str()) {
+            if e.kind != EntryKind::File || links.contains_key(&e.path) {
                 continue;
             }
-            let same = self.dst.get(&e.path).is_some_and(|d| {
-                (d.mode & 0o7777, d.uid, d.gid) == (e.mode & 0o7777, e.uid, e.gid)
-            });
-            if !same {
-                ops.push((
-                    attrs_op(self.dpath(&e.path), e, attrs::MODE | attrs::OWNER),
-                    e.path.clone(),
-                ));
+            let Some(&sent) = synced.get(&self.shown_dst(&e.path)) else {
+                continue;
+            };
+            let d = self.dst.get(&e.path);
+            let mut c = self.changes(e, d);
+            let mut which = 0;
+            if d.is_none_or(|d| (d.mode & 0o7777, d.uid, d.gid) != (e.mode & 0o7777, e.uid, e.gid))
+            {
+                which |= attrs::MODE | attrs::OWNER;
+            }
+            if sent || c.acl || c.xattr {
+                which |= self.xbits();
+            }
+            if sent {
+                c.value = self.cfg.checksum;
+                self.itemize(report, self.sent_letter(), e, c, "");
+            } else if c.attrs() {
+                self.itemize(report, '.', e, c, "");
+            }
+            if which != 0 {
+                ops.push((attrs_op(self, e, which), e.path.clone()));
             }
         }
         for e in self.src.entries.iter().rev() {
             if e.kind == EntryKind::Dir && self.blocked_by(blocked, &e.path).is_none() {
-                ops.push((attrs_op(self.dpath(&e.path), e, attrs::ALL), e.path.clone()));
+                let d = self.dst.get(&e.path).filter(|d| d.kind == EntryKind::Dir);
+                if let Some(d) = d {
+                    let c = self.changes(e, Some(d));
+                    if c.attrs() {
+                        self.itemize(report, '.', e, c, "");
+                    }
+                }
+                ops.push((attrs_op(self, e, attrs::ALL | self.xbits()), e.path.clone()));
             }
         }
     }
@@ -345,17 +385,5 @@ impl Tree<'_> {
                 report.deleted.push(self.shown_dst(rel));
             }
         }
-    }
-}
-
-fn attrs_op(path: Vec<u8>, e: &ListEntry, which: u8) -> Op {
-    Op::Attrs {
-        path,
-        which,
-        mode: e.mode & 0o7777,
-        uid: e.uid,
-        gid: e.gid,
-        mtime_sec: e.mtime_sec,
-        mtime_nsec: e.mtime_nsec,
     }
 }

@@ -27,10 +27,10 @@
 //! | 11   | `BLOCK_HASHES` | sender→recv   | entry index u64, count u32 (1 ≤ n ≤ [`MAX_BLOCKS`]), count × 8-byte block hash |
 //! | 12   | `BLOCK_FETCH`  | recv→sender   | entry index u64, block count u32 (1 ≤ n ≤ [`MAX_BLOCKS`]), bitmap of ⌈count/8⌉ bytes: blocks to send |
 //! | 13   | `KEEPALIVE`    | either        | empty: "still here, busy"; skipped by [`crate::wire::frame::FrameReader::read_msg`] |
-//! | 14   | `LIST`         | client→server | after `OPEN` with role 2: flags u32 ([`list_flags`]), rule count u32 (≤ [`MAX_RULES`]) × (exclude u8: 0 include, 1 exclude; pattern bytes, 1 to [`MAX_PATTERN`] bytes of UTF-8) |
-//! | 15   | `ENTRIES`      | server→client | count u32 (1 ≤ n ≤ [`MAX_LIST_BATCH`]) × [`ListEntry`] |
+//! | 14   | `LIST`         | client→server | after `OPEN` with role 2: flags u32 ([`list_flags`]: 1 missing is empty, 2 xattrs, 4 ACLs, 8 one filesystem), rule count u32 (≤ [`MAX_RULES`]) × (exclude u8: 0 include, 1 exclude; pattern bytes, 1 to [`MAX_PATTERN`] bytes of UTF-8) |
+//! | 15   | `ENTRIES`      | server→client | count u32 (1 ≤ n ≤ [`MAX_LIST_BATCH`]) × [`ListEntry`]; a frame's size is the limit too (a lister cuts batches at 1 MiB) |
 //! | 16   | `LIST_END`     | server→client | entry count u64 (≤ [`MAX_ENTRIES`]): how many entries the `ENTRIES` carried |
-//! | 17   | `APPLY`        | client→server | after `OPEN` with role 3: count u32 (1 ≤ n ≤ [`MAX_OPS`]) × [`Op`] |
+//! | 17   | `APPLY`        | client→server | after `OPEN` with role 3: count u32 (1 ≤ n ≤ [`MAX_OPS`]) × [`Op`]; a client cuts batches at 1 MiB |
 //! | 18   | `APPLIED`      | server→client | count u32 (1 ≤ n ≤ [`MAX_OPS`]) × [`OpResult`] |
 //! | 19   | `END`          | client→server | empty: no more `APPLY`; the server exits |
 //! | 20   | `PIECES`       | recv→sender   | count u32 (≤ [`MAX_PIECE_REFS`]) × 16-byte digest of a piece of the receiver's cached manifest (see [`crate::content::manifest`]); optional, only right before `START` `0` |
@@ -76,8 +76,9 @@ pub use file::{
 };
 pub use snapshot::{DeltaRange, Reason, SnapshotId, SnapshotMsg, SnapshotStats};
 pub use tree::{
-    attrs, list_flags, valid_rel_path, EntryKind, ListEntry, Op, OpResult, MAX_ENTRIES,
-    MAX_LIST_BATCH, MAX_OPS, MAX_OP_MESSAGE,
+    attrs, is_device, list_flags, valid_rel_path, valid_xattrs, xattr_in_play, xattr_name_ok,
+    EntryKind, ListEntry, Op, OpResult, Xattrs, ACL_NAMES, MAX_ENTRIES, MAX_LIST_BATCH, MAX_OPS,
+    MAX_OP_MESSAGE, MAX_XATTRS, MAX_XATTR_BYTES, MAX_XATTR_NAME, MAX_XATTR_VALUE,
 };
 
 const T_OPEN: u8 = 1;
@@ -646,6 +647,10 @@ mod tests {
             uid: 1000,
             gid: u32::MAX,
             target: target.as_bytes().to_vec(),
+            dev: 7,
+            ino: u64::MAX,
+            nlink: 2,
+            ..ListEntry::default()
         }
     }
 
@@ -687,6 +692,21 @@ mod tests {
             entry(EntryKind::File, "a b/disk.img", S_IFREG | 0o600, ""),
             entry(EntryKind::Symlink, "a b/l", S_IFLNK | 0o777, "../../etc"),
             entry(EntryKind::Other, "fifo", S_IFIFO | 0o644, ""),
+            ListEntry {
+                rdev: 0x0103,
+                ..entry(EntryKind::Other, "null", libc::S_IFCHR | 0o666, "")
+            },
+            ListEntry {
+                xattrs: vec![
+                    (
+                        b"security.selinux".to_vec(),
+                        b"system_u:object_r:virt_image_t:s0".to_vec(),
+                    ),
+                    (b"system.posix_acl_access".to_vec(), vec![2, 0, 0, 0]),
+                    (b"user.a".to_vec(), Vec::new()),
+                ],
+                ..entry(EntryKind::File, "x", S_IFREG | 0o600, "")
+            },
             entry(EntryKind::Unreadable, "locked", 0, "permission denied"),
         ]));
         round_trip(Msg::ListEnd(MAX_ENTRIES));
@@ -711,9 +731,37 @@ mod tests {
                 gid: 7,
                 mtime_sec: i64::MIN,
                 mtime_nsec: 1,
+                xattrs: Vec::new(),
+            },
+            Op::Attrs {
+                path: b"a/x".to_vec(),
+                which: attrs::OWNER | attrs::XATTRS | attrs::ACLS,
+                mode: 0,
+                uid: 0,
+                gid: 7,
+                mtime_sec: 0,
+                mtime_nsec: 0,
+                xattrs: vec![
+                    (b"system.posix_acl_default".to_vec(), vec![2, 0, 0, 0]),
+                    (b"trusted.t".to_vec(), b"v".to_vec()),
+                ],
             },
             Op::Delete {
                 path: b"a/old.img".to_vec(),
+            },
+            Op::Link {
+                path: b"a/b/second".to_vec(),
+                target: b"first".to_vec(),
+            },
+            Op::Mknod {
+                path: b"fifo".to_vec(),
+                mode: S_IFIFO | 0o640,
+                rdev: 0,
+            },
+            Op::Mknod {
+                path: b"sda".to_vec(),
+                mode: libc::S_IFBLK | 0o660,
+                rdev: 0x0800,
             },
         ]));
         round_trip(Msg::Applied(vec![
@@ -761,7 +809,43 @@ mod tests {
             entry(EntryKind::Symlink, "x", S_IFLNK, ""),
             entry(EntryKind::File, "x", S_IFREG, "target"),
             entry(EntryKind::Other, "x", S_IFREG, ""),
+            // A device number on what is not a device.
+            ListEntry {
+                rdev: 1,
+                ..entry(EntryKind::Other, "x", S_IFIFO, "")
+            },
+            ListEntry {
+                rdev: 1,
+                ..entry(EntryKind::File, "x", S_IFREG, "")
+            },
         ];
+        let xattr_entry = |x: Vec<(&str, usize)>| ListEntry {
+            xattrs: x
+                .into_iter()
+                .map(|(n, len)| (n.as_bytes().to_vec(), vec![b'v'; len]))
+                .collect(),
+            ..entry(EntryKind::File, "x", S_IFREG, "")
+        };
+        let big = MAX_XATTR_BYTES / 2;
+        let bad_xattrs = [
+            vec![("system.other", 1)],
+            vec![("user.", 1)],
+            vec![("nonamespace", 1)],
+            vec![("user.b", 1), ("user.a", 1)],
+            vec![("user.a", 1), ("user.a", 2)],
+            vec![("user.a", MAX_XATTR_VALUE + 1)],
+            vec![("user.a", big), ("user.b", big), ("user.c", big)],
+        ];
+        for x in bad_xattrs {
+            let e = xattr_entry(x.clone());
+            let err = Msg::decode(&encode(Msg::Entries(vec![e]))).unwrap_err();
+            assert_eq!(exit_code_of(&err), Exit::Protocol, "{x:?}");
+        }
+        let many: Vec<(String, usize)> = (0..=MAX_XATTRS)
+            .map(|i| (format!("user.{i:04}"), 0))
+            .collect();
+        let e = xattr_entry(many.iter().map(|(n, l)| (n.as_str(), *l)).collect());
+        assert!(Msg::decode(&encode(Msg::Entries(vec![e]))).is_err());
         for e in bad_entries {
             let err = Msg::decode(&encode(Msg::Entries(vec![e.clone()]))).unwrap_err();
             assert_eq!(exit_code_of(&err), Exit::Protocol, "{e:?}");
@@ -794,6 +878,7 @@ mod tests {
                 gid: 0,
                 mtime_sec: 0,
                 mtime_nsec: 0,
+                xattrs: Vec::new(),
             },
             Op::Attrs {
                 path: b"d".to_vec(),
@@ -803,6 +888,59 @@ mod tests {
                 gid: 0,
                 mtime_sec: 0,
                 mtime_nsec: 1_000_000_000,
+                xattrs: Vec::new(),
+            },
+            // An attribute the op does not set.
+            Op::Attrs {
+                path: b"d".to_vec(),
+                which: attrs::XATTRS,
+                mode: 0,
+                uid: 0,
+                gid: 0,
+                mtime_sec: 0,
+                mtime_nsec: 0,
+                xattrs: vec![(b"system.posix_acl_access".to_vec(), Vec::new())],
+            },
+            Op::Attrs {
+                path: b"d".to_vec(),
+                which: 32,
+                mode: 0,
+                uid: 0,
+                gid: 0,
+                mtime_sec: 0,
+                mtime_nsec: 0,
+                xattrs: Vec::new(),
+            },
+            Op::Link {
+                path: b"a".to_vec(),
+                target: b"../b".to_vec(),
+            },
+            Op::Link {
+                path: b"a".to_vec(),
+                target: Vec::new(),
+            },
+            Op::Link {
+                path: b"a".to_vec(),
+                target: b"a".to_vec(),
+            },
+            Op::Link {
+                path: Vec::new(),
+                target: b"a".to_vec(),
+            },
+            Op::Mknod {
+                path: b"f".to_vec(),
+                mode: S_IFREG | 0o644,
+                rdev: 0,
+            },
+            Op::Mknod {
+                path: b"f".to_vec(),
+                mode: S_IFIFO | 0o644,
+                rdev: 3,
+            },
+            Op::Mknod {
+                path: b"d".to_vec(),
+                mode: S_IFDIR | 0o755,
+                rdev: 0,
             },
         ];
         for op in bad_ops {
@@ -815,7 +953,7 @@ mod tests {
             vec![T_APPLIED, 0, 0, 0, 0],
             vec![T_ENTRIES, 255, 255, 255, 255],
             vec![T_APPLY, 255, 255, 255, 255],
-            vec![T_LIST, 2, 0, 0, 0, 0, 0, 0, 0],
+            vec![T_LIST, 16, 0, 0, 0, 0, 0, 0, 0],
             vec![T_LIST, 0, 0, 0, 0, 255, 255, 0, 0],
             vec![T_LIST_END, 255, 255, 255, 255, 255, 255, 255, 255],
             vec![T_END, 0],

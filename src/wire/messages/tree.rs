@@ -7,6 +7,15 @@
 //! `/` ([`valid_rel_path`]): it cannot name anything outside the directory
 //! it is relative to. Only the first entry of a listing has the empty path
 //! (the listed path itself).
+//!
+//! An extended attribute list (`xattrs`, in [`ListEntry`] and in `ATTRS`)
+//! is count u32 (≤ [`MAX_XATTRS`]) × (name bytes, value bytes): each name 1
+//! to [`MAX_XATTR_NAME`] bytes without NUL, in the `user.`, `trusted.` or
+//! `security.` namespace or one of the two ACL names
+//! (`system.posix_acl_access`, `system.posix_acl_default`), no name twice;
+//! each value ≤ [`MAX_XATTR_VALUE`]; names and values together ≤
+//! [`MAX_XATTR_BYTES`] ([`valid_xattrs`]). ACLs travel as the kernel's raw
+//! values, with numeric ids (as rsync `--numeric-ids` keeps them).
 
 use anyhow::Result;
 use rustix::fs::FileType;
@@ -15,8 +24,20 @@ use crate::filter::{FilterRule, MAX_PATTERN, MAX_RULES};
 use crate::wire::codec::{malformed, put_bytes, truncate_utf8, Rd};
 use crate::wire::messages::file::MAX_PATH;
 
-/// Most entries in one `ENTRIES` (at most ~8 KiB each: well inside a frame).
+/// Most entries in one `ENTRIES` (at most ~8 KiB each without extended
+/// attributes; a lister also cuts a batch by bytes, see
+/// [`ListEntry::wire_size`], so that attributes keep it inside a frame).
 pub const MAX_LIST_BATCH: usize = 512;
+/// Most extended attributes on one entry.
+pub const MAX_XATTRS: usize = 128;
+/// Longest extended attribute name (the kernel's `XATTR_NAME_MAX`).
+pub const MAX_XATTR_NAME: usize = 255;
+/// Largest extended attribute value (the kernel's `XATTR_SIZE_MAX`).
+pub const MAX_XATTR_VALUE: usize = 64 << 10;
+/// Most bytes of names and values on one entry.
+pub const MAX_XATTR_BYTES: usize = 128 << 10;
+/// The ACL names, carried by `-A` (all other `system.` names never are).
+pub const ACL_NAMES: [&[u8]; 2] = [b"system.posix_acl_access", b"system.posix_acl_default"];
 /// Most entries in a listing: directories of disk images hold few files,
 /// and the client keeps the whole listing in memory.
 pub const MAX_ENTRIES: u64 = 1 << 20;
@@ -30,7 +51,15 @@ pub mod list_flags {
     /// A path that does not exist is an empty listing, not an error (a
     /// destination not created yet).
     pub const MISSING_OK: u32 = 1;
-    pub const ALL: u32 = MISSING_OK;
+    /// `-X`: list extended attributes (`user.`; also `trusted.` and
+    /// `security.` when the lister runs as root).
+    pub const XATTRS: u32 = 2;
+    /// `-A`: list the ACLs (their two `system.` attributes).
+    pub const ACLS: u32 = 4;
+    /// `-x`: a directory on another filesystem than the root is listed,
+    /// not entered.
+    pub const ONE_FILE_SYSTEM: u32 = 8;
+    pub const ALL: u32 = MISSING_OK | XATTRS | ACLS | ONE_FILE_SYSTEM;
 }
 
 /// `LIST` (after `OPEN` with role 2): flags u32 ([`list_flags`]), rule
@@ -75,12 +104,14 @@ pub(super) fn get_list(r: &mut Rd<'_>) -> Result<(u32, Vec<FilterRule>)> {
 }
 
 /// What a listed entry is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum EntryKind {
+    #[default]
     File,
     Dir,
     Symlink,
-    /// A fifo, socket or device: listed, never copied.
+    /// A fifo, socket or device: made again only with `-D`
+    /// (`--specials`, `--devices`).
     Other,
     /// Could not be read (a directory without permission): its `target`
     /// says why. A listing with one is incomplete.
@@ -99,7 +130,11 @@ pub enum EntryKind {
 /// | 4     | mode u32: full `st_mode`, type bits matching the kind for 0–2  |
 /// | 4 + 4 | uid u32, gid u32                                               |
 /// | bytes | target (≤ [`MAX_PATH`]): the link text of a symlink, never empty; why, for an unreadable entry; empty for the others |
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// | 8 + 8 | device u64, inode u64 (`st_dev`, `st_ino`: which entries are one file, for `-H`; which filesystem, for `-x`) |
+/// | 4     | link count u32 (`st_nlink`, at most `u32::MAX`)                |
+/// | 8     | rdev u64: the device number of a character or block device; 0 for every other entry |
+/// | …     | xattrs: an extended attribute list (module doc); empty unless `LIST` asked for `XATTRS` or `ACLS` |
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ListEntry {
     pub kind: EntryKind,
     /// Relative to the listed path; empty for the path itself.
@@ -113,6 +148,74 @@ pub struct ListEntry {
     pub gid: u32,
     /// A symlink's text, or why an entry is unreadable; else empty.
     pub target: Vec<u8>,
+    pub dev: u64,
+    pub ino: u64,
+    pub nlink: u32,
+    /// A device node's number; else 0.
+    pub rdev: u64,
+    /// Extended attributes (and ACLs), sorted by name.
+    pub xattrs: Xattrs,
+}
+
+/// Extended attributes: (name, value), sorted by name.
+pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Whether `mode` is a character or block device's.
+pub fn is_device(mode: u32) -> bool {
+    matches!(
+        FileType::from_raw_mode(mode),
+        FileType::CharacterDevice | FileType::BlockDevice
+    )
+}
+
+/// Whether `name` is an attribute `-X` or `-A` may carry.
+pub fn xattr_name_ok(name: &[u8]) -> bool {
+    (1..=MAX_XATTR_NAME).contains(&name.len())
+        && !name.contains(&0)
+        && (ACL_NAMES.contains(&name)
+            || [&b"user."[..], b"trusted.", b"security."]
+                .iter()
+                .any(|ns| name.len() > ns.len() && name.starts_with(ns)))
+}
+
+/// Whether `x` keeps the limits of the module doc (sorted, no name twice).
+pub fn valid_xattrs(x: &[(Vec<u8>, Vec<u8>)]) -> bool {
+    x.len() <= MAX_XATTRS
+        && x.iter()
+            .all(|(n, v)| xattr_name_ok(n) && v.len() <= MAX_XATTR_VALUE)
+        && x.windows(2).all(|w| w[0].0 < w[1].0)
+        && x.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>() <= MAX_XATTR_BYTES
+}
+
+fn put_xattrs(out: &mut Vec<u8>, x: &[(Vec<u8>, Vec<u8>)]) {
+    out.extend_from_slice(&(x.len() as u32).to_le_bytes());
+    for (n, v) in x {
+        put_bytes(out, n);
+        put_bytes(out, v);
+    }
+}
+
+fn get_xattrs(r: &mut Rd<'_>, shown: &str) -> Result<Xattrs> {
+    let n = r.u32()? as usize;
+    if n > MAX_XATTRS {
+        return Err(malformed(format!("{shown:?} with {n} extended attributes")));
+    }
+    let mut x = Vec::with_capacity(n);
+    for _ in 0..n {
+        let name = r.bytes(MAX_XATTR_NAME)?.to_vec();
+        let value = r.bytes(MAX_XATTR_VALUE)?.to_vec();
+        x.push((name, value));
+    }
+    if !valid_xattrs(&x) {
+        return Err(malformed(format!(
+            "{shown:?} with extended attributes that are unsorted, repeated, too large or of a namespace vmsync does not carry"
+        )));
+    }
+    Ok(x)
+}
+
+fn xattrs_size(x: &[(Vec<u8>, Vec<u8>)]) -> usize {
+    x.iter().map(|(n, v)| n.len() + v.len() + 8).sum()
 }
 
 impl ListEntry {
@@ -132,6 +235,16 @@ impl ListEntry {
             out.extend_from_slice(&v.to_le_bytes());
         }
         put_bytes(out, &self.target);
+        out.extend_from_slice(&self.dev.to_le_bytes());
+        out.extend_from_slice(&self.ino.to_le_bytes());
+        out.extend_from_slice(&self.nlink.to_le_bytes());
+        out.extend_from_slice(&self.rdev.to_le_bytes());
+        put_xattrs(out, &self.xattrs);
+    }
+
+    /// Its encoded size, at most: what a lister cuts batches by.
+    pub fn wire_size(&self) -> usize {
+        self.path.len() + self.target.len() + 80 + xattrs_size(&self.xattrs)
     }
 
     pub(super) fn get(r: &mut Rd<'_>) -> Result<ListEntry> {
@@ -153,6 +266,11 @@ impl ListEntry {
             uid: r.u32()?,
             gid: r.u32()?,
             target: r.bytes(MAX_PATH)?.to_vec(),
+            dev: r.u64()?,
+            ino: r.u64()?,
+            nlink: r.u32()?,
+            rdev: r.u64()?,
+            xattrs: get_xattrs(r, &String::from_utf8_lossy(&path))?,
             path,
         };
         let shown = String::from_utf8_lossy(&e.path);
@@ -184,9 +302,10 @@ impl ListEntry {
             }
             _ => e.target.is_empty(),
         };
-        if !type_ok || !target_ok {
+        let rdev_ok = e.rdev == 0 || kind == EntryKind::Other && is_device(e.mode);
+        if !type_ok || !target_ok || !rdev_ok {
             return Err(malformed(format!(
-                "entry {shown:?} whose mode or target does not fit its kind"
+                "entry {shown:?} whose mode, target or device number does not fit its kind"
             )));
         }
         Ok(e)
@@ -199,7 +318,14 @@ pub mod attrs {
     /// Owner and group; applied only by a server running as root.
     pub const OWNER: u8 = 2;
     pub const MTIME: u8 = 4;
+    /// The extended attributes (`-X`): those of `user.` (all but
+    /// `system.` when the applier runs as root) become exactly the op's.
+    pub const XATTRS: u8 = 8;
+    /// The ACLs (`-A`): the two ACL attributes become exactly the op's.
+    pub const ACLS: u8 = 16;
+    /// Mode, owner and time: what a directory's final `ATTRS` sets.
     pub const ALL: u8 = MODE | OWNER | MTIME;
+    pub const ANY: u8 = ALL | XATTRS | ACLS;
 }
 
 /// One operation on the server's tree (`APPLY`, after `OPEN` with role 3,
@@ -208,12 +334,14 @@ pub mod attrs {
 ///
 /// | size  | field                                                          |
 /// |-------|----------------------------------------------------------------|
-/// | 1     | code: 0 `MKDIR`, 1 `SYMLINK`, 2 `ATTRS`, 3 `DELETE`            |
+/// | 1     | code: 0 `MKDIR`, 1 `SYMLINK`, 2 `ATTRS`, 3 `DELETE`, 4 `LINK`, 5 `MKNOD` |
 /// | bytes | path (see the module doc; empty = the directory itself, for `MKDIR` and `ATTRS` only) |
 /// | …     | `MKDIR`: mode u32 (≤ 0o7777)                                   |
 /// | …     | `SYMLINK`: target bytes (1 to [`MAX_PATH`], no NUL)            |
-/// | …     | `ATTRS`: which u8 ([`attrs`], not 0), mode u32 (≤ 0o7777), uid u32, gid u32, mtime seconds i64, nanoseconds u32 (< 10⁹) |
+/// | …     | `ATTRS`: which u8 ([`attrs`], not 0), mode u32 (≤ 0o7777), uid u32, gid u32, mtime seconds i64, nanoseconds u32 (< 10⁹), xattrs (an extended attribute list, module doc; empty unless `which` has `XATTRS` or `ACLS`, and only of the namespaces it names) |
 /// | …     | `DELETE`: nothing                                              |
+/// | …     | `LINK`: target bytes: another path of the same tree (the module doc's rules, not empty), whose inode `path` becomes |
+/// | …     | `MKNOD`: mode u32 (the type bits of a fifo, socket, character or block device; permissions ≤ 0o7777), rdev u64 (0 unless a device) |
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     /// Create a directory (replacing a symlink in the way); an existing
@@ -221,7 +349,9 @@ pub enum Op {
     Mkdir { path: Vec<u8>, mode: u32 },
     /// Make `path` a symlink to `target`, replacing a file or link there.
     Symlink { path: Vec<u8>, target: Vec<u8> },
-    /// Set the attributes that `which` ([`attrs`]) names.
+    /// Set the attributes that `which` ([`attrs`]) names: owner, then
+    /// extended attributes, then mode, then time (a change of owner can
+    /// drop `security.capability` and the setuid bits).
     Attrs {
         path: Vec<u8>,
         which: u8,
@@ -230,9 +360,16 @@ pub enum Op {
         gid: u32,
         mtime_sec: i64,
         mtime_nsec: u32,
+        xattrs: Xattrs,
     },
     /// Remove a file, a symlink or an empty directory.
     Delete { path: Vec<u8> },
+    /// Make `path` another name of `target`'s inode (`-H`), made beside it
+    /// and renamed over it; nothing when it already is.
+    Link { path: Vec<u8>, target: Vec<u8> },
+    /// Make `path` a fifo, socket or device node, replacing what is there
+    /// unless it already is one of that type and number.
+    Mknod { path: Vec<u8>, mode: u32, rdev: u64 },
 }
 
 impl Op {
@@ -241,8 +378,20 @@ impl Op {
             Op::Mkdir { path, .. }
             | Op::Symlink { path, .. }
             | Op::Attrs { path, .. }
-            | Op::Delete { path } => path,
+            | Op::Delete { path }
+            | Op::Link { path, .. }
+            | Op::Mknod { path, .. } => path,
         }
+    }
+
+    /// Its encoded size, at most: what a client cuts `APPLY` batches by.
+    pub fn wire_size(&self) -> usize {
+        let more = match self {
+            Op::Symlink { target, .. } | Op::Link { target, .. } => target.len(),
+            Op::Attrs { xattrs, .. } => xattrs_size(xattrs),
+            _ => 0,
+        };
+        self.path().len() + more + 48
     }
 
     pub(super) fn put(&self, out: &mut Vec<u8>) {
@@ -265,6 +414,7 @@ impl Op {
                 gid,
                 mtime_sec,
                 mtime_nsec,
+                xattrs,
             } => {
                 out.push(2);
                 put_bytes(out, path);
@@ -274,10 +424,22 @@ impl Op {
                 }
                 out.extend_from_slice(&mtime_sec.to_le_bytes());
                 out.extend_from_slice(&mtime_nsec.to_le_bytes());
+                put_xattrs(out, xattrs);
             }
             Op::Delete { path } => {
                 out.push(3);
                 put_bytes(out, path);
+            }
+            Op::Link { path, target } => {
+                out.push(4);
+                put_bytes(out, path);
+                put_bytes(out, target);
+            }
+            Op::Mknod { path, mode, rdev } => {
+                out.push(5);
+                put_bytes(out, path);
+                out.extend_from_slice(&mode.to_le_bytes());
+                out.extend_from_slice(&rdev.to_le_bytes());
             }
         }
     }
@@ -307,7 +469,7 @@ impl Op {
             }
             2 => {
                 let which = r.u8()?;
-                if which == 0 || which & !attrs::ALL != 0 {
+                if which == 0 || which & !attrs::ANY != 0 {
                     return Err(malformed(format!("ATTRS {shown:?} setting {which:#x}")));
                 }
                 let op = Op::Attrs {
@@ -318,15 +480,51 @@ impl Op {
                     gid: r.u32()?,
                     mtime_sec: r.u64()? as i64,
                     mtime_nsec: r.u32()?,
+                    xattrs: get_xattrs(r, &shown)?,
                 };
-                if let Op::Attrs { mtime_nsec, .. } = op {
-                    if mtime_nsec > 999_999_999 {
+                if let Op::Attrs {
+                    mtime_nsec, xattrs, ..
+                } = &op
+                {
+                    if *mtime_nsec > 999_999_999 {
                         return Err(malformed(format!("ATTRS {shown:?} with {mtime_nsec} ns")));
+                    }
+                    if !xattrs.iter().all(|(n, _)| xattr_in_play(which, n)) {
+                        return Err(malformed(format!(
+                            "ATTRS {shown:?} with extended attributes it does not set"
+                        )));
                     }
                 }
                 op
             }
             3 => Op::Delete { path },
+            4 => {
+                let target = r.bytes(MAX_PATH)?.to_vec();
+                if !valid_rel_path(&target, false) || target == path {
+                    return Err(malformed(format!(
+                        "LINK {shown:?} to the path {:?}",
+                        String::from_utf8_lossy(&target)
+                    )));
+                }
+                Op::Link { path, target }
+            }
+            5 => {
+                let (mode, rdev) = (r.u32()?, r.u64()?);
+                let special = [
+                    FileType::Fifo,
+                    FileType::Socket,
+                    FileType::CharacterDevice,
+                    FileType::BlockDevice,
+                ]
+                .contains(&FileType::from_raw_mode(mode));
+                if !special || mode & !(0o7777 | libc::S_IFMT) != 0 || rdev != 0 && !is_device(mode)
+                {
+                    return Err(malformed(format!(
+                        "MKNOD {shown:?} with mode {mode:#o}, device {rdev:#x}"
+                    )));
+                }
+                Op::Mknod { path, mode, rdev }
+            }
             x => return Err(malformed(format!("operation {x} on {shown:?}"))),
         };
         match op {
@@ -362,6 +560,16 @@ impl OpResult {
             .map_err(|_| malformed("APPLIED with a message that is not UTF-8"))?
             .to_string();
         Ok(OpResult { status, message })
+    }
+}
+
+/// Whether an `ATTRS` whose `which` is that sets (and so may carry) the
+/// attribute `name`.
+pub fn xattr_in_play(which: u8, name: &[u8]) -> bool {
+    if ACL_NAMES.contains(&name) {
+        which & attrs::ACLS != 0
+    } else {
+        which & attrs::XATTRS != 0
     }
 }
 
