@@ -83,7 +83,9 @@ pub fn main(cli: &Cli) -> ExitCode {
     }
     let start = Instant::now();
     let outcome = Config::from_cli(cli).and_then(|cfg| {
-        let r = if cfg.recursive {
+        // `-i` on one file: the tree path, which knows the entry before
+        // and after (its single-file branch runs the same engine).
+        let r = if cfg.recursive || (cfg.itemize && !cfg.json) {
             Outcome::Tree(tree::run(&cfg, umask)?)
         } else {
             Outcome::File(client::run(&cfg, umask)?)

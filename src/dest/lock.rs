@@ -195,6 +195,13 @@ fn set_holder(file: &File) {
     );
 }
 
+/// Removes the holder's name from a partial file about to become the
+/// destination (the `flock` itself stays until the file is closed, and
+/// `/proc/locks` still names the pid).
+pub fn clear_holder(file: &File) {
+    let _ = rustix::fs::fremovexattr(file, HOLDER_XATTR);
+}
+
 fn holder(file: &File) -> Option<String> {
     let mut buf = [0u8; 256];
     let n = rustix::fs::fgetxattr(file, HOLDER_XATTR, &mut buf).ok()?;

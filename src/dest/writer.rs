@@ -690,6 +690,12 @@ impl Output {
                 .with_context(|| format!("cannot set the size of {}", dest.display()))
                 .exit_with(Exit::Io)?;
         }
+        if !device {
+            // The partial file becomes the destination: it must not carry
+            // the lock's holder name into the copy (nor into `-X` or a
+            // later backup of it).
+            crate::dest::lock::clear_holder(file);
+        }
         // Writeback started while writing (`start_writeback`) only means
         // less is left to do here; this fsync is what makes the data durable.
         file.sync_all()
