@@ -5,7 +5,9 @@
 //! `crate::prom` parser). It must fail, keeping the last success time, for
 //! a copy damaged after its digest was recorded, a qcow2 that `qemu-img
 //! check` finds broken, a missing or stale digest, and a failed restore; it
-//! never leaves a scratch file behind. The drill's systemd units pass
+//! never leaves a scratch file behind. A pushed copy is pulled back through
+//! a read-only forced-command key (the real sshd) and checked against the
+//! digest of the source that was sent. The drill's systemd units pass
 //! `systemd-analyze verify`.
 
 use std::fs;
@@ -392,4 +394,55 @@ fn drill_units_pass_systemd_analyze_verify() {
         out.status.success() && out.stderr.is_empty(),
         "systemd-analyze verify: {out:?}"
     );
+}
+
+#[test]
+fn a_pushed_copy_is_pulled_back_through_a_read_only_key_and_checked_against_the_source() {
+    let Some(sshd) = Sshd::start() else { return };
+    let d = Drill::new();
+    // The push layout: this host pushed `src` to the backup host (here the
+    // same machine behind sshd) and recorded the digest of what it sent.
+    let src = d.tmp.path().join("src.raw");
+    raw_image(&src, 8, 2 * MIB + 99);
+    let copy = d.copy("db.raw");
+    vmsync().arg(&src).arg(&copy).run().assert_ok();
+    // The drill's key may only read the copies.
+    sshd.force_command(&format!(
+        "{} --server --root {} --read-only",
+        bin().display(),
+        d.copy("").display()
+    ));
+    let remote = sshd.remote(&copy);
+    let ran = d.run(
+        &["--record", "--from", &src.display().to_string(), &remote],
+        &[],
+    );
+    assert_eq!(ran.code, 0, "{ran:?}");
+
+    let rsh = sshd.rsh();
+    let drill = |expect: i32| {
+        let ran = d.run(&[&remote], &[("VMSYNC_SSH", &rsh)]);
+        assert_eq!(ran.code, expect, "{ran:?}\nsshd:\n{}", sshd.log());
+        assert_eq!(dir_entries(&d.scratch()), Vec::<String>::new());
+        ran
+    };
+    drill(0);
+    // The series is named as the backup job names its destination.
+    let metric = |name: &str| {
+        prom::get(
+            &d.metrics(),
+            &format!("vmsync_drill_{name}"),
+            &[("destination", &remote)],
+        )
+    };
+    assert_eq!(metric("last_exit_code"), Some(0.0));
+    assert_eq!(metric("restored_bytes"), Some(file_len(&src) as f64));
+    let ok = metric("last_success_timestamp_seconds").unwrap();
+
+    // Damage on the backup host is found from here too.
+    patch_file(&copy, 4096, b"rot");
+    let ran = drill(1);
+    assert!(ran.stderr.contains("damaged after it was made"), "{ran:?}");
+    assert_eq!(metric("last_exit_code"), Some(1.0));
+    assert_eq!(metric("last_success_timestamp_seconds"), Some(ok));
 }
