@@ -144,7 +144,12 @@ fn no_op(flag: &str) {
     let (r2, v2) = t.sync_json(&["-r", flag], &with);
     r2.assert_ok();
     assert_same_tree(&t.src, &with);
-    for key in ["literal_bytes", "reused_bytes", "source_bytes", "files_total"] {
+    for key in [
+        "literal_bytes",
+        "reused_bytes",
+        "source_bytes",
+        "files_total",
+    ] {
         assert_eq!(v1[key], v2[key], "{flag}: {key}");
     }
 }
@@ -167,8 +172,8 @@ fn check_flag(flag: &str) {
         "-a" | "--archive" | "-D" | "--specials" => {
             // -a is -r -D: a fifo is recreated as a fifo.
             let t = Trees::new();
-            let fifo = std::ffi::CString::new(t.src.join("fifo").into_os_string().into_vec())
-                .unwrap();
+            let fifo =
+                std::ffi::CString::new(t.src.join("fifo").into_os_string().into_vec()).unwrap();
             // SAFETY: a NUL-terminated path.
             assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o640) }, 0);
             let dst = t.dst("dst");
@@ -208,7 +213,10 @@ fn check_flag(flag: &str) {
             let dst = t.dst("dst");
             t.sync(&["-r", flag], &dst).assert_ok();
             assert_same_tree(&t.src, &dst);
-            assert_eq!(inode(&dst.join("a.img")), inode(&dst.join("sub/a-again.img")));
+            assert_eq!(
+                inode(&dst.join("a.img")),
+                inode(&dst.join("sub/a-again.img"))
+            );
         }
         "-X" | "--xattrs" => {
             let t = Trees::new();
@@ -266,8 +274,8 @@ fn check_flag(flag: &str) {
                 return;
             }
             let t = Trees::new();
-            let null = std::ffi::CString::new(t.src.join("null").into_os_string().into_vec())
-                .unwrap();
+            let null =
+                std::ffi::CString::new(t.src.join("null").into_os_string().into_vec()).unwrap();
             // SAFETY: a NUL-terminated path; makedev(1, 3) is /dev/null's.
             assert_eq!(
                 unsafe { libc::mknod(null.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) },
@@ -289,17 +297,30 @@ fn check_flag(flag: &str) {
         }
         "--compress-level" => {
             let t = Trees::new();
-            write_file(&t.src.join("log.txt"), &b"a line of a log file\n".repeat(20_000));
+            write_file(
+                &t.src.join("log.txt"),
+                &b"a line of a log file\n".repeat(20_000),
+            );
             let (r, v) = t.sync_json(&["-r", "--compress-level", "0"], &t.dst("raw"));
             r.assert_ok();
-            assert!(json_u64(&v, "wire_bytes") >= json_u64(&v, "literal_bytes"), "{v}");
+            assert!(
+                json_u64(&v, "wire_bytes") >= json_u64(&v, "literal_bytes"),
+                "{v}"
+            );
             let (r, v) = t.sync_json(&["-r", "--compress-level=19"], &t.dst("small"));
             r.assert_ok();
-            assert!(json_u64(&v, "wire_bytes") < json_u64(&v, "literal_bytes"), "{v}");
+            assert!(
+                json_u64(&v, "wire_bytes") < json_u64(&v, "literal_bytes"),
+                "{v}"
+            );
             // rsync's -z takes no value: `-z 3` makes 3 the source.
             let pair = Pair::new();
             pair.write_src(b"data");
-            let r = vmsync().args(["-z", "3"]).arg(&pair.src).arg(&pair.dst).run();
+            let r = vmsync()
+                .args(["-z", "3"])
+                .arg(&pair.src)
+                .arg(&pair.dst)
+                .run();
             r.assert_code(exit::USAGE);
         }
         "--info=progress2" => {
@@ -378,7 +399,10 @@ fn check_flag(flag: &str) {
             )
             .assert_ok();
             assert!(dst2.join("x.tmp").exists() && !dst2.join("sub").exists());
-            let r = t.sync(&["-r", "--exclude-from", "/nonexistent/rules"], &t.dst("no"));
+            let r = t.sync(
+                &["-r", "--exclude-from", "/nonexistent/rules"],
+                &t.dst("no"),
+            );
             r.assert_code(exit::USAGE);
             assert!(r.stderr.contains("/nonexistent/rules"), "{r}");
         }
@@ -434,7 +458,10 @@ fn check_flag(flag: &str) {
             fs::write(dst.join("a.img"), &bytes).unwrap();
             set_mtime_ns(&dst.join("a.img"), mtime_ns(&t.src.join("a.img")));
             t.sync(&["-r"], &dst).assert_ok();
-            assert!(fs::read(dst.join("a.img")).unwrap() == bytes, "quick check skips it");
+            assert!(
+                fs::read(dst.join("a.img")).unwrap() == bytes,
+                "quick check skips it"
+            );
             t.sync(&["-r", flag], &dst).assert_ok();
             assert_same_tree(&t.src, &dst);
         }
@@ -467,14 +494,16 @@ fn check_flag(flag: &str) {
         }
         "--bwlimit" => {
             let t = Trees::new();
-            t.sync(&["-r", "--bwlimit", "100M"], &t.dst("dst")).assert_ok();
+            t.sync(&["-r", "--bwlimit", "100M"], &t.dst("dst"))
+                .assert_ok();
             assert_same_tree(&t.src, &t.dst("dst"));
             t.sync(&["-r", "--bwlimit", "fast"], &t.dst("bad"))
                 .assert_code(exit::USAGE);
         }
         "--timeout" => {
             let t = Trees::new();
-            t.sync(&["-r", "--timeout", "60"], &t.dst("dst")).assert_ok();
+            t.sync(&["-r", "--timeout", "60"], &t.dst("dst"))
+                .assert_ok();
             t.sync(&["-r", "--timeout", "0"], &t.dst("bad"))
                 .assert_code(exit::USAGE);
         }
